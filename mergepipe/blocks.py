@@ -1,0 +1,104 @@
+"""Blocks: contiguous runs of whole rows of one tensor, so each is one byte range of one file.
+
+The layout depends only on the tensor's shape (never its dtype), so block b of a tensor names the same
+rows in the base, every expert and the output, whatever each stores them as.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, TypeVar
+
+from .checkpoint import TensorInfo
+
+BLOCK_ELEMS = 1 << 20  # 2 MiB of bf16, 4 MiB of fp32
+
+
+def rows_per_block(shape: tuple[int, ...]) -> int:
+    if len(shape) < 2:
+        return 1  # a 1-D tensor (or scalar) is one block: its single "row"
+    row = 1
+    for d in shape[1:]:
+        row *= d
+    return max(1, BLOCK_ELEMS // max(row, 1))
+
+
+def n_rows(shape: tuple[int, ...]) -> int:
+    return shape[0] if len(shape) >= 2 else 1
+
+
+def n_blocks(shape: tuple[int, ...]) -> int:
+    r = rows_per_block(shape)
+    return max(1, -(-n_rows(shape) // r))
+
+
+@dataclass(frozen=True)
+class Block:
+    index: int
+    row_start: int
+    row_end: int
+    start: int  # absolute byte range in the tensor's file
+    end: int
+
+    def shape(self, tensor_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if len(tensor_shape) < 2:
+            return tensor_shape
+        return (self.row_end - self.row_start, *tensor_shape[1:])
+
+
+def block(info: TensorInfo, b: int) -> Block:
+    r = rows_per_block(info.shape)
+    rows = n_rows(info.shape)
+    row_bytes = (info.end - info.start) // rows if rows else 0
+    r0, r1 = b * r, min(rows, (b + 1) * r)
+    return Block(b, r0, r1, info.start + r0 * row_bytes, info.start + r1 * row_bytes)
+
+
+def blocks(info: TensorInfo) -> list[Block]:
+    return [block(info, b) for b in range(n_blocks(info.shape))]
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def read_ahead(jobs: Iterable[T], load: Callable[[T], R], depth: int = 4) -> Iterator[tuple[T, R]]:
+    """Yield (job, load(job)) in order while a background thread loads up to `depth` jobs ahead.
+
+    pread, xxhash and torch release the GIL, so reading the next blocks overlaps computing this one.
+    An exception in the loader is re-raised in the consumer.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def worker() -> None:
+        try:
+            for job in jobs:
+                if stop.is_set():
+                    return
+                q.put((job, load(job)))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((done, e))
+            return
+        q.put((done, None))
+
+    t = threading.Thread(target=worker, daemon=True, name="mergepipe-read-ahead")
+    t.start()
+    try:
+        while True:
+            job, value = q.get()
+            if job is done:
+                if value is not None:
+                    raise value
+                return
+            yield job, value
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a worker waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.01)

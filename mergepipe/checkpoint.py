@@ -1,0 +1,270 @@
+"""Checkpoint access: find a model's safetensors files, parse their headers without touching tensor
+data, and read byte ranges with a count of what was read.
+
+A model reference is a Hugging Face folder (`model.safetensors`, or shards listed in
+`model.safetensors.index.json`), a single `.safetensors` file, or a hub id `org/name[@rev]` that
+huggingface_hub resolves from its local cache (set HF_HUB_OFFLINE=1 to forbid the network).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import xxhash
+
+from .errors import MergepipeError
+
+# safetensors dtype names -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2), "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+               "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors reference implementation's limit
+COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+                "added_tokens.json", "chat_template.jinja")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+    @property
+    def row_elems(self) -> int:
+        return self.numel // self.shape[0] if len(self.shape) > 1 and self.shape[0] else max(self.numel, 1)
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    path: Path
+    size: int
+    data_start: int
+    header_hash: str
+    metadata: dict
+    tensors: dict[str, TensorInfo]
+
+
+@dataclass(frozen=True)
+class Model:
+    ref: str  # as the user gave it
+    root: Path  # folder holding config/tokenizer (or the file's folder)
+    files: tuple[FileHeader, ...]
+    tensors: dict[str, TensorInfo]
+
+
+def read_header(path: Path) -> FileHeader:
+    """Parse and validate a safetensors header; refuse anything off the format."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise MergepipeError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise MergepipeError(f"{path}: not a safetensors file (header length {n} exceeds the file or 100 MiB)")
+            raw = f.read(n)
+    except OSError as e:
+        raise MergepipeError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MergepipeError(f"{path}: not a safetensors file (header is not UTF-8 JSON)") from None
+    if not isinstance(header, dict):
+        raise MergepipeError(f"{path}: not a safetensors file (header is not a JSON object)")
+    data_start = 8 + n
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (a, b) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            valid = (dtype in DTYPES and all(isinstance(d, int) and d >= 0 for d in shape)
+                     and isinstance(a, int) and isinstance(b, int) and 0 <= a <= b)
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid:
+            raise MergepipeError(f"{path}: tensor {name!r} has a malformed header entry")
+        info = TensorInfo(name, path, dtype, shape, data_start + a, data_start + b)
+        if info.end - info.start != info.numel * info.itemsize:
+            raise MergepipeError(f"{path}: tensor {name!r} spans {b - a} bytes, expected "
+                                 f"{info.numel * info.itemsize} for {dtype}{list(shape)}")
+        if info.end > size:
+            raise MergepipeError(f"{path}: truncated: tensor {name!r} ends at byte {info.end}, file has {size}")
+        tensors[name] = info
+        spans.append((a, b, name))
+    spans.sort()
+    for (a0, b0, n0), (a1, b1, n1) in zip(spans, spans[1:]):
+        if a1 < b0:
+            raise MergepipeError(f"{path}: tensors {n0!r} and {n1!r} overlap")
+    digest = xxhash.xxh3_64_hexdigest(head + raw)
+    return FileHeader(path, size, data_start, digest, metadata, tensors)
+
+
+def _hub_snapshot(ref: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    repo, _, rev = ref.partition("@")
+    try:
+        return Path(snapshot_download(repo, revision=rev or None,
+                                      allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"]))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        raise MergepipeError(f"{ref}: not a local path, and the hub snapshot could not be resolved "
+                             f"({type(e).__name__}; offline use needs it in the HF cache)") from None
+
+
+def _model_files(path: Path, allow_pickle: bool) -> list[Path]:
+    if path.is_file():
+        if path.suffix in (".bin", ".pt", ".pth"):
+            return [_refuse_or_convert(path, allow_pickle)]
+        return [path]
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise MergepipeError(f"{index}: not a safetensors index (expected a JSON object with weight_map)") from None
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise MergepipeError(f"{path / missing[0]}: shard listed in {index.name} is missing")
+        return [path / n for n in names]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        return shards
+    pickled = sorted(path.glob("pytorch_model*.bin"))
+    if pickled:
+        return [_refuse_or_convert(p, allow_pickle) for p in pickled]
+    raise MergepipeError(f"{path}: no model.safetensors, safetensors shards or index json found")
+
+
+def _refuse_or_convert(path: Path, allow_pickle: bool) -> Path:
+    """Pickled checkpoints can run code when loaded: refuse unless allowed, then load with
+    weights_only=True and convert once to a cached safetensors file that the rest of the tool reads."""
+    if not allow_pickle:
+        raise MergepipeError(f"{path}: pickled checkpoint refused (pass --allow-pickle to load it with weights_only=True)")
+    from safetensors.torch import save_file
+    from .paths import cache_dir
+    st = path.stat()
+    out = cache_dir() / "converted" / f"{xxhash.xxh3_64_hexdigest(f'{path.resolve()}:{st.st_size}:{st.st_mtime_ns}'.encode())}.safetensors"
+    if not out.exists():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is bad input
+            raise MergepipeError(f"{path}: cannot load pickled checkpoint with weights_only=True ({type(e).__name__})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise MergepipeError(f"{path}: pickled checkpoint is not a flat dict of tensors")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        os.replace(tmp, out)
+    return out
+
+
+def open_model(ref: str | os.PathLike, allow_pickle: bool = False) -> Model:
+    """Resolve a model reference and parse every header; no tensor data is read."""
+    ref = str(ref)
+    path = Path(ref).expanduser()
+    if not path.exists():
+        looks_like_hub = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+        if not looks_like_hub:
+            raise MergepipeError(f"{ref}: no such file or folder")
+        path = _hub_snapshot(ref)
+    files = tuple(read_header(p) for p in _model_files(path, allow_pickle))
+    tensors: dict[str, TensorInfo] = {}
+    for fh in files:
+        for name, info in fh.tensors.items():
+            if name in tensors:
+                raise MergepipeError(f"{fh.path}: tensor {name!r} also appears in {tensors[name].file}")
+            tensors[name] = info
+    if not tensors:
+        raise MergepipeError(f"{ref}: holds no tensors")
+    root = path if path.is_dir() else path.parent
+    return Model(ref, root, files, tensors)
+
+
+class Reader:
+    """Reads byte ranges with pread and counts the bytes read per file. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        self.bytes_read: dict[str, int] = {}
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                # The plan decides what is read: stop the kernel from reading ahead into skipped ranges.
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                self._fds[path] = fd
+            return fd
+
+    def prefetch(self, path: Path, start: int, end: int) -> None:
+        os.posix_fadvise(self._fd(path), start, end - start, os.POSIX_FADV_WILLNEED)
+
+    def read(self, path: Path, start: int, end: int) -> np.ndarray:
+        n = end - start
+        buf = np.empty(n, dtype=np.uint8)
+        view = memoryview(buf)
+        fd = self._fd(path)
+        got = 0
+        while got < n:
+            k = os.preadv(fd, [view[got:]], start + got)
+            if k == 0:
+                raise MergepipeError(f"{path}: truncated: expected {n} bytes at offset {start}")
+            got += k
+        with self._lock:
+            key = str(path)
+            self.bytes_read[key] = self.bytes_read.get(key, 0) + n
+        return buf
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def as_float32(raw: np.ndarray, dtype: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Bytes of one block -> float32 tensor on the device (converted there, so a GPU gets 2-byte bf16)."""
+    t = torch.from_numpy(raw).view(DTYPES[dtype][0]).reshape(shape)
+    if device.type != "cpu":
+        t = t.to(device, non_blocking=False)
+    return t.float()

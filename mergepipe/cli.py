@@ -1,0 +1,236 @@
+"""The `mergepipe` command: a thin layer over the library. Bad input prints one line and exits 2;
+a failed verification exits 1."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from .errors import MergepipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Merge LLM checkpoint families under an explicit I/O budget, with replayable manifests.")
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(msg: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def command(fn):
+    """Turn bad input into one line and exit code 2, never a traceback."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MergepipeError as e:
+            fail(str(e))
+        except FileNotFoundError as e:
+            fail(f"{e.filename}: no such file or folder")
+        except OSError as e:
+            fail(f"{e.filename or 'I/O'}: {e.strerror or e}")
+        except KeyboardInterrupt:
+            fail("interrupted; nothing was published", 130)
+    return app.command()(run)
+
+
+@contextlib.contextmanager
+def progress_bar(what: str, total: int, quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    with Progress(TextColumn(f"[bold]{what}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=err, transient=True) as p:
+        task = p.add_task(what, total=total)
+        yield lambda n: p.advance(task, n)
+
+
+def _catalog(path: Optional[Path]):
+    from .index import Catalog
+    return Catalog(path)
+
+
+@command
+def index(models: List[str] = typer.Argument(..., help="Expert models: HF folders, .safetensors files or hub ids."),
+          base: Optional[str] = typer.Option(None, "--base", help="Base model; without it MODELs are only hashed."),
+          catalog: Optional[Path] = typer.Option(None, "--catalog", help="Catalog file (default: user cache)."),
+          allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load pickled .bin checkpoints (weights_only)."),
+          as_json: bool = typer.Option(False, "--json")):
+    """Hash every block and record expert delta statistics in the catalog."""
+    import time
+    from .checkpoint import open_model
+    from .index import index_family
+    t0 = time.perf_counter()
+    cat = _catalog(catalog)
+    opened = [open_model(m, allow_pickle) for m in models]
+    base_m = open_model(base, allow_pickle) if base else None
+    total = sum(fh.size for m in opened + ([base_m] if base_m else []) for fh in m.files)
+    with progress_bar("index", total, as_json) as cb:
+        if base_m is not None:
+            index_family(base_m, opened, cat, cb)
+        else:
+            for m in opened:
+                index_family(m, [], cat, cb)
+    info = {"catalog": str(cat.path), "models": len(opened) + (1 if base_m else 0), "seconds": round(time.perf_counter() - t0, 3)}
+    out.print_json(data=info) if as_json else out.print(f"indexed {info['models']} models into {info['catalog']} in {info['seconds']} s")
+
+
+@command
+def plan(config: Path = typer.Argument(..., help="mergekit YAML (task_arithmetic or ties)."),
+         budget: str = typer.Option("100%", "--budget", "-b", help="Expert bytes to read: 20% or 3GiB or 500MB."),
+         output: Path = typer.Option(..., "-o", "--output", help="Manifest to write."),
+         catalog: Optional[Path] = typer.Option(None, "--catalog"),
+         planner: str = typer.Option("score", "--planner", help="score (default) or random (a control)."),
+         seed: int = typer.Option(0, "--seed", help="Seed of the random planner."),
+         relative_to: Optional[Path] = typer.Option(None, "--relative-to", help="Record model paths relative to this folder."),
+         allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+         as_json: bool = typer.Option(False, "--json")):
+    """Choose what to read under the budget; write a replayable manifest."""
+    from .config import load_config
+    from .plan import plan_merge
+    cfg = load_config(config)
+    with progress_bar("index", _unindexed_bytes(cfg, catalog), as_json) as cb:
+        m = plan_merge(cfg, budget, _catalog(catalog), planner, seed, allow_pickle, relative_to, cb)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    m.save(output)
+    summary = {"manifest": str(output), "operator": m.operator.name, "budget_bytes": m.budget.bytes,
+               "expert_bytes_total": m.budget.expert_bytes_total, "planned_expert_bytes": m.plan.planned_expert_bytes,
+               "certificate": m.plan.certificate.bound}
+    if as_json:
+        out.print_json(data=summary)
+    else:
+        pct = 100 * m.plan.planned_expert_bytes / max(m.budget.expert_bytes_total, 1)
+        bound = "n/a" if m.plan.certificate.bound is None else f"{m.plan.certificate.bound:.4g}"
+        out.print(f"planned {m.operator.name}: reads {_size(m.plan.planned_expert_bytes)} of "
+                  f"{_size(m.budget.expert_bytes_total)} expert bytes ({pct:.1f}%), error bound {bound} -> {output}")
+
+
+@command
+def execute(manifest: Path = typer.Argument(...),
+            output: Path = typer.Option(..., "-o", "--output", "--out", help="Output folder (published atomically)."),
+            device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+            force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+            root: Optional[Path] = typer.Option(None, "--root", help="Folder that relative model paths start from."),
+            allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+            as_json: bool = typer.Option(False, "--json")):
+    """Stream the planned blocks, merge, and publish OUT with its completed manifest."""
+    from .execute import execute as run
+    from .manifest import load_manifest
+    import dataclasses
+    m = load_manifest(manifest)
+    total = m.plan.planned_expert_bytes + sum(f.size for f in m.base.files)
+    with progress_bar("merge", total, as_json) as cb:
+        done = run(m, output, device, force, root, allow_pickle, cb)
+    ex = done.execution
+    if as_json:
+        out.print_json(data=dataclasses.asdict(ex))
+    else:
+        out.print(f"merged into {output} in {ex.wall_s:.2f} s: read {_size(ex.expert_bytes_read)} expert + "
+                  f"{_size(ex.base_bytes_read)} base bytes, peak RSS {_size(ex.peak_rss_bytes)}, root hash {ex.root_hash}")
+
+
+@command
+def verify(manifest: Path = typer.Argument(...),
+           output: Optional[Path] = typer.Option(None, "--output", "-o", help="Check this folder instead of re-executing."),
+           device: str = typer.Option("cpu", "--device"),
+           root: Optional[Path] = typer.Option(None, "--root"),
+           allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+           as_json: bool = typer.Option(False, "--json")):
+    """Re-check input hashes and the output (given, or re-executed); exit 1 on any mismatch."""
+    from .manifest import load_manifest
+    from .verify import verify as run
+    r = run(load_manifest(manifest), output, root, device, allow_pickle)
+    if as_json:
+        out.print_json(data={"ok": r.ok, "problems": r.problems, "inputs_checked": r.inputs_checked,
+                             "outputs_checked": r.outputs_checked, "reexecuted": r.reexecuted})
+    else:
+        for p in r.problems:
+            err.print(f"[red]mismatch:[/] {p}", highlight=False, soft_wrap=True)
+        if r.ok:
+            how = "re-executed and" if r.reexecuted else "checked"
+            out.print(f"verified: {r.inputs_checked} input files match; {how} {r.outputs_checked} output files match")
+    if not r.ok:
+        raise typer.Exit(1)
+
+
+@command
+def explain(manifest: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json"),
+            top: int = typer.Option(0, "--top", help="Show only the N tensors with the most bytes planned.")):
+    """What the plan reads and why: per tensor, blocks selected per expert, bytes, omitted-norm bound."""
+    from .explain import explain_rows
+    from .manifest import load_manifest
+    m = load_manifest(manifest)
+    rows = explain_rows(m)
+    if top:
+        rows = sorted(rows, key=lambda r: -r["planned_bytes"])[:top]
+    if as_json:
+        out.print_json(data={"operator": m.operator.name, "budget": m.budget.spec, "planner": m.plan.planner,
+                             "certificate": m.plan.certificate.bound, "tensors": rows})
+        return
+    t = Table(title=f"{m.operator.name} at budget {m.budget.spec} ({m.plan.planner} planner): "
+                    f"{_size(m.plan.planned_expert_bytes)} of {_size(m.budget.expert_bytes_total)} expert bytes")
+    for col in ("tensor", "blocks", "selected per expert (of candidates)", "bytes", "omitted bound"):
+        t.add_column(col, justify="left" if col == "tensor" else "right")
+    for r in rows:
+        sel = " ".join(f"{s}/{c}" for s, c in zip(r["selected"], r["candidates"]))
+        bound = "-" if r["bound"] is None else f"{r['bound']:.3g}"
+        t.add_row(r["tensor"], str(r["blocks"]), sel, _size(r["planned_bytes"]), bound)
+    out.print(t)
+    c = m.plan.certificate
+    out.print(f"certificate ({c.kind}): {'n/a' if c.bound is None else format(c.bound, '.4g')}: {c.note}")
+
+
+@command
+def demo(folder: Optional[Path] = typer.Option(None, "--dir", help="Where to build the demo family (default: cache)."),
+         budgets: str = typer.Option("100,50,20,10,5", "--budgets", help="Comma-separated budget percentages."),
+         device: str = typer.Option("cpu", "--device"),
+         as_json: bool = typer.Option(False, "--json")):
+    """Build a small family, then plan -> execute -> verify at several budgets and print a table."""
+    from .demo import run_demo
+    rows = run_demo(folder, [float(b) for b in budgets.split(",")], device, log=None if as_json else out.print)
+    if as_json:
+        out.print_json(data=rows)
+        return
+    t = Table(title="mergepipe demo: task arithmetic on a 4-expert family, budget sweep")
+    for col in ("budget", "expert bytes read", "% of expert bytes", "deviation ||M_A - M||_F", "bound", "verify", "time"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(r["budget"], _size(r["expert_bytes_read"]), f"{r['read_pct']:.1f}%", f"{r['deviation']:.4g}",
+                  f"{r['bound']:.4g}", "ok" if r["verified"] else "FAILED", f"{r['seconds']:.2f} s")
+    out.print(t)
+
+
+def _unindexed_bytes(cfg, catalog) -> int:
+    """An upper bound for the progress bar: what indexing would read if nothing were cached."""
+    from .checkpoint import open_model
+    try:
+        return sum(fh.size for ref in [cfg.base, *cfg.experts] for fh in open_model(ref).files)
+    except MergepipeError:
+        return 0  # plan_merge reports the problem
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,397 @@
+"""Execution: stream the planned byte ranges, merge block by block in float32 on the chosen device,
+write each output tensor at its final offset, and publish atomically with a completed manifest.
+
+The unit of work is a TensorJob (what to read, the operator, where the result goes): pure enough
+that a distributed engine could run the jobs of one output file elsewhere and publish once.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import xxhash
+
+from . import blocks as B
+from .checkpoint import COPIED_FILES, DTYPES, Model, Reader, TensorInfo, open_model
+from .errors import InputChangedError, MergepipeError
+from .manifest import Execution, InputModel, Manifest, OutputFile, runs_to_set
+from .operators import get as get_operator, ta, ties
+from .publish import OutFile, discard, layout, prepare_destination, publish
+
+MANIFEST_NAME = "mergepipe.manifest.json"
+LOOKAHEAD = 3  # jobs whose byte ranges are announced to the kernel (WILLNEED) before they are read
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    name: str
+    base: TensorInfo
+    experts: tuple[TensorInfo, ...]
+    selected: tuple[frozenset[int], ...]  # per expert: blocks to read
+    trim: tuple[tuple[int, int, int], ...] | None  # TIES: per expert (bin, above, need)
+    out_dtype: str
+
+
+def resolve_ref(ref: str, root: Path | None) -> str:
+    p = Path(ref).expanduser()
+    if not p.is_absolute() and root is not None and (root / p).exists():
+        return str(root / p)
+    return ref
+
+
+def open_inputs(m: Manifest, root: Path | None, allow_pickle: bool) -> tuple[Model, list[Model]]:
+    """Open the recorded inputs and check each file's size and header against the manifest (reads
+    headers only; block contents are checked as they stream)."""
+    models = []
+    for rec in [m.base, *m.experts]:
+        model = open_model(resolve_ref(rec.ref, root), allow_pickle)
+        by_name = {os.path.relpath(fh.path, model.root): fh for fh in model.files}
+        for f in rec.files:
+            fh = by_name.get(f.name)
+            if fh is None:
+                raise InputChangedError(f"{model.root / f.name}: input file recorded in the manifest is missing")
+            if fh.size != f.size or fh.header_hash != f.header_hash:
+                raise InputChangedError(f"{fh.path}: changed since planning (expected {f.size} bytes, header {f.header_hash})")
+        models.append(model)
+    return models[0], models[1:]
+
+
+def expected_hashes(rec: InputModel, model: Model) -> dict[tuple[str, str], np.ndarray]:
+    out = {}
+    for f in rec.files:
+        path = str(model.root / f.name)
+        for tensor, hx in f.blocks.items():
+            out[(path, tensor)] = np.frombuffer(bytes.fromhex(hx), dtype=">u8").astype(np.uint64)
+    return out
+
+
+def build_jobs(m: Manifest, base: Model, experts: list[Model]) -> list[tuple[OutFile, list[TensorJob]]]:
+    files = []
+    single = len(base.files) == 1
+    for fh in base.files:
+        infos = sorted(fh.tensors.values(), key=lambda i: i.start)
+        jobs = []
+        for info in infos:
+            tp = m.plan.tensors.get(info.name)
+            out_dtype = m.out_dtype if (m.out_dtype and info.is_float) else info.dtype
+            if tp is None:
+                if info.is_float:
+                    raise MergepipeError(f"manifest: plan has no entry for floating tensor {info.name!r}")
+                jobs.append(TensorJob(info.name, info, (), (), None, out_dtype))
+                continue
+            if tp.blocks != B.n_blocks(info.shape):
+                raise MergepipeError(f"manifest: plan.tensors.{info.name} has {tp.blocks} blocks, the base tensor {B.n_blocks(info.shape)}")
+            jobs.append(TensorJob(info.name, info, tuple(e.tensors[info.name] for e in experts),
+                                  tuple(frozenset(runs_to_set(r)) for r in tp.selected),
+                                  tuple(tuple(t) for t in tp.trim) if tp.trim else None, out_dtype))
+        name = "model.safetensors" if single else os.path.relpath(fh.path, base.root)
+        files.append((layout(name, [(j.name, j.out_dtype, j.base.shape) for j in jobs]), jobs))
+    return files
+
+
+class _Hasher:
+    """Per-tensor and per-file hashes of the output, fed in write order."""
+
+    def __init__(self) -> None:
+        self.file = xxhash.xxh3_128()
+        self.tensors: dict[str, str] = {}
+
+
+def execute(m: Manifest, out: str | Path, device: str = "cpu", force: bool = False,
+            root: str | Path | None = None, allow_pickle: bool = False,
+            progress: Callable[[int], None] | None = None) -> Manifest:
+    t0 = time.perf_counter()
+    io0 = _os_read_bytes()
+    dev = _device(device)
+    out = Path(out)
+    root = Path(root) if root else None
+    base, experts = open_inputs(m, root, allow_pickle)
+    if len(experts) != len(m.operator.expert_params):
+        raise MergepipeError("manifest: operator.expert_params does not match the experts")
+    op = get_operator(m.operator.name)
+    want = expected_hashes(m.base, base)
+    for rec, e in zip(m.experts, experts):
+        want.update(expected_hashes(rec, e))
+    files = build_jobs(m, base, experts)
+    staging = prepare_destination(out, force)
+    reader = Reader()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    try:
+        outputs = {}
+        for ofile, jobs in files:
+            outputs[ofile.name] = _write_file(staging, ofile, jobs, m, op, reader, want, dev, progress)
+        _copy_sidecars(base.root, staging, m.out_dtype)
+        done = _complete(m, outputs, base, experts, reader, dev, time.perf_counter() - t0, io0)
+        done.save(staging / MANIFEST_NAME)
+        publish(staging, out)
+    except BaseException:
+        discard(staging)
+        raise
+    finally:
+        reader.close()
+    return done
+
+
+def _device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MergepipeError(f"device {device!r} is not valid (expected cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergepipeError(f"device {device!r} requested but no CUDA GPU is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise MergepipeError(f"device {device!r} is not supported (expected cpu, cuda or cuda:N)")
+    return dev
+
+
+def _write_file(staging: Path, ofile: OutFile, jobs: list[TensorJob], m: Manifest, op, reader: Reader,
+                want: dict, dev: torch.device, progress) -> OutputFile:
+    path = staging / ofile.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hasher = _Hasher()
+    with open(path, "wb", buffering=0) as f:
+        f.write(ofile.header)
+        hasher.file.update(ofile.header)
+        for job, ot in zip(jobs, ofile.tensors):
+            th = xxhash.xxh3_64()
+
+            def emit(data: np.ndarray) -> None:
+                f.write(memoryview(data))
+                th.update(data)
+                hasher.file.update(data)
+
+            _run_job(job, m, op, reader, want, dev, emit, progress)
+            hasher.tensors[job.name] = th.hexdigest()
+            if f.tell() != ot.offset + ot.nbytes:
+                raise RuntimeError(f"internal: {job.name} wrote to {f.tell()}, expected {ot.offset + ot.nbytes}")
+    return OutputFile(ofile.size, hasher.file.hexdigest(), hasher.tensors)
+
+
+def _read_plan(job: TensorJob) -> list[tuple[int, list[tuple[int, TensorInfo, B.Block]]]]:
+    """Per block: the ranges to read, base first (-1), then the selected experts in order."""
+    plan = []
+    for b in range(B.n_blocks(job.base.shape)):
+        reads = [(-1, job.base, B.block(job.base, b))]
+        reads += [(k, info, B.block(info, b)) for k, info in enumerate(job.experts) if b in job.selected[k]]
+        plan.append((b, reads))
+    return plan
+
+
+def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: torch.device,
+             emit: Callable[[np.ndarray], None], progress) -> None:
+    plan = _read_plan(job)
+
+    def hint(i: int) -> None:
+        if i < len(plan):
+            for _, info, blk in plan[i][1]:
+                reader.prefetch(info.file, blk.start, blk.end)
+
+    for i in range(min(LOOKAHEAD, len(plan))):
+        hint(i)
+
+    def load(item):
+        b, reads = item
+        hint(b + LOOKAHEAD)
+        raws = []
+        for k, info, blk in reads:
+            raw = reader.read(info.file, blk.start, blk.end)
+            exp = want.get((str(info.file), info.name))
+            if exp is None or xxhash.xxh3_64_intdigest(raw) != int(exp[b]):
+                raise InputChangedError(f"{info.file}: changed since planning (block {b} of tensor {info.name!r} "
+                                        "does not match its recorded hash)")
+            raws.append(raw)
+        return raws
+
+    stream = B.read_ahead(plan, load, depth=4)
+    if op is not ta.TA and job.trim is None and job.experts:
+        raise MergepipeError(f"manifest: plan.tensors.{job.name} lacks the trim thresholds {op.name} needs")
+    if job.trim is not None:
+        _ties_tensor(job, m, stream, dev, emit, progress)
+        return
+    params = m.operator.params
+    weights = [p["weight"] for p in m.operator.expert_params]
+    out_t = DTYPES[job.out_dtype][0]
+    for (b, reads), raws in stream:
+        base_raw = raws[0]
+        if len(raws) == 1:  # no expert here: the output is the base block
+            emit(base_raw if job.out_dtype == job.base.dtype else
+                 _to_bytes(_f32(base_raw, job.base, b, dev).to(out_t)))
+        else:
+            shape = reads[0][2].shape(job.base.shape)
+            base_f = _f32(base_raw, job.base, b, dev)
+            stack = torch.empty((len(raws) - 1, *shape), dtype=torch.float32, device=dev)
+            for i, ((k, info, blk), raw) in enumerate(zip(reads[1:], raws[1:])):
+                stack[i].copy_(_raw_view(raw, info.dtype, shape, dev))
+            sel_w = [weights[k] for k, _, _ in reads[1:]]
+            merged = ta.merge_block(base_f, stack, sel_w, weights, params["lambda"], params["normalize"])
+            emit(_to_bytes(merged.to(out_t)))
+        if progress:
+            progress(sum(len(r) for r in raws))
+
+
+def _ties_tensor(job: TensorJob, m: Manifest, stream, dev: torch.device, emit, progress) -> None:
+    """TIES over one tensor: sure keeps and drops decided per block as it streams; entries in the
+    threshold bin are deferred until every block is seen and the exact k-th value is known."""
+    params = m.operator.params
+    weights = [p["weight"] for p in m.operator.expert_params]
+    out_t = DTYPES[job.out_dtype][0]
+    out = torch.empty(job.base.shape, dtype=out_t)  # held so deferred entries can be patched
+    flat_out = out.view(-1)
+    cand: list[list[torch.Tensor]] = [[] for _ in job.experts]  # |delta| of threshold-bin entries
+    deferred = []  # (flat positions, base values, untrimmed deltas [s, n], experts)
+    for (b, reads), raws in stream:
+        blk0 = reads[0][2]
+        shape = blk0.shape(job.base.shape)
+        first = (blk0.start - job.base.start) // job.base.itemsize
+        base_f = _f32(raws[0], job.base, b, dev)
+        ks = [k for k, _, _ in reads[1:]]
+        if not ks:
+            merged = base_f
+        else:
+            stack = torch.empty((len(ks), *shape), dtype=torch.float32, device=dev)
+            for i, ((k, info, _), raw) in enumerate(zip(reads[1:], raws[1:])):
+                stack[i].copy_(_raw_view(raw, info.dtype, shape, dev))
+            stack.sub_(base_f)
+            pending = torch.zeros(shape, dtype=torch.bool, device=dev)
+            keep = torch.empty((len(ks), *shape), dtype=torch.bool, device=dev)
+            for i, k in enumerate(ks):
+                tbin = job.trim[k][0]
+                if tbin < 0:
+                    keep[i] = True
+                    continue
+                bins = ties.bins_of(stack[i])
+                in_bin = bins == tbin
+                cand[k].append(stack[i].abs()[in_bin].cpu())
+                pending |= in_bin
+                keep[i] = bins > tbin
+            if pending.any():
+                idx = pending.reshape(-1).nonzero().squeeze(1)
+                deferred.append((idx.cpu() + first, base_f.reshape(-1)[idx].cpu(),
+                                 stack.reshape(len(ks), -1)[:, idx].cpu(), ks))
+            stack.mul_(keep)
+            merged = ties.elect_and_mean(stack, [weights[k] for k in ks], params["lambda"], params["normalize"], base_f)
+        n = merged.numel()
+        flat_out[first:first + n] = merged.reshape(-1).to(out_t).cpu()
+        if progress:
+            progress(sum(len(r) for r in raws))
+    tau = [_threshold(cand[k], t[2], ties.Trim(*t).lo) for k, t in enumerate(job.trim)]
+    for pos, base_v, deltas, ks in deferred:
+        for i, k in enumerate(ks):
+            if job.trim[k][0] >= 0:
+                deltas[i].mul_(deltas[i].abs() >= tau[k])
+        fixed = ties.elect_and_mean(deltas, [weights[k] for k in ks], params["lambda"], params["normalize"], base_v)
+        flat_out[pos] = fixed.to(out_t)
+    emit(_to_bytes(out))
+
+
+def _threshold(cand: list[torch.Tensor], need: int, lo: float) -> float:
+    """The `need`-th largest of one expert's threshold-bin entries: the exact trim threshold. Every
+    entry at least this large is kept, as in the TIES reference code (|d| >= kthvalue); mergekit keeps
+    exactly k through an unstable argsort, so the two differ only where magnitudes tie at it. With
+    fewer entries than `need` (blocks left unread by a partial budget) the whole bin is kept."""
+    vals = torch.cat(cand) if cand else torch.zeros(0)
+    if not 0 < need <= vals.numel():
+        return lo
+    return float(torch.topk(vals, need, sorted=False).values.min())
+
+
+def _raw_view(raw: np.ndarray, dtype: str, shape, dev: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(raw).view(DTYPES[dtype][0]).reshape(shape)
+    return t.to(dev) if dev.type != "cpu" else t
+
+
+def _f32(raw: np.ndarray, info: TensorInfo, b: int, dev: torch.device) -> torch.Tensor:
+    shape = B.block(info, b).shape(info.shape)
+    return _raw_view(raw, info.dtype, shape, dev).float()
+
+
+def _to_bytes(t: torch.Tensor) -> np.ndarray:
+    t = t.contiguous().cpu().reshape(-1)
+    return t.view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+
+
+def _copy_sidecars(src: Path, staging: Path, out_dtype: str | None) -> None:
+    """config and tokenizer files, so the output loads with transformers' from_pretrained."""
+    import json
+    for name in COPIED_FILES:
+        p = src / name
+        if not p.is_file():
+            continue
+        if name == "config.json" and out_dtype:
+            try:
+                cfg = json.loads(p.read_text())
+                torch_name = str(DTYPES[out_dtype][0]).split(".")[-1]
+                for key in ("torch_dtype", "dtype"):
+                    if key in cfg:
+                        cfg[key] = torch_name
+                (staging / name).write_text(json.dumps(cfg, indent=2))
+                continue
+            except (json.JSONDecodeError, AttributeError):
+                pass
+        shutil.copyfile(p, staging / name)
+    if any(staging.glob("*/*.safetensors")) or len(list(staging.glob("*.safetensors"))) > 1:
+        _write_index(staging)
+
+
+def _write_index(staging: Path) -> None:
+    import json
+    from .checkpoint import read_header
+    weight_map, total = {}, 0
+    for p in sorted(staging.rglob("*.safetensors")):
+        fh = read_header(p)
+        for name, info in fh.tensors.items():
+            weight_map[name] = os.path.relpath(p, staging)
+            total += info.end - info.start
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _os_read_bytes() -> int | None:
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def root_hash(outputs: dict[str, OutputFile]) -> str:
+    h = xxhash.xxh3_128()
+    for name in sorted(outputs):
+        h.update(f"{name}:{outputs[name].hash}\n".encode())
+    return h.hexdigest()
+
+
+def _complete(m: Manifest, outputs: dict[str, OutputFile], base: Model, experts: list[Model],
+              reader: Reader, dev: torch.device, wall: float, io0: int | None) -> Manifest:
+    base_files = {str(fh.path) for fh in base.files}
+    read = dict(sorted(reader.bytes_read.items()))
+    io1 = _os_read_bytes()
+    peak_dev = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
+    execution = Execution(
+        device=str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+        wall_s=round(wall, 4),
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_device_bytes=int(peak_dev),
+        bytes_read=read,
+        expert_bytes_read=sum(v for k, v in read.items() if k not in base_files),
+        base_bytes_read=sum(v for k, v in read.items() if k in base_files),
+        os_read_bytes=(io1 - io0) if io0 is not None and io1 is not None else None,
+        outputs=outputs,
+        root_hash=root_hash(outputs),
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    done = Manifest(**{**m.__dict__, "execution": execution})
+    return done

@@ -1,0 +1,297 @@
+"""Block index: per block of every tensor a content hash, and per expert block the statistics of its
+delta from the base, kept in a SQLite catalog keyed by file identity and content.
+
+A file whose (path, size, mtime, header hash) is unchanged is never re-read; a changed one is
+re-hashed. Delta statistics are keyed by the content of both models, so touching a file without
+changing it costs one re-hash and no re-computation.
+"""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import xxhash
+
+from . import blocks as B
+from .checkpoint import FileHeader, Model, Reader, as_float32
+from .errors import MergepipeError
+from .paths import cache_dir
+
+SCHEMA = 1
+# Coarse per-block magnitude histogram: one bin per power of two of |delta| in [2^EXP_LO, 2^EXP_HI),
+# smaller values in bin 0 and larger in the last. Enough for the TIES planner's trimmed-mass estimate.
+EXP_LO, EXP_HI = -40, 8
+COARSE_BINS = EXP_HI - EXP_LO
+# Fine per-tensor histogram over the top 16 bits of |delta| as float32 (8 exponent + 7 mantissa bits):
+# it pins the TIES trim threshold to a 1/128-relative bin before any expert byte is read.
+FINE_BINS = 1 << 15
+
+
+@dataclass
+class FileIndex:
+    path: str
+    size: int
+    mtime_ns: int
+    header_hash: str
+    hashes: dict[str, np.ndarray]  # tensor -> uint64 xxh3 of each block
+
+    @property
+    def content_hash(self) -> str:
+        h = xxhash.xxh3_128()
+        h.update(self.header_hash.encode())
+        for name in sorted(self.hashes):
+            h.update(name.encode())
+            h.update(self.hashes[name].tobytes())
+        return h.hexdigest()
+
+
+@dataclass
+class TensorDelta:
+    l2: np.ndarray  # [blocks] float64, ||Delta_b||_F
+    maxabs: np.ndarray  # [blocks] float32
+    coarse_count: np.ndarray  # [blocks, COARSE_BINS] int64
+    coarse_sumsq: np.ndarray  # [blocks, COARSE_BINS] float64
+    fine: np.ndarray  # [FINE_BINS] int64 over the whole tensor
+
+
+def model_key(files: list[FileIndex]) -> str:
+    h = xxhash.xxh3_128()
+    for f in sorted(files, key=lambda f: f.content_hash):
+        h.update(f.content_hash.encode())
+    return h.hexdigest()
+
+
+def _pack(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return zlib.compress(buf.getvalue(), 1)
+
+
+def _unpack(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(zlib.decompress(blob)), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+class Catalog:
+    """The persistent catalog. Default location: the user cache dir; `--catalog PATH` overrides."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path else cache_dir() / "catalog.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=60)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(f"""
+                CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+                CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, mtime_ns INT,
+                    header_hash TEXT, hashes BLOB);
+                CREATE TABLE IF NOT EXISTS deltas (expert TEXT, base TEXT, data BLOB,
+                    PRIMARY KEY (expert, base));
+                INSERT OR IGNORE INTO meta VALUES ('schema', '{SCHEMA}');
+            """)
+        except sqlite3.DatabaseError as e:
+            raise MergepipeError(f"{self.path}: not a usable mergepipe catalog ({e})") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def file(self, fh: FileHeader) -> FileIndex | None:
+        st = fh.path.stat()
+        row = self.db.execute("SELECT size, mtime_ns, header_hash, hashes FROM files WHERE path=?",
+                              (str(fh.path.resolve()),)).fetchone()
+        if row is None or tuple(row[:3]) != (st.st_size, st.st_mtime_ns, fh.header_hash):
+            return None
+        return FileIndex(str(fh.path), st.st_size, st.st_mtime_ns, fh.header_hash,
+                         {k: v.astype(np.uint64) for k, v in _unpack(row[3]).items()})
+
+    def put_file(self, fi: FileIndex) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)",
+                            (str(Path(fi.path).resolve()), fi.size, fi.mtime_ns, fi.header_hash,
+                             _pack(fi.hashes)))
+
+    def delta(self, expert: str, base: str) -> dict[str, TensorDelta] | None:
+        row = self.db.execute("SELECT data FROM deltas WHERE expert=? AND base=?", (expert, base)).fetchone()
+        if row is None:
+            return None
+        flat = _unpack(row[0])
+        names = {k.rsplit("/", 1)[0] for k in flat}
+        return {n: TensorDelta(*(flat[f"{n}/{f}"] for f in TensorDelta.__dataclass_fields__)) for n in names}
+
+    def put_delta(self, expert: str, base: str, stats: dict[str, TensorDelta]) -> None:
+        flat = {f"{n}/{f}": getattr(s, f) for n, s in stats.items() for f in TensorDelta.__dataclass_fields__}
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO deltas VALUES (?,?,?)", (expert, base, _pack(flat)))
+
+
+def block_hash(raw: np.ndarray) -> int:
+    return xxhash.xxh3_64_intdigest(raw)
+
+
+# Per fine bin: its exponent's coarse bin, and the square of its midpoint (for the sum-of-squares
+# estimate; the bins are 1/128 wide, so the estimate is within about 1%).
+_FINE_BITS = (np.arange(FINE_BINS, dtype=np.int64) << 16) + (1 << 15)
+with np.errstate(invalid="ignore", over="ignore"):  # the top bins are inf/NaN patterns
+    _FINE_MID2 = _FINE_BITS.astype(np.int32).view(np.float32).astype(np.float64) ** 2
+_FINE_MID2[~np.isfinite(_FINE_MID2)] = 0.0
+_FINE_TO_COARSE = np.clip((np.arange(FINE_BINS) >> 7) - 127, EXP_LO, EXP_HI - 1) - EXP_LO
+
+
+def delta_stats(d: torch.Tensor) -> tuple[float, float, np.ndarray, np.ndarray, np.ndarray]:
+    """(l2, max|d|, coarse counts, coarse sums of squares, fine counts) of one float32 delta block."""
+    a = d.abs().reshape(-1)
+    fine = torch.bincount(a.view(torch.int32) >> 16, minlength=FINE_BINS).numpy()
+    count = np.bincount(_FINE_TO_COARSE, weights=fine, minlength=COARSE_BINS).astype(np.int64)
+    sumsq = np.bincount(_FINE_TO_COARSE, weights=fine * _FINE_MID2, minlength=COARSE_BINS)
+    l2 = float(torch.linalg.vector_norm(a))
+    mx = float(a.max()) if a.numel() else 0.0
+    return l2, mx, count, sumsq, fine
+
+
+def check_family(base: Model, experts: list[Model]) -> None:
+    """Every floating tensor of the base must exist in every expert with the same shape."""
+    for e in experts:
+        for name, info in base.tensors.items():
+            if not info.is_float:
+                continue
+            other = e.tensors.get(name)
+            if other is None:
+                raise MergepipeError(f"{e.ref}: tensor {name!r} is missing (the base has it, shape {list(info.shape)})")
+            if other.shape != info.shape:
+                raise MergepipeError(f"{e.ref}: tensor {name!r} has shape {list(other.shape)}, expected {list(info.shape)} as in the base")
+            if not other.is_float:
+                raise MergepipeError(f"{e.ref}: tensor {name!r} is {other.dtype}, expected a floating dtype as in the base")
+
+
+@dataclass
+class FamilyIndex:
+    files: dict[str, FileIndex]  # resolved path -> index
+    deltas: list[dict[str, TensorDelta]]  # per expert
+
+    def model_hashes(self, model: Model) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for fh in model.files:
+            out.update(self.files[str(fh.path)].hashes)
+        return out
+
+
+Progress = Callable[[int], None]  # bytes just processed
+
+
+def index_family(base: Model, experts: list[Model], catalog: Catalog,
+                 progress: Progress | None = None) -> FamilyIndex:
+    """Hash every block of every file and compute expert delta statistics, reusing the catalog."""
+    check_family(base, experts)
+    files: dict[str, FileIndex] = {}
+    for m in [base, *experts]:
+        for fh in m.files:
+            fi = catalog.file(fh)
+            if fi is not None:
+                files[str(fh.path)] = fi
+    base_files = [files.get(str(fh.path)) for fh in base.files]
+    todo = []  # experts whose delta statistics are missing
+    base_key = model_key(base_files) if all(base_files) else None
+    for k, e in enumerate(experts):
+        efiles = [files.get(str(fh.path)) for fh in e.files]
+        if base_key is None or not all(efiles) or catalog.delta(model_key(efiles), base_key) is None:
+            todo.append(k)
+    unhashed = [m for m in [base, *experts] if any(str(fh.path) not in files for fh in m.files)]
+    if todo or unhashed:
+        _scan(base, experts, todo, unhashed, files, catalog, progress)
+    base_key = model_key([files[str(fh.path)] for fh in base.files])
+    deltas = []
+    for e in experts:
+        key = model_key([files[str(fh.path)] for fh in e.files])
+        stats = catalog.delta(key, base_key)
+        assert stats is not None
+        deltas.append(stats)
+    return FamilyIndex(files, deltas)
+
+
+def _scan(base: Model, experts: list[Model], todo: list[int], unhashed: list[Model],
+          files: dict[str, FileIndex], catalog: Catalog, progress: Progress | None) -> None:
+    """One streaming pass: each needed block of each file read once, hashed, and, for experts whose
+    statistics are missing, differenced against the base block it was read beside."""
+    reader = Reader()
+    hashes: dict[str, dict[str, np.ndarray]] = {}  # path -> tensor -> block hashes
+    need_hash = {str(fh.path) for m in unhashed for fh in m.files}
+    stats: dict[int, dict[str, TensorDelta]] = {k: {} for k in todo}
+    cpu = torch.device("cpu")
+
+    jobs = []
+    for name, info in base.tensors.items():
+        involved = [(-1, info)] if (todo or str(info.file) in need_hash) else []
+        for k, e in enumerate(experts):
+            if name in e.tensors and (k in todo or str(e.tensors[name].file) in need_hash):
+                involved.append((k, e.tensors[name]))
+        if involved:
+            for b in range(B.n_blocks(info.shape)):
+                jobs.append((name, b, involved))
+    for m in unhashed:  # tensors only an expert has still get hashed
+        for name, info in m.tensors.items():
+            if name not in base.tensors:
+                for b in range(B.n_blocks(info.shape)):
+                    jobs.append((name, b, [(-2, info)]))
+
+    def load(job):
+        name, b, involved = job
+        out = []
+        for k, info in involved:
+            blk = B.block(info, b)
+            raw = reader.read(info.file, blk.start, blk.end)
+            out.append((k, info, blk, raw, block_hash(raw)))
+        return out
+
+    try:
+        for (name, b, involved), loaded in B.read_ahead(jobs, load):
+            base_f = None
+            for k, info, blk, raw, h in loaded:
+                path = str(info.file)
+                if path in need_hash:
+                    arr = hashes.setdefault(path, {}).setdefault(name, np.zeros(B.n_blocks(info.shape), np.uint64))
+                    arr[b] = h
+                if k == -1 and todo and info.is_float:
+                    base_f = as_float32(raw, info.dtype, blk.shape(info.shape), cpu)
+                elif k in stats and base_f is not None:
+                    d = as_float32(raw, info.dtype, blk.shape(info.shape), cpu) - base_f
+                    _accumulate(stats[k], name, info.shape, b, delta_stats(d))
+                if progress:
+                    progress(len(raw))
+    finally:
+        reader.close()
+
+    for m in unhashed:
+        for fh in m.files:
+            path = str(fh.path)
+            if path in files:
+                continue
+            st = fh.path.stat()
+            per_tensor = hashes.get(path, {})
+            fi = FileIndex(path, st.st_size, st.st_mtime_ns, fh.header_hash,
+                           {n: per_tensor.get(n, np.zeros(B.n_blocks(i.shape), np.uint64)) for n, i in fh.tensors.items()})
+            catalog.put_file(fi)
+            files[path] = fi
+    base_key = model_key([files[str(fh.path)] for fh in base.files])
+    for k in todo:
+        key = model_key([files[str(fh.path)] for fh in experts[k].files])
+        catalog.put_delta(key, base_key, stats[k])
+
+
+def _accumulate(per_tensor: dict[str, TensorDelta], name: str, shape: tuple[int, ...], b: int, s) -> None:
+    td = per_tensor.get(name)
+    if td is None:
+        nb = B.n_blocks(shape)
+        td = per_tensor[name] = TensorDelta(np.zeros(nb), np.zeros(nb, np.float32),
+                                            np.zeros((nb, COARSE_BINS), np.int64),
+                                            np.zeros((nb, COARSE_BINS)), np.zeros(FINE_BINS, np.int64))
+    l2, mx, count, sumsq, fine = s
+    td.l2[b], td.maxabs[b] = l2, mx
+    td.coarse_count[b], td.coarse_sumsq[b] = count, sumsq
+    td.fine += fine

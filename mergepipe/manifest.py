@@ -1,0 +1,224 @@
+"""The manifest: one versioned JSON document that describes a merge completely, written by `plan`
+and completed by `execute`. Canonical (sorted keys, UTF-8, no NaN) and validated field by field on
+load, like safetensors' header: anything off the schema is refused with the path of the bad field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import MergepipeError
+
+SCHEMA = "mergepipe.manifest/1"
+
+
+@dataclass
+class InputFile:
+    name: str  # relative to the model's folder
+    size: int
+    header_hash: str
+    blocks: dict[str, str]  # tensor -> concatenated 16-hex-digit xxh3_64 of each block
+    content_hash: str
+
+
+@dataclass
+class InputModel:
+    ref: str
+    files: list[InputFile]
+
+
+@dataclass
+class OperatorSpec:
+    name: str
+    params: dict[str, Any]
+    expert_params: list[dict[str, Any]]
+
+
+@dataclass
+class Budget:
+    spec: str
+    bytes: int
+    expert_bytes_total: int
+
+
+@dataclass
+class TensorPlan:
+    blocks: int
+    rows_per_block: int
+    selected: list[list[list[int]]]  # per expert: [start, end) block runs to read
+    candidates: list[list[list[int]]]  # per expert: block runs that can contribute at all
+    planned_bytes: int
+    bound: Optional[float]  # certificate share for additive operators
+    trim: Optional[list[list[int]]] = None  # TIES: per expert [bin, above, need]
+
+
+@dataclass
+class Certificate:
+    kind: str  # "frobenius": ||M - M_A||_F <= bound; "none": not available for this operator
+    bound: Optional[float]
+    note: str
+
+
+@dataclass
+class Plan:
+    planner: str
+    seed: int
+    planned_expert_bytes: int
+    tensors: dict[str, TensorPlan]
+    certificate: Certificate
+
+
+@dataclass
+class OutputFile:
+    size: int
+    hash: str
+    tensors: dict[str, str]
+
+
+@dataclass
+class Execution:
+    device: str
+    wall_s: float
+    peak_rss_bytes: int
+    peak_device_bytes: int
+    bytes_read: dict[str, int]
+    expert_bytes_read: int
+    base_bytes_read: int
+    os_read_bytes: Optional[int]
+    outputs: dict[str, OutputFile]
+    root_hash: str
+    finished_at: str
+
+
+@dataclass
+class Manifest:
+    schema: str
+    tool: dict[str, str]
+    base: InputModel
+    experts: list[InputModel]
+    out_dtype: Optional[str]
+    operator: OperatorSpec
+    budget: Budget
+    plan: Plan
+    execution: Optional[Execution] = None
+
+    def to_json(self) -> str:
+        return dumps(dataclasses.asdict(self))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _load(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        return _load(next(a for a in args if a is not type(None)), value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise MergepipeError(f"manifest: {where} must be an object")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        extra = set(value) - set(fields)
+        if extra:
+            raise MergepipeError(f"manifest: {where} has unknown field {sorted(extra)[0]!r}")
+        kwargs = {}
+        for name, f in fields.items():
+            if name not in value:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise MergepipeError(f"manifest: {where}.{name} is missing")
+                continue
+            kwargs[name] = _load(hints[name], value[name], f"{where}.{name}")
+        return tp(**kwargs)
+    if origin is list:
+        if not isinstance(value, list):
+            raise MergepipeError(f"manifest: {where} must be a list")
+        return [_load(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise MergepipeError(f"manifest: {where} must be an object")
+        return {k: _load(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise MergepipeError(f"manifest: {where} must be a finite number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise MergepipeError(f"manifest: {where} must be a non-negative integer")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise MergepipeError(f"manifest: {where} must be a string")
+        return value
+    raise TypeError(tp)  # a schema bug, not bad input
+
+
+def _check(m: Manifest) -> None:
+    """Cross-field rules the types cannot express."""
+    if m.schema != SCHEMA:
+        raise MergepipeError(f"manifest: schema {m.schema!r} is not supported (expected {SCHEMA!r})")
+    k = len(m.experts)
+    if len(m.operator.expert_params) != k:
+        raise MergepipeError(f"manifest: operator.expert_params has {len(m.operator.expert_params)} entries for {k} experts")
+    for name, tp in m.plan.tensors.items():
+        for field_name in ("selected", "candidates"):
+            runs_per_expert = getattr(tp, field_name)
+            if len(runs_per_expert) != k:
+                raise MergepipeError(f"manifest: plan.tensors.{name}.{field_name} must have one entry per expert ({k})")
+            for e, runs in enumerate(runs_per_expert):
+                for run in runs:
+                    if len(run) != 2 or not 0 <= run[0] < run[1] <= tp.blocks:
+                        raise MergepipeError(f"manifest: plan.tensors.{name}.{field_name}[{e}] has run {run} "
+                                             f"outside the tensor's {tp.blocks} blocks")
+        if tp.trim is not None and (len(tp.trim) != k or any(len(t) != 3 for t in tp.trim)):
+            raise MergepipeError(f"manifest: plan.tensors.{name}.trim must be one [bin, above, need] per expert")
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants)
+    except OSError as e:
+        raise MergepipeError(f"{path}: cannot read manifest ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError):
+        raise MergepipeError(f"{path}: not a mergepipe manifest (invalid JSON)") from None
+    try:
+        m = _load(Manifest, doc, "manifest")
+        _check(m)
+    except MergepipeError as e:
+        raise MergepipeError(f"{path}: {e}") from None
+    return m
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def runs_to_set(runs: list[list[int]]) -> set[int]:
+    return {b for a, z in runs for b in range(a, z)}
+
+
+def set_to_runs(selected: typing.Iterable[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for b in sorted(selected):
+        if runs and runs[-1][1] == b:
+            runs[-1][1] = b + 1
+        else:
+            runs.append([b, b + 1])
+    return runs
+
+

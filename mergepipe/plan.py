@@ -1,0 +1,179 @@
+"""The access planner: which (expert, block) pairs to read under a byte budget.
+
+It works from the catalog alone and reads no tensor data. Candidates are the pairs that can change
+the result at all (a zero delta, a zero weight, or, for TIES, a block wholly below the trim
+threshold cannot). They are taken greedily by score per byte (the score of an additive operator is
+|c_k| * ||Delta_kb||_F, so this order minimises the error certificate), ties broken by (tensor,
+block, expert), while the running total stays within the budget: budget-sound by construction,
+deterministic, and the exact full merge when everything fits.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from . import blocks as B
+from .checkpoint import Model, open_model
+from .config import MergeConfig
+from .errors import MergepipeError
+from .index import Catalog, FamilyIndex, TensorDelta, index_family, EXP_LO
+from .manifest import (SCHEMA, Budget, Certificate, InputFile, InputModel, Manifest, OperatorSpec, Plan,
+                       TensorPlan, set_to_runs)
+from .operators import ta, ties
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+PLANNERS = ("score", "random")
+
+
+def parse_budget(spec: str, total: int) -> int:
+    """'20%' of the experts' tensor bytes, or an absolute size such as '3GiB' or '500MB'."""
+    s = str(spec).strip().lower()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(%|[kmgt]?i?b?)", s)
+    if not m:
+        raise MergepipeError(f"budget {spec!r} is not a percentage (e.g. 20%) or a size (e.g. 3GiB, 500MB)")
+    value, unit = float(m.group(1)), m.group(2)
+    if unit == "%":
+        if value > 100:
+            raise MergepipeError(f"budget {spec!r} is over 100% of the expert bytes")
+        return int(total * value / 100)
+    if unit not in UNITS:
+        raise MergepipeError(f"budget {spec!r}: unknown unit {unit!r} (use B, KB, MB, GB, KiB, MiB, GiB)")
+    return int(value * UNITS[unit])
+
+
+def _hex(hashes: np.ndarray) -> str:
+    return hashes.astype(">u8").tobytes().hex()
+
+
+def _input(model: Model, fam: FamilyIndex, relative_to: Path | None) -> InputModel:
+    ref = model.ref
+    local = Path(ref).expanduser()
+    if local.exists():
+        local = local.resolve()
+        ref = os.path.relpath(local, relative_to) if relative_to else str(local)
+    files = []
+    for fh in model.files:
+        fi = fam.files[str(fh.path)]
+        name = os.path.relpath(fh.path, model.root)
+        files.append(InputFile(name, fi.size, fi.header_hash,
+                               {t: _hex(h) for t, h in sorted(fi.hashes.items())}, fi.content_hash))
+    return InputModel(ref, files)
+
+
+def _ties_score(td: TensorDelta, lo: float) -> np.ndarray:
+    """Estimated ||trim(Delta_b)||_F per block from the coarse histogram: whole bins above the
+    threshold's power of two, and the threshold's own bin pro rata."""
+    if lo <= 0:
+        return td.l2
+    e = int(np.floor(np.log2(lo))) - EXP_LO
+    e = min(max(e, 0), td.coarse_sumsq.shape[1] - 1)
+    above = td.coarse_sumsq[:, e + 1:].sum(axis=1)
+    frac = 1.0 - (lo / 2.0 ** (e + EXP_LO) - 1.0)  # share of [2^e, 2^(e+1)) above lo
+    return np.sqrt(above + td.coarse_sumsq[:, e] * max(0.0, min(1.0, frac)))
+
+
+def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | None = None,
+               planner: str = "score", seed: int = 0, allow_pickle: bool = False,
+               relative_to: str | Path | None = None, progress=None) -> Manifest:
+    if planner not in PLANNERS:
+        raise MergepipeError(f"planner {planner!r} is not known (expected one of {', '.join(PLANNERS)})")
+    base = open_model(config.base, allow_pickle)
+    experts = [open_model(e, allow_pickle) for e in config.experts]
+    catalog = catalog or Catalog()
+    fam = index_family(base, experts, catalog, progress)
+    op = config.operator
+    weights = [p["weight"] for p in config.expert_params]
+    if op is ta.TA:
+        coef = ta.coefficients(weights, config.params["lambda"], config.params["normalize"])
+    else:
+        coef = [w * config.params["lambda"] for w in weights]
+
+    names = [n for n, info in base.tensors.items() if info.is_float]
+    total = sum(experts[k].tensors[n].end - experts[k].tensors[n].start for n in names for k in range(len(experts)))
+    budget_bytes = parse_budget(budget, total)
+
+    # Candidate (expert, block) pairs as flat arrays: tensor id, block, expert, bytes, score, bound share.
+    cols: dict[str, list] = {"t": [], "b": [], "k": [], "bytes": [], "score": [], "share": []}
+    trims: dict[str, list[list[int]]] = {}
+    for ti, name in enumerate(names):
+        shape = base.tensors[name].shape
+        nb = B.n_blocks(shape)
+        for k, e in enumerate(experts):
+            td = fam.deltas[k][name]
+            info = e.tensors[name]
+            nbytes = np.array([B.block(info, b).end - B.block(info, b).start for b in range(nb)])
+            share = abs(coef[k]) * td.l2
+            if op is ties.TIES:
+                trim = ties.trim_for(td.fine, info.numel, config.expert_params[k]["density"])
+                trims.setdefault(name, []).append([trim.bin, trim.above, trim.need])
+                score = abs(coef[k]) * _ties_score(td, trim.lo)
+                useful = (td.maxabs >= trim.lo) & (td.l2 > 0)
+            else:
+                score = share
+                useful = td.l2 > 0
+            useful &= coef[k] != 0
+            idx = np.nonzero(useful)[0]
+            cols["t"].append(np.full(len(idx), ti))
+            cols["b"].append(idx)
+            cols["k"].append(np.full(len(idx), k))
+            cols["bytes"].append(nbytes[idx])
+            cols["score"].append(score[idx])
+            cols["share"].append(share[idx])
+    c = {key: np.concatenate(v) if v else np.zeros(0) for key, v in cols.items()}
+    n = len(c["t"])
+    if planner == "score":
+        density = c["score"] / np.maximum(c["bytes"], 1)
+        order = np.lexsort((c["k"], c["b"], c["t"], -density))  # last key is the primary one
+    else:
+        order = np.random.Generator(np.random.PCG64(seed)).permutation(n)
+    chosen = np.zeros(n, dtype=bool)
+    if c["bytes"].sum() <= budget_bytes:
+        chosen[:] = True
+    else:
+        running = 0
+        for i in order:
+            if running + c["bytes"][i] <= budget_bytes:
+                running += int(c["bytes"][i])
+                chosen[i] = True
+
+    additive = op.additive
+    tensors: dict[str, TensorPlan] = {}
+    for ti, name in enumerate(names):
+        shape = base.tensors[name].shape
+        mask = c["t"] == ti
+        sel, cand = [], []
+        for k in range(len(experts)):
+            mk = mask & (c["k"] == k)
+            cand.append(set_to_runs(c["b"][mk].astype(int).tolist()))
+            sel.append(set_to_runs(c["b"][mk & chosen].astype(int).tolist()))
+        omitted = float(c["share"][mask & ~chosen].sum()) if additive else None
+        tensors[name] = TensorPlan(B.n_blocks(shape), B.rows_per_block(shape), sel, cand,
+                                   int(c["bytes"][mask & chosen].sum()), omitted, trims.get(name))
+    if additive:
+        bound = float(c["share"][~chosen].sum())
+        cert = Certificate("frobenius", bound, "||M - M_A||_F <= sum of |c_k| * ||Delta_kb||_F over omitted "
+                           "(expert, block) pairs, in exact arithmetic before rounding to the output dtype")
+    else:
+        cert = Certificate("none", None, f"{op.name} is not additive: trimming and sign election are "
+                           "non-linear, so only the measured deviation is reported")
+    rel = Path(relative_to).resolve() if relative_to else None
+    return Manifest(
+        schema=SCHEMA,
+        tool={"name": "mergepipe", "version": __version__, "python": platform.python_version(),
+              "torch": torch.__version__},
+        base=_input(base, fam, rel),
+        experts=[_input(e, fam, rel) for e in experts],
+        out_dtype=config.out_dtype,
+        operator=OperatorSpec(op.name, dict(config.params), [dict(p) for p in config.expert_params]),
+        budget=Budget(str(budget), budget_bytes, total),
+        plan=Plan(planner, seed, int(c["bytes"][chosen].sum()), tensors, cert),
+    )

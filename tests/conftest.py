@@ -1,0 +1,43 @@
+"""Small seeded checkpoint families built once per test session in a temporary folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergepipe.demo import demo_config
+from mergepipe.synth import TINY, build_family
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> dict[str, Path]:
+    """Base + 4 bf16 experts, Qwen2 tensor names, 2 shards each."""
+    return build_family(tmp_path_factory.mktemp("family"), TINY, experts=4, seed=0, shards=2)
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("MERGEPIPE_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def write_config(path: Path, paths: dict[str, Path], method: str = "task_arithmetic", **per_model) -> Path:
+    cfg = demo_config(paths, method)
+    for m in cfg["models"]:
+        m["parameters"].update(per_model)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture()
+def copy_family(family, tmp_path):
+    """A private copy of the family, for tests that corrupt or change inputs."""
+    def make() -> dict[str, Path]:
+        dst = tmp_path / "family-copy"
+        if not dst.exists():
+            shutil.copytree(family["base"].parent, dst)
+        return {k: dst / v.name for k, v in family.items()}
+    return make

@@ -1,0 +1,93 @@
+import pytest
+
+from mergepipe.config import load_config, parse_config
+from mergepipe.errors import MergepipeError
+from mergepipe.index import Catalog
+from mergepipe.manifest import runs_to_set
+from mergepipe.plan import parse_budget, plan_merge
+
+from conftest import write_config
+
+
+@pytest.mark.parametrize("spec, total, want", [
+    ("20%", 1000, 200), ("100%", 1000, 1000), ("0%", 1000, 0), ("3GiB", 0, 3 * 2**30),
+    ("500MB", 0, 500 * 10**6), ("1.5KiB", 0, 1536), ("12345", 0, 12345)])
+def test_parse_budget(spec, total, want):
+    assert parse_budget(spec, total) == want
+
+
+@pytest.mark.parametrize("spec", ["abc", "150%", "-1", "5 parsecs", ""])
+def test_bad_budgets(spec):
+    with pytest.raises(MergepipeError, match="budget"):
+        parse_budget(spec, 1000)
+
+
+def test_budget_sound_deterministic_and_exact_at_full(family, workdir):
+    cfg = load_config(write_config(workdir / "ta.yml", family))
+    cat = Catalog(workdir / "c.sqlite")
+    full = plan_merge(cfg, "100%", cat)
+    assert full.plan.certificate.bound == 0.0
+    for tp in full.plan.tensors.values():
+        assert tp.selected == tp.candidates
+    bounds = []
+    for pct in (50, 20, 10, 5):
+        a = plan_merge(cfg, f"{pct}%", cat)
+        b = plan_merge(cfg, f"{pct}%", cat)
+        assert a.to_json() == b.to_json()  # deterministic
+        assert a.plan.planned_expert_bytes <= a.budget.bytes == int(a.budget.expert_bytes_total * pct / 100)
+        assert sum(tp.planned_bytes for tp in a.plan.tensors.values()) == a.plan.planned_expert_bytes
+        bounds.append(a.plan.certificate.bound)
+    assert bounds == sorted(bounds) and bounds[0] > 0  # less budget, larger bound
+
+
+def test_score_planner_beats_random_on_bound(family, workdir):
+    cfg = load_config(write_config(workdir / "ta.yml", family))
+    cat = Catalog(workdir / "c.sqlite")
+    score = plan_merge(cfg, "20%", cat)
+    rand = plan_merge(cfg, "20%", cat, planner="random", seed=1)
+    assert rand.plan.planned_expert_bytes <= rand.budget.bytes
+    assert score.plan.certificate.bound < rand.plan.certificate.bound
+    assert plan_merge(cfg, "20%", cat, planner="random", seed=1).to_json() == rand.to_json()
+
+
+def test_ties_skips_blocks_below_threshold(family, workdir):
+    cfg = load_config(write_config(workdir / "ties.yml", family, "ties", density=0.05))
+    m = plan_merge(cfg, "100%", Catalog(workdir / "c.sqlite"))
+    assert m.plan.certificate.kind == "none"
+    cand = sum(len(runs_to_set(r)) for tp in m.plan.tensors.values() for r in tp.candidates)
+    total = sum(tp.blocks for tp in m.plan.tensors.values()) * len(m.experts)
+    assert cand < total  # some blocks wholly below the trim threshold are never read
+
+
+def test_index_reuses_catalog(family, workdir, monkeypatch):
+    cfg = load_config(write_config(workdir / "ta.yml", family))
+    cat = Catalog(workdir / "c.sqlite")
+    plan_merge(cfg, "100%", cat)
+    import mergepipe.index as index
+    monkeypatch.setattr(index, "_scan", lambda *a, **k: pytest.fail("re-read an unchanged file"))
+    plan_merge(cfg, "50%", Catalog(workdir / "c.sqlite"))
+
+
+@pytest.mark.parametrize("doc, expect", [
+    ({"merge_method": "slerp", "base_model": "b", "models": [{"model": "e"}]}, "not supported"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": 1, "densty": 0.2}}]}, "densty"),
+    ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": 1, "density": 0.2}}]}, "density"),
+    ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e"}]}, "weight"),
+    ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": "x"}}]}, "weight"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": 1, "density": 1.5}}]}, "density"),
+    ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": 1}}], "slices": []}, "slices"),
+    ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": [0, 1]}}]}, "gradients"),
+    ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": 1}}], "dtype": "int4"}, "dtype"),
+])
+def test_config_is_strict(doc, expect):
+    with pytest.raises(MergepipeError, match=expect):
+        parse_config(doc)
+
+
+def test_config_defaults_and_dtype():
+    cfg = parse_config({"merge_method": "ties", "base_model": "b", "dtype": "bfloat16",
+                        "parameters": {"density": 0.3, "lambda": 0.5},
+                        "models": [{"model": "b"}, {"model": "e", "parameters": {"weight": 1}}]})
+    assert cfg.experts == ["e"] and cfg.expert_params == [{"weight": 1.0, "density": 0.3}]
+    assert cfg.params["normalize"] is True and cfg.params["lambda"] == 0.5
+    assert cfg.out_dtype == "BF16"

@@ -1,0 +1,75 @@
+"""The merge-quality bench's family builder and evaluator, on the seconds-long "mini" family."""
+
+import hashlib
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from bench.quality.evaluate import evaluate  # noqa: E402
+from bench.quality.family import STAMP, build_family  # noqa: E402
+from bench.quality.tasks import TASKS, encode, make_tokenizer, test_set, train_set  # noqa: E402
+
+
+def _hashes(paths):
+    return {n: hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest() for n, p in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality")
+    return root, build_family(root / "a", scale="mini", seed=0)
+
+
+def test_splits_are_seeded_and_disjoint():
+    for t in TASKS:
+        test = test_set(t, 200)
+        assert test == test_set(t, 200) and len({p for p, _ in test}) == 200
+        train = train_set(t, 2000)
+        assert not {p for p, _ in train} & {p for p, _ in test_set(t)}
+
+
+def test_tokenizer_roundtrip(tmp_path):
+    from transformers import AutoTokenizer
+
+    make_tokenizer().save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    for t in TASKS:
+        p, a = test_set(t, 1)[0]
+        assert tok(p + a)["input_ids"] == [tok.bos_token_id] + encode(p + a)
+        assert tok.decode(encode(a)) == a
+
+
+def test_family_is_deterministic_and_cached(mini):
+    root, paths = mini
+    assert set(paths) == {"base"} | {f"expert_{t}" for t in TASKS}
+    for p in paths.values():
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in p.iterdir()}
+    first = _hashes(paths)
+    assert len(set(first.values())) == len(first)  # experts really moved away from the base
+    assert _hashes(build_family(root / "b", scale="mini", seed=0)) == first
+    other = _hashes(build_family(root / "c", scale="mini", seed=1))
+    assert other != first
+    # Reuse: a second call with the same recipe must not rebuild (the stamp's build time stays).
+    before = (root / "a" / STAMP).read_text()
+    mtime = (paths["base"] / "model.safetensors").stat().st_mtime_ns
+    build_family(root / "a", scale="mini", seed=0)
+    assert (root / "a" / STAMP).read_text() == before
+    assert (paths["base"] / "model.safetensors").stat().st_mtime_ns == mtime
+    # A changed recipe (here the seed) rebuilds in place.
+    assert _hashes(build_family(root / "b", scale="mini", seed=1)) == other
+    assert json.loads((root / "b" / STAMP).read_text())["recipe_stamp"]["seed"] == 1
+
+
+def test_evaluate_ranges_and_specialisation(mini):
+    _, paths = mini
+    base = evaluate(paths["base"], n=200)
+    assert set(base) == set(TASKS)
+    for m in base.values():
+        assert 0 < m["nll"] < 10 and 0 <= m["token_acc"] <= 1 and 0 <= m["exact"] <= 1
+    assert evaluate(paths["base"], n=200) == base  # deterministic
+    for t in TASKS:
+        # Fine-tuning on a task must lower that task's answer NLL even on the tiny family.
+        assert evaluate(paths[f"expert_{t}"], tasks=(t,), n=200)[t]["nll"] < base[t]["nll"] - 0.05
