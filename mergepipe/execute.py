@@ -67,8 +67,9 @@ def open_inputs(m: Manifest, root: Path | None, allow_pickle: bool) -> tuple[Mod
 
 def expected_hashes(rec: InputModel, model: Model) -> dict[tuple[str, str], np.ndarray]:
     out = {}
+    paths = {os.path.relpath(fh.path, model.root): str(fh.path) for fh in model.files}
     for f in rec.files:
-        path = str(model.root / f.name)
+        path = paths.get(f.name, str(model.root / f.name))
         for tensor, hx in f.blocks.items():
             out[(path, tensor)] = np.frombuffer(bytes.fromhex(hx), dtype=">u8").astype(np.uint64)
     return out

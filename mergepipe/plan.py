@@ -59,7 +59,8 @@ def _input(model: Model, fam: FamilyIndex, relative_to: Path | None) -> InputMod
     local = Path(ref).expanduser()
     if local.exists():
         local = local.resolve()
-        ref = os.path.relpath(local, relative_to) if relative_to else str(local)
+        # "./" keeps a relative path from reading as a hub id (org/name)
+        ref = os.path.join(".", os.path.relpath(local, relative_to)) if relative_to else str(local)
     files = []
     for fh in model.files:
         fi = fam.files[str(fh.path)]

@@ -93,12 +93,14 @@ def _base_tensor(name: str, shape: tuple[int, ...], seed: int, idx: int) -> np.n
 
 
 def _delta(shape: tuple[int, ...], seed: int, expert: int, idx: int, scale: float) -> np.ndarray:
-    """A fine-tuning-like delta: dense small noise whose per-row strength is log-normal, so some row
-    blocks changed far more than others (what a score-based planner exploits)."""
+    """A fine-tuning-like delta: dense small noise whose per-row strength spans two decades, so some
+    row blocks changed far more than others (what a score-based planner exploits). Only exactly
+    rounded arithmetic (no exp or log), so the bytes match on any CPU."""
     rng = _rng(seed, expert + 1, idx)
     d = _normal(rng, shape)
     rows = shape[0] if len(shape) > 1 else 1
-    row_scale = np.exp(rng.standard_normal(rows).astype(np.float32) * np.float32(1.5))
+    row_scale = (np.float32(2.0) ** rng.integers(-4, 3, rows).astype(np.float32)
+                 * (np.float32(0.5) + rng.random(rows, dtype=np.float32)))
     d *= (row_scale[:, None] if len(shape) > 1 else row_scale) * np.float32(scale)
     return d
 
@@ -137,7 +139,7 @@ def build_family(root: Path | str, shape: Shape = TINY, experts: int = 3, seed: 
     already built with the same parameters is reused (a stamp file records them)."""
     root = Path(root)
     stamp = {"shape": asdict(shape), "experts": experts, "seed": seed, "dtype": str(dtype),
-             "shards": shards, "delta_scale": delta_scale, "version": 1}
+             "shards": shards, "delta_scale": delta_scale, "version": 2}
     paths = {"base": root / "base", **{f"expert{k}": root / f"expert{k}" for k in range(1, experts + 1)}}
     stamp_file = root / "family.json"
     if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:

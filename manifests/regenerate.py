@@ -1,0 +1,55 @@
+"""Rebuild the example manifests in this folder: `python manifests/regenerate.py`.
+
+Each manifest merges the seeded test family (rebuilt bit-identically by `replay_family`), records
+its model paths relative to the family's parent folder, and carries the output hashes of one
+execution. CI re-executes every manifest here and checks those hashes (tests/test_replay.py).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from mergepipe.config import load_config  # noqa: E402
+from mergepipe.demo import demo_config  # noqa: E402
+from mergepipe.execute import execute  # noqa: E402
+from mergepipe.index import Catalog  # noqa: E402
+from mergepipe.plan import plan_merge  # noqa: E402
+from mergepipe.synth import TINY, build_family  # noqa: E402
+
+CASES = {  # name: (method, per-model parameters, budget)
+    "ta-100": ("task_arithmetic", {}, "100%"),
+    "ta-20": ("task_arithmetic", {}, "20%"),
+    "ties-100": ("ties", {"density": 0.2}, "100%"),
+    "ties-50": ("ties", {"density": 0.2}, "50%"),
+}
+
+
+def replay_family(root: Path) -> dict[str, Path]:
+    return build_family(root / "family", TINY, experts=3, seed=7, shards=2)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        paths = replay_family(root)
+        catalog = Catalog(root / "catalog.sqlite")
+        for name, (method, params, budget) in CASES.items():
+            cfg = demo_config(paths, method)
+            for m in cfg["models"]:
+                m["parameters"].update(params)
+            (root / f"{name}.yml").write_text(yaml.safe_dump(cfg))
+            m = plan_merge(load_config(root / f"{name}.yml"), budget, catalog, relative_to=root)
+            done = execute(m, root / "out" / name, root=root)
+            done.save(HERE / f"{name}.json")
+            print(f"{name}: root hash {done.execution.root_hash}")
+
+
+if __name__ == "__main__":
+    main()
