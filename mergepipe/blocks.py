@@ -6,10 +6,13 @@ rows in the base, every expert and the output, whatever each stores them as.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
+
+import torch
 
 from .checkpoint import TensorInfo
 
@@ -58,6 +61,18 @@ def block(info: TensorInfo, b: int) -> Block:
 
 def blocks(info: TensorInfo) -> list[Block]:
     return [block(info, b) for b in range(n_blocks(info.shape))]
+
+
+@contextlib.contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """Streaming runs one compute thread beside the read-ahead thread. torch's own intra-op threads
+    would then wait on a busy core at every operation: measured 3x slower on 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 T = TypeVar("T")

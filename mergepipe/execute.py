@@ -129,8 +129,9 @@ def execute(m: Manifest, out: str | Path, device: str = "cpu", force: bool = Fal
         torch.cuda.reset_peak_memory_stats(dev)
     try:
         outputs = {}
-        for ofile, jobs in files:
-            outputs[ofile.name] = _write_file(staging, ofile, jobs, m, op, reader, want, dev, progress)
+        with B.single_threaded_torch():
+            for ofile, jobs in files:
+                outputs[ofile.name] = _write_file(staging, ofile, jobs, m, op, reader, want, dev, progress)
         _copy_sidecars(base.root, staging, m.out_dtype)
         done = _complete(m, outputs, base, experts, reader, dev, time.perf_counter() - t0, io0)
         done.save(staging / MANIFEST_NAME)
@@ -224,18 +225,15 @@ def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: t
     out_t = DTYPES[job.out_dtype][0]
     for (b, reads), raws in stream:
         base_raw = raws[0]
-        if len(raws) == 1:  # no expert here: the output is the base block
-            emit(base_raw if job.out_dtype == job.base.dtype else
-                 _to_bytes(_f32(base_raw, job.base, b, dev).to(out_t)))
+        if len(raws) == 1 and job.out_dtype == job.base.dtype:  # no expert here: the base block
+            emit(base_raw)
         else:
-            shape = reads[0][2].shape(job.base.shape)
-            base_f = _f32(base_raw, job.base, b, dev)
-            stack = torch.empty((len(raws) - 1, *shape), dtype=torch.float32, device=dev)
-            for i, ((k, info, blk), raw) in enumerate(zip(reads[1:], raws[1:])):
-                stack[i].copy_(_raw_view(raw, info.dtype, shape, dev))
-            sel_w = [weights[k] for k, _, _ in reads[1:]]
-            merged = ta.merge_block(base_f, stack, sel_w, weights, params["lambda"], params["normalize"])
-            emit(_to_bytes(merged.to(out_t)))
+            base_v = _raw_view(base_raw, job.base.dtype, (-1,), dev)
+            out = torch.empty(base_v.numel(), dtype=out_t, device=dev)
+            experts = [_raw_view(raw, info.dtype, (-1,), dev) for (_, info, _), raw in zip(reads[1:], raws[1:])]
+            ta.merge_into(out, base_v, experts, [weights[k] for k, _, _ in reads[1:]], weights,
+                          params["lambda"], params["normalize"])
+            emit(_to_bytes(out))
         if progress:
             progress(sum(len(r) for r in raws))
 

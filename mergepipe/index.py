@@ -250,20 +250,21 @@ def _scan(base: Model, experts: list[Model], todo: list[int], unhashed: list[Mod
         return out
 
     try:
-        for (name, b, involved), loaded in B.read_ahead(jobs, load):
-            base_f = None
-            for k, info, blk, raw, h in loaded:
-                path = str(info.file)
-                if path in need_hash:
-                    arr = hashes.setdefault(path, {}).setdefault(name, np.zeros(B.n_blocks(info.shape), np.uint64))
-                    arr[b] = h
-                if k == -1 and todo and info.is_float:
-                    base_f = as_float32(raw, info.dtype, blk.shape(info.shape), cpu)
-                elif k in stats and base_f is not None:
-                    d = as_float32(raw, info.dtype, blk.shape(info.shape), cpu) - base_f
-                    _accumulate(stats[k], name, info.shape, b, delta_stats(d))
-                if progress:
-                    progress(len(raw))
+        with B.single_threaded_torch():
+            for (name, b, involved), loaded in B.read_ahead(jobs, load):
+                base_f = None
+                for k, info, blk, raw, h in loaded:
+                    path = str(info.file)
+                    if path in need_hash:
+                        arr = hashes.setdefault(path, {}).setdefault(name, np.zeros(B.n_blocks(info.shape), np.uint64))
+                        arr[b] = h
+                    if k == -1 and todo and info.is_float:
+                        base_f = as_float32(raw, info.dtype, blk.shape(info.shape), cpu)
+                    elif k in stats and base_f is not None:
+                        d = as_float32(raw, info.dtype, blk.shape(info.shape), cpu) - base_f
+                        _accumulate(stats[k], name, info.shape, b, delta_stats(d))
+                    if progress:
+                        progress(len(raw))
     finally:
         reader.close()
 

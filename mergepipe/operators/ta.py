@@ -29,21 +29,30 @@ def coefficients(weights: list[float], lam: float, normalize: bool) -> list[floa
     return [w * scale for w in weights]
 
 
-def weighted_deltas(base: torch.Tensor, experts: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """experts: [k, *block] float32, overwritten in place with w_k * (W_k - W0)."""
-    experts.sub_(base)
-    w = torch.tensor(weights, dtype=experts.dtype, device=experts.device)
-    return experts.mul_(w.view(-1, *([1] * base.dim())))
+CHUNK = 1 << 18  # elements per step: four experts' float32 scratch stays in the L2 cache
 
 
-def merge_block(base: torch.Tensor, experts: torch.Tensor, weights: list[float], all_weights: list[float],
-                lam: float, normalize: bool) -> torch.Tensor:
-    """One block. `experts` holds only the experts the plan read here (an unread one is a zero
-    delta); `all_weights` are every expert's weights, for the normalising divisor."""
-    mixed = weighted_deltas(base, experts, weights).sum(dim=0)
-    if normalize:  # the divisor is a float32 sum, as in mergekit, so rounding matches
-        div = torch.tensor(all_weights, dtype=torch.float32).sum()
-        mixed /= div if abs(float(div)) >= 1e-8 else 1.0
-    if lam != 1:
-        mixed *= lam
-    return base + mixed
+def merge_into(out: torch.Tensor, base: torch.Tensor, experts: list[torch.Tensor], weights: list[float],
+               all_weights: list[float], lam: float, normalize: bool) -> None:
+    """Merge one block into `out` (flat, output dtype). base and experts are flat, in their stored
+    dtypes; `experts` holds only the experts the plan read here (an unread one is a zero delta) and
+    `all_weights` every expert's weight, for the normalising divisor.
+
+    Chunked so that each element is converted, differenced and weighted while in cache; the
+    operations and their order are mergekit's, so the float32 results are identical to it."""
+    w = torch.tensor(weights, dtype=torch.float32, device=out.device).view(-1, 1)
+    div = torch.tensor(all_weights, dtype=torch.float32).sum()  # a float32 sum, as in mergekit
+    scratch = torch.empty((len(experts), min(CHUNK, out.numel())), dtype=torch.float32, device=out.device)
+    for s in range(0, out.numel(), CHUNK):
+        e = min(s + CHUNK, out.numel())
+        b = base[s:e].float()
+        d = scratch[:, :e - s]
+        for i, x in enumerate(experts):
+            torch.sub(x[s:e], b, out=d[i])  # converts and subtracts in one pass
+        d.mul_(w)
+        mixed = d.sum(dim=0)
+        if normalize:
+            mixed /= div if abs(float(div)) >= 1e-8 else 1.0
+        if lam != 1:
+            mixed *= lam
+        out[s:e] = mixed.add_(b)  # base + mixed: addition commutes exactly
