@@ -24,7 +24,8 @@ from . import blocks as B
 from .checkpoint import COPIED_FILES, DTYPES, Model, Reader, TensorInfo, open_model
 from .errors import InputChangedError, MergepipeError
 from .manifest import Execution, InputModel, Manifest, OutputFile, runs_to_set
-from .operators import get as get_operator, ta, ties
+from .operators import get as get_operator, ta
+from .ties_stream import ties_tensor
 from .publish import OutFile, discard, layout, prepare_destination, publish
 
 MANIFEST_NAME = "mergepipe.manifest.json"
@@ -99,12 +100,45 @@ def build_jobs(m: Manifest, base: Model, experts: list[Model]) -> list[tuple[Out
     return files
 
 
-class _Hasher:
-    """Per-tensor and per-file hashes of the output, fed in write order."""
+class Sink:
+    """Writes one output file front to back and hashes it in write order (per tensor and whole
+    file). A tensor can also be written unhashed, patched in place, and hashed afterwards by reading
+    it back from the page cache: what streaming TIES needs for its deferred entries."""
 
-    def __init__(self) -> None:
-        self.file = xxhash.xxh3_128()
-        self.tensors: dict[str, str] = {}
+    def __init__(self, f) -> None:
+        self.f = f
+        self.file_hash = xxhash.xxh3_128()
+        self.tensor_hashes: dict[str, str] = {}
+        self._tensor = xxhash.xxh3_64()
+        self._start = 0
+
+    def begin(self) -> None:
+        self._tensor = xxhash.xxh3_64()
+        self._start = self.f.tell()
+
+    def write(self, data: np.ndarray, hashed: bool = True) -> None:
+        self.f.write(memoryview(data))
+        if hashed:
+            self._tensor.update(data)
+            self.file_hash.update(data)
+
+    def pread(self, offset: int, n: int) -> np.ndarray:
+        buf = np.empty(n, np.uint8)
+        got = os.preadv(self.f.fileno(), [memoryview(buf)], self._start + offset)
+        assert got == n
+        return buf
+
+    def pwrite(self, offset: int, data: np.ndarray) -> None:
+        os.pwrite(self.f.fileno(), memoryview(data), self._start + offset)
+
+    def end(self, name: str, rehash: bool = False) -> None:
+        if rehash:
+            end = self.f.tell()
+            for off in range(0, end - self._start, 16 << 20):
+                chunk = self.pread(off, min(16 << 20, end - self._start - off))
+                self._tensor.update(chunk)
+                self.file_hash.update(chunk)
+        self.tensor_hashes[name] = self._tensor.hexdigest()
 
 
 def execute(m: Manifest, out: str | Path, device: str = "cpu", force: bool = False,
@@ -160,23 +194,15 @@ def _write_file(staging: Path, ofile: OutFile, jobs: list[TensorJob], m: Manifes
                 want: dict, dev: torch.device, progress) -> OutputFile:
     path = staging / ofile.name
     path.parent.mkdir(parents=True, exist_ok=True)
-    hasher = _Hasher()
-    with open(path, "wb", buffering=0) as f:
-        f.write(ofile.header)
-        hasher.file.update(ofile.header)
+    with open(path, "w+b", buffering=0) as f:
+        sink = Sink(f)
+        sink.write(np.frombuffer(ofile.header, np.uint8))
         for job, ot in zip(jobs, ofile.tensors):
-            th = xxhash.xxh3_64()
-
-            def emit(data: np.ndarray) -> None:
-                f.write(memoryview(data))
-                th.update(data)
-                hasher.file.update(data)
-
-            _run_job(job, m, op, reader, want, dev, emit, progress)
-            hasher.tensors[job.name] = th.hexdigest()
+            sink.begin()
+            _run_job(job, m, op, reader, want, dev, sink, staging, progress)
             if f.tell() != ot.offset + ot.nbytes:
                 raise RuntimeError(f"internal: {job.name} wrote to {f.tell()}, expected {ot.offset + ot.nbytes}")
-    return OutputFile(ofile.size, hasher.file.hexdigest(), hasher.tensors)
+    return OutputFile(ofile.size, sink.file_hash.hexdigest(), sink.tensor_hashes)
 
 
 def _read_plan(job: TensorJob) -> list[tuple[int, list[tuple[int, TensorInfo, B.Block]]]]:
@@ -190,7 +216,7 @@ def _read_plan(job: TensorJob) -> list[tuple[int, list[tuple[int, TensorInfo, B.
 
 
 def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: torch.device,
-             emit: Callable[[np.ndarray], None], progress) -> None:
+             sink: Sink, staging: Path, progress) -> None:
     plan = _read_plan(job)
 
     def hint(i: int) -> None:
@@ -218,7 +244,7 @@ def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: t
     if op is not ta.TA and job.trim is None and job.experts:
         raise MergepipeError(f"manifest: plan.tensors.{job.name} lacks the trim thresholds {op.name} needs")
     if job.trim is not None:
-        _ties_tensor(job, m, stream, dev, emit, progress)
+        ties_tensor(job, m.operator, stream, dev, sink, staging / ".deferred", progress)
         return
     params = m.operator.params
     weights = [p["weight"] for p in m.operator.expert_params]
@@ -226,95 +252,25 @@ def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: t
     for (b, reads), raws in stream:
         base_raw = raws[0]
         if len(raws) == 1 and job.out_dtype == job.base.dtype:  # no expert here: the base block
-            emit(base_raw)
+            sink.write(base_raw)
         else:
-            base_v = _raw_view(base_raw, job.base.dtype, (-1,), dev)
+            base_v = raw_view(base_raw, job.base.dtype, (-1,), dev)
             out = torch.empty(base_v.numel(), dtype=out_t, device=dev)
-            experts = [_raw_view(raw, info.dtype, (-1,), dev) for (_, info, _), raw in zip(reads[1:], raws[1:])]
+            experts = [raw_view(raw, info.dtype, (-1,), dev) for (_, info, _), raw in zip(reads[1:], raws[1:])]
             ta.merge_into(out, base_v, experts, [weights[k] for k, _, _ in reads[1:]], weights,
                           params["lambda"], params["normalize"])
-            emit(_to_bytes(out))
+            sink.write(to_bytes(out))
         if progress:
             progress(sum(len(r) for r in raws))
+    sink.end(job.name)
 
 
-def _ties_tensor(job: TensorJob, m: Manifest, stream, dev: torch.device, emit, progress) -> None:
-    """TIES over one tensor: sure keeps and drops decided per block as it streams; entries in the
-    threshold bin are deferred until every block is seen and the exact k-th value is known."""
-    params = m.operator.params
-    weights = [p["weight"] for p in m.operator.expert_params]
-    out_t = DTYPES[job.out_dtype][0]
-    out = torch.empty(job.base.shape, dtype=out_t)  # held so deferred entries can be patched
-    flat_out = out.view(-1)
-    cand: list[list[torch.Tensor]] = [[] for _ in job.experts]  # |delta| of threshold-bin entries
-    deferred = []  # (flat positions, base values, untrimmed deltas [s, n], experts)
-    for (b, reads), raws in stream:
-        blk0 = reads[0][2]
-        shape = blk0.shape(job.base.shape)
-        first = (blk0.start - job.base.start) // job.base.itemsize
-        base_f = _f32(raws[0], job.base, b, dev)
-        ks = [k for k, _, _ in reads[1:]]
-        if not ks:
-            merged = base_f
-        else:
-            stack = torch.empty((len(ks), *shape), dtype=torch.float32, device=dev)
-            for i, ((k, info, _), raw) in enumerate(zip(reads[1:], raws[1:])):
-                stack[i].copy_(_raw_view(raw, info.dtype, shape, dev))
-            stack.sub_(base_f)
-            pending = torch.zeros(shape, dtype=torch.bool, device=dev)
-            keep = torch.empty((len(ks), *shape), dtype=torch.bool, device=dev)
-            for i, k in enumerate(ks):
-                tbin = job.trim[k][0]
-                if tbin < 0:
-                    keep[i] = True
-                    continue
-                bins = ties.bins_of(stack[i])
-                in_bin = bins == tbin
-                cand[k].append(stack[i].abs()[in_bin].cpu())
-                pending |= in_bin
-                keep[i] = bins > tbin
-            if pending.any():
-                idx = pending.reshape(-1).nonzero().squeeze(1)
-                deferred.append((idx.cpu() + first, base_f.reshape(-1)[idx].cpu(),
-                                 stack.reshape(len(ks), -1)[:, idx].cpu(), ks))
-            stack.mul_(keep)
-            merged = ties.elect_and_mean(stack, [weights[k] for k in ks], params["lambda"], params["normalize"], base_f)
-        n = merged.numel()
-        flat_out[first:first + n] = merged.reshape(-1).to(out_t).cpu()
-        if progress:
-            progress(sum(len(r) for r in raws))
-    tau = [_threshold(cand[k], t[2], ties.Trim(*t).lo) for k, t in enumerate(job.trim)]
-    for pos, base_v, deltas, ks in deferred:
-        for i, k in enumerate(ks):
-            if job.trim[k][0] >= 0:
-                deltas[i].mul_(deltas[i].abs() >= tau[k])
-        fixed = ties.elect_and_mean(deltas, [weights[k] for k in ks], params["lambda"], params["normalize"], base_v)
-        flat_out[pos] = fixed.to(out_t)
-    emit(_to_bytes(out))
-
-
-def _threshold(cand: list[torch.Tensor], need: int, lo: float) -> float:
-    """The `need`-th largest of one expert's threshold-bin entries: the exact trim threshold. Every
-    entry at least this large is kept, as in the TIES reference code (|d| >= kthvalue); mergekit keeps
-    exactly k through an unstable argsort, so the two differ only where magnitudes tie at it. With
-    fewer entries than `need` (blocks left unread by a partial budget) the whole bin is kept."""
-    vals = torch.cat(cand) if cand else torch.zeros(0)
-    if not 0 < need <= vals.numel():
-        return lo
-    return float(torch.topk(vals, need, sorted=False).values.min())
-
-
-def _raw_view(raw: np.ndarray, dtype: str, shape, dev: torch.device) -> torch.Tensor:
+def raw_view(raw: np.ndarray, dtype: str, shape, dev: torch.device) -> torch.Tensor:
     t = torch.from_numpy(raw).view(DTYPES[dtype][0]).reshape(shape)
     return t.to(dev) if dev.type != "cpu" else t
 
 
-def _f32(raw: np.ndarray, info: TensorInfo, b: int, dev: torch.device) -> torch.Tensor:
-    shape = B.block(info, b).shape(info.shape)
-    return _raw_view(raw, info.dtype, shape, dev).float()
-
-
-def _to_bytes(t: torch.Tensor) -> np.ndarray:
+def to_bytes(t: torch.Tensor) -> np.ndarray:
     t = t.contiguous().cpu().reshape(-1)
     return t.view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
 
