@@ -21,6 +21,7 @@ from .manifest import OperatorSpec
 from .operators import ties
 
 LOW = 1 << 16
+CHUNK = 1 << 17  # elements per step, so the per-expert float32 work stays in cache
 
 
 def _threshold(low_hist: torch.Tensor, tbin: int, need: int, lo: float) -> float:
@@ -35,8 +36,9 @@ def _threshold(low_hist: torch.Tensor, tbin: int, need: int, lo: float) -> float
     return float(np.array([(tbin << 16) | j], dtype=np.int32).view(np.float32)[0])
 
 
-def _rows(raw: np.ndarray, itemsize: int, idx: np.ndarray) -> np.ndarray:
-    return raw.reshape(-1, itemsize)[idx].reshape(-1)
+def _at_least(a: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """1.0 where a >= bound, else 0.0, in float operations (a - bound is exactly 0 only when equal)."""
+    return (a - bound).sign_().add_(0.5).sign_().clamp_(min=0)
 
 
 def ties_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, spill_path: Path, progress) -> None:
@@ -45,57 +47,71 @@ def ties_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, spill_pa
     lam, normalize = op.params["lambda"], op.params["normalize"]
     out_t = DTYPES[job.out_dtype][0]
     out_size = DTYPES[job.out_dtype][1]
+    trims = [ties.Trim(*t) for t in job.trim]
     low = [torch.zeros(LOW, dtype=torch.int64, device=dev) for _ in job.experts]
-    records = []  # (block offset in elements, count, experts) of spilled positions, in spill order
+    records = []  # (element offset in the tensor, count, experts) of spilled positions, in spill order
     with open(spill_path, "w+b") as spill:
         for (b, reads), raws in stream:
-            blk = reads[0][2]
-            first = (blk.start - job.base.start) // job.base.itemsize
-            base_f = raw_view(raws[0], job.base.dtype, (-1,), dev).float()
-            ks = [k for k, _, _ in reads[1:]]
-            if not ks:
-                sink.write(to_bytes(base_f.to(out_t)), hashed=False)
-                continue
-            d = torch.empty((len(ks), base_f.numel()), dtype=torch.float32, device=dev)
-            for i, ((_, info, _), raw) in enumerate(zip(reads[1:], raws[1:])):
-                torch.sub(raw_view(raw, info.dtype, (-1,), dev), base_f, out=d[i])
-            pending = torch.zeros(base_f.numel(), dtype=torch.bool, device=dev)
-            for i, k in enumerate(ks):
-                tbin = job.trim[k][0]
-                if tbin < 0:
-                    continue  # density 1: nothing trimmed
-                bits = ties.bins_of(d[i])
-                in_bin = bits == tbin
-                low[k] += torch.bincount(d[i].abs().view(torch.int32)[in_bin] & 0xFFFF, minlength=LOW)
-                pending |= in_bin
-                d[i].mul_(bits > tbin)
-            if pending.any():
-                idx = pending.nonzero().squeeze(1).cpu().numpy().astype(np.int32)
-                idx.tofile(spill)
-                _rows(raws[0], job.base.itemsize, idx).tofile(spill)
-                for (_, info, _), raw in zip(reads[1:], raws[1:]):
-                    _rows(raw, info.itemsize, idx).tofile(spill)
-                records.append((first, len(idx), [(k, info.dtype) for k, info, _ in reads[1:]]))
-            merged = ties.elect_and_mean(d, [weights[k] for k in ks], lam, normalize, base_f)
-            sink.write(to_bytes(merged.to(out_t)), hashed=False)
+            first = (reads[0][2].start - job.base.start) // job.base.itemsize
+            base_all = raw_view(raws[0], job.base.dtype, (-1,), dev)
+            experts = [(k, info.dtype, raw_view(raw, info.dtype, (-1,), dev))
+                       for (k, info, _), raw in zip(reads[1:], raws[1:])]
+            # entries below lo are dropped, at or above hi kept, in between (the threshold bin) wait;
+            # an expert that trims nothing has lo = hi = 0
+            lo = torch.tensor([[trims[k].lo] for k, _, _ in experts], device=dev)
+            hi = torch.tensor([[trims[k].hi] for k, _, _ in experts], device=dev)
+            for s in range(0, base_all.numel(), CHUNK):
+                e = min(s + CHUNK, base_all.numel())
+                base_f = base_all[s:e].float()
+                if not experts:
+                    sink.write(to_bytes(base_f.to(out_t)), hashed=False)
+                    continue
+                d = torch.empty((len(experts), e - s), dtype=torch.float32, device=dev)
+                for i, (_, _, x) in enumerate(experts):
+                    torch.sub(x[s:e], base_f, out=d[i])
+                a = d.abs()
+                keep = _at_least(a, hi)
+                waiting = _at_least(a, lo).sub_(keep)  # 1.0 in the threshold bin
+                idx = waiting.sum(dim=0).nonzero().squeeze(1)
+                if idx.numel():
+                    aw, ww = a[:, idx], waiting[:, idx]
+                    for i, (k, _, _) in enumerate(experts):
+                        vals = aw[i][ww[i] > 0]
+                        low[k] += torch.bincount(vals.view(torch.int32) & 0xFFFF, minlength=LOW)
+                    ix = idx.cpu().numpy().astype(np.int32)
+                    (ix + s).tofile(spill)
+                    _gather(base_all, ix + s).tofile(spill)
+                    for _, _, x in experts:
+                        _gather(x, ix + s).tofile(spill)
+                    records.append((first, len(ix), [(k, dt) for k, dt, _ in experts]))
+                d.mul_(keep)
+                merged = ties.elect_and_mean(d, [weights[k] for k, _, _ in experts], lam, normalize, base_f)
+                sink.write(to_bytes(merged.to(out_t)), hashed=False)
             if progress:
                 progress(sum(len(r) for r in raws))
-        tau = [_threshold(low[k], t[0], t[2], ties.Trim(*t).lo) for k, t in enumerate(job.trim)]
+        tau = [_threshold(low[k], t.bin, t.need, t.lo) for k, t in enumerate(trims)]
         spill.seek(0)
         for first, n, experts in records:
             idx = np.fromfile(spill, np.int32, n)
             base_v = _read_values(spill, job.base.dtype, n, dev)
             d = torch.stack([_read_values(spill, dt, n, dev) for _, dt in experts]) - base_v
             for i, (k, _) in enumerate(experts):
-                if job.trim[k][0] >= 0:
+                if trims[k].bin >= 0:
                     d[i].mul_(d[i].abs() >= tau[k])
             fixed = to_bytes(ties.elect_and_mean(d, [weights[k] for k, _ in experts], lam, normalize, base_v).to(out_t))
-            lo, hi = int(idx[0]), int(idx[-1]) + 1  # patch the span these positions cover
-            span = sink.pread((first + lo) * out_size, (hi - lo) * out_size).reshape(-1, out_size)
-            span[idx - lo] = fixed.reshape(-1, out_size)
-            sink.pwrite((first + lo) * out_size, span.reshape(-1))
+            lo_i, hi_i = int(idx[0]), int(idx[-1]) + 1  # patch the span these positions cover
+            span = sink.pread((first + lo_i) * out_size, (hi_i - lo_i) * out_size).reshape(-1, out_size)
+            span[idx - lo_i] = fixed.reshape(-1, out_size)
+            sink.pwrite((first + lo_i) * out_size, span.reshape(-1))
     spill_path.unlink()
     sink.end(job.name, rehash=True)
+
+
+def _gather(x: torch.Tensor, idx: np.ndarray) -> np.ndarray:
+    """Raw stored values at idx, as bytes (dtype-agnostic: numpy has no bfloat16)."""
+    size = x.element_size()
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
+    return x.view(ints)[torch.from_numpy(idx).to(x.device, torch.int64)].cpu().numpy().view(np.uint8)
 
 
 def _read_values(f, dtype: str, n: int, dev: torch.device) -> torch.Tensor:

@@ -10,7 +10,8 @@ pytest.importorskip("tokenizers")
 
 from bench.quality.evaluate import evaluate  # noqa: E402
 from bench.quality.family import STAMP, build_family  # noqa: E402
-from bench.quality.tasks import TASKS, encode, make_tokenizer, test_set, train_set  # noqa: E402
+from bench.quality.tasks import GENERATORS, TASKS, encode, make_tokenizer  # noqa: E402
+from bench.quality import tasks as T  # noqa: E402  (module: pytest would collect test_set)
 
 
 def _hashes(paths):
@@ -24,11 +25,11 @@ def mini(tmp_path_factory):
 
 
 def test_splits_are_seeded_and_disjoint():
-    for t in TASKS:
-        test = test_set(t, 200)
-        assert test == test_set(t, 200) and len({p for p, _ in test}) == 200
-        train = train_set(t, 2000)
-        assert not {p for p, _ in train} & {p for p, _ in test_set(t)}
+    for t in GENERATORS:
+        test = T.test_set(t, 200)
+        assert test == T.test_set(t, 200) and len({p for p, _ in test}) == 200
+        train = T.train_set(t, 2000)
+        assert not {p for p, _ in train} & {p for p, _ in T.test_set(t)}
 
 
 def test_tokenizer_roundtrip(tmp_path):
@@ -36,8 +37,8 @@ def test_tokenizer_roundtrip(tmp_path):
 
     make_tokenizer().save_pretrained(tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
-    for t in TASKS:
-        p, a = test_set(t, 1)[0]
+    for t in GENERATORS:
+        p, a = T.test_set(t, 1)[0]
         assert tok(p + a)["input_ids"] == [tok.bos_token_id] + encode(p + a)
         assert tok.decode(encode(a)) == a
 

@@ -1,0 +1,86 @@
+"""Operator kernels against mergekit 0.1.5's arithmetic, written out here as mergekit writes it."""
+
+import numpy as np
+import pytest
+import torch
+
+from mergepipe.operators import get
+from mergepipe.operators.ta import merge_into
+from mergepipe.operators.ties import Trim, elect_and_mean, trim_for
+from mergepipe.errors import MergepipeError
+
+
+def mergekit_combine(deltas, weights, lam, normalize, base, consensus):
+    """generalized_task_arithmetic.merge_group after sparsification, verbatim in spirit."""
+    w = torch.tensor(weights, dtype=deltas.dtype).view(-1, *([1] * base.dim()))
+    deltas = deltas * w
+    if consensus:
+        majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+        mask = deltas.sign() == majority
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if lam != 1:
+        mixed *= lam
+    return base + mixed
+
+
+def same_bits(a, b):
+    return torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_elect_and_mean_is_mergekit_bit_for_bit(seed):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(4, 5000, generator=g) * (torch.rand(4, 5000, generator=g) > 0.5)
+    t[:, :50] = 0
+    t[0, 50:100] = -0.0  # signed zeros, and sums that are exactly zero
+    t[:, 100:200] = t[:, 100:200].abs() * torch.tensor([1, -1, 1, -1.0]).view(-1, 1)
+    base = torch.randn(5000, generator=g)
+    base[:20] = -0.0
+    weights = [0.3, -0.2, 0.5, 1.0] if seed % 2 else [0.3] * 4
+    for normalize in (True, False):
+        ours = elect_and_mean(t.clone(), weights, 0.7, normalize, base)
+        assert same_bits(ours, mergekit_combine(t, weights, 0.7, normalize, base, consensus=True))
+
+
+@pytest.mark.parametrize("normalize, lam", [(False, 1.0), (True, 1.0), (False, 0.5)])
+def test_ta_merge_into_is_mergekit_bit_for_bit(normalize, lam):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(300_000, generator=g).bfloat16()
+    experts = [(base.float() + torch.randn(300_000, generator=g) * 0.01).bfloat16() for _ in range(5)]
+    weights = [0.3, 0.1, -0.2, 0.7, 0.25]
+    out = torch.empty(300_000)
+    merge_into(out, base, experts, weights, weights, lam, normalize)
+    deltas = torch.stack([e.float() - base.float() for e in experts])
+    assert same_bits(out, mergekit_combine(deltas, weights, lam, normalize, base.float(), consensus=False))
+
+
+def test_trim_bin_brackets_the_kth_value():
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(100_000, generator=g).abs()
+    fine = torch.bincount(d.view(torch.int32) >> 16, minlength=1 << 15).numpy()
+    for density in (0.01, 0.2, 0.5, 0.9):
+        t = trim_for(fine, d.numel(), density)
+        k = int(density * d.numel())
+        kth = float(d.topk(k).values[-1])
+        assert t.lo <= kth < t.hi
+        assert t.above == int((d >= t.hi).sum()) and t.need == k - t.above
+    assert trim_for(fine, d.numel(), 1.0) == Trim(-1, 0, 0)
+
+
+def test_operator_specs_reject_unknown_and_unused():
+    ta = get("task_arithmetic")
+    with pytest.raises(MergepipeError, match="no per-model parameter 'density'"):
+        ta.resolve({}, [{"weight": 1, "density": 0.5}], "cfg")
+    with pytest.raises(MergepipeError, match="takes no parameter 'rescale'"):
+        get("ties").resolve({"rescale": True}, [{"weight": 1}], "cfg")
+    shared, per = get("ties").resolve({"density": 0.4}, [{"weight": 1}], "cfg")
+    assert per == [{"weight": 1.0, "density": 0.4}] and shared["normalize"] is True
+    assert np.isclose(shared["lambda"], 1.0)
