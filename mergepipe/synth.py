@@ -92,17 +92,26 @@ def _base_tensor(name: str, shape: tuple[int, ...], seed: int, idx: int) -> np.n
     return _normal(_rng(seed, 0, idx), shape) * np.float32(0.02)
 
 
-def _delta(shape: tuple[int, ...], seed: int, expert: int, idx: int, scale: float) -> np.ndarray:
-    """A fine-tuning-like delta: dense small noise whose per-row strength spans two decades, so some
-    row blocks changed far more than others (what a score-based planner exploits). Only exactly
-    rounded arithmetic (no exp or log), so the bytes match on any CPU."""
+BAND = 512  # rows that change together
+
+
+def _delta(name: str, shape: tuple[int, ...], seed: int, expert: int, idx: int, scale: float) -> np.ndarray:
+    """A fine-tuning-like delta: dense noise whose strength varies by tensor (some layers move more)
+    and by bands of rows, with a third of the vocabulary rows of embeddings untouched (tokens the
+    fine-tuning data never used). Only exactly rounded arithmetic (no exp or log), so the bytes match
+    on any CPU."""
     rng = _rng(seed, expert + 1, idx)
     d = _normal(rng, shape)
-    rows = shape[0] if len(shape) > 1 else 1
-    row_scale = (np.float32(2.0) ** rng.integers(-4, 3, rows).astype(np.float32)
-                 * (np.float32(0.5) + rng.random(rows, dtype=np.float32)))
-    d *= (row_scale[:, None] if len(shape) > 1 else row_scale) * np.float32(scale)
-    return d
+    two = np.float32(2.0)
+    tensor_scale = two ** np.float32(rng.integers(-1, 2)) * np.float32(scale)
+    if len(shape) < 2:
+        return d * tensor_scale
+    bands = -(-shape[0] // BAND)
+    band_scale = two ** rng.integers(-2, 3, bands).astype(np.float32) * (np.float32(0.5) + rng.random(bands, dtype=np.float32))
+    if "embed" in name or "lm_head" in name:
+        band_scale *= rng.random(bands, dtype=np.float32) >= np.float32(1 / 3)
+    row_scale = np.repeat(band_scale, BAND)[: shape[0]] * tensor_scale
+    return d * row_scale[:, None]
 
 
 def _write_model(folder: Path, tensors: dict[str, np.ndarray], s: Shape, dtype: torch.dtype,
@@ -134,12 +143,12 @@ def _write_model(folder: Path, tensors: dict[str, np.ndarray], s: Shape, dtype: 
 
 def build_family(root: Path | str, shape: Shape = TINY, experts: int = 3, seed: int = 0,
                  dtype: torch.dtype = torch.bfloat16, shards: int = 1,
-                 delta_scale: float = 2e-3) -> dict[str, Path]:
+                 delta_scale: float = 4e-3) -> dict[str, Path]:
     """Write `base/` and `expert1/`..`expertK/` under root; return their paths. Idempotent: a family
     already built with the same parameters is reused (a stamp file records them)."""
     root = Path(root)
     stamp = {"shape": asdict(shape), "experts": experts, "seed": seed, "dtype": str(dtype),
-             "shards": shards, "delta_scale": delta_scale, "version": 2}
+             "shards": shards, "delta_scale": delta_scale, "version": 3}
     paths = {"base": root / "base", **{f"expert{k}": root / f"expert{k}" for k in range(1, experts + 1)}}
     stamp_file = root / "family.json"
     if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
@@ -148,7 +157,7 @@ def build_family(root: Path | str, shape: Shape = TINY, experts: int = 3, seed: 
     base = {n: _base_tensor(n, sh, seed, i) for i, (n, sh) in enumerate(shapes.items())}
     _write_model(paths["base"], base, shape, dtype, shards)
     for k in range(1, experts + 1):
-        expert = {n: base[n] + _delta(sh, seed, k, i, delta_scale)
+        expert = {n: base[n] + _delta(n, sh, seed, k, i, delta_scale)
                   for i, (n, sh) in enumerate(shapes.items())}
         _write_model(paths[f"expert{k}"], expert, shape, dtype, shards)
         del expert

@@ -25,15 +25,21 @@ CHUNK = 1 << 17  # elements per step, so the per-expert float32 work stays in ca
 
 
 def _threshold(low_hist: torch.Tensor, tbin: int, need: int, lo: float) -> float:
-    """The `need`-th largest in-bin |delta|, from the histogram of its low 16 bits. Every entry at
-    least this large is kept, as in the TIES reference code (|d| >= kthvalue); mergekit keeps exactly
-    k through an unstable argsort, so the two differ only where magnitudes tie at the threshold.
-    With fewer entries than `need` (a partial budget left blocks unread) the whole bin is kept."""
+    """The trim threshold t (keep |delta| >= t) from the histogram of the in-bin entries' low 16 bits.
+
+    mergekit keeps exactly k entries through an unstable argsort, so which of several entries equal
+    to the k-th largest value it keeps is unspecified. mergepipe keeps the whole group of equal
+    entries, or none of it, whichever is nearer to k: deterministic, and the choice that disagrees
+    with an arbitrary tie order in the fewest entries. With fewer in-bin entries than `need` (a
+    partial budget left blocks unread) the whole bin is kept."""
     if not 0 < need <= int(low_hist.sum()):
         return lo
     from_top = torch.cumsum(low_hist.flip(0), 0)
-    j = LOW - 1 - int(torch.searchsorted(from_top, need))
-    return float(np.array([(tbin << 16) | j], dtype=np.int32).view(np.float32)[0])
+    j = int(torch.searchsorted(from_top, need))  # the k-th largest sits in this sub-bin (from the top)
+    above = int(from_top[j - 1]) if j > 0 else 0
+    group = int(low_hist[LOW - 1 - j])
+    low_bits = LOW - 1 - j if 2 * (need - above) >= group else LOW - j  # keep the group, or start above it
+    return float(np.array([(tbin << 16) + low_bits], dtype=np.int32).view(np.float32)[0])
 
 
 def _at_least(a: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,7 @@ def test_existing_output_needs_force(family, workdir):
 
 
 def test_ties_threshold_bin_and_skips(family, workdir):
-    """TIES at 100% against an independent dense implementation (keep |d| >= k-th largest)."""
+    """TIES at 100% against an independent dense implementation of the trim rule."""
     m = _plan(family, workdir, "100%", "ties", density=0.2)
     execute(m, workdir / "ties")
     got = load_all(workdir / "ties")
@@ -115,7 +115,12 @@ def test_ties_threshold_bin_and_skips(family, workdir):
         flat = d.reshape(4, -1).abs()
         k = max(1, int(0.2 * flat.shape[1]))
         kth = flat.topk(k, dim=1).values[:, -1:]
-        d = d * (flat >= kth).reshape(d.shape)
+        # the group of entries equal to the k-th value is kept whole when at least half of it is
+        # needed to reach k, else dropped whole
+        above = (flat > kth).sum(1, keepdim=True)
+        group = (flat == kth).sum(1, keepdim=True)
+        keep = (flat > kth) | ((flat == kth) & (2 * (k - above) >= group))
+        d = d * keep.reshape(d.shape)
         d *= 0.3
         sign = (d.sum(0) >= 0).float() * 2 - 1
         mask = d.sign() == sign

@@ -57,5 +57,7 @@ def test_ties_differs_only_at_threshold_ties(family, workdir):
             k = max(1, int(density * d.numel()))
             tied |= d == d.reshape(-1).topk(k).values[-1]
         assert not (diff & ~tied).any(), f"{name}: differs away from a threshold tie"
-    # bf16 deltas are quantised, so ties at the threshold are common on this family (measured ~0.4%)
+    # bf16 deltas are quantised, so ties at the threshold are common; mergepipe keeps or drops each
+    # tie group whole, whichever is nearer to k, to disagree with mergekit's arbitrary order least
     assert differing / total < 0.01
+    print(f"TIES vs mergekit: {differing} of {total} elements differ ({100 * differing / total:.3f}%)")
