@@ -8,8 +8,10 @@ that a distributed engine could run the jobs of one output file elsewhere and pu
 from __future__ import annotations
 
 import os
+import queue
 import resource
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -102,8 +104,9 @@ def build_jobs(m: Manifest, base: Model, experts: list[Model]) -> list[tuple[Out
 
 class Sink:
     """Writes one output file front to back and hashes it in write order (per tensor and whole
-    file). A tensor can also be written unhashed, patched in place, and hashed afterwards by reading
-    it back from the page cache: what streaming TIES needs for its deferred entries."""
+    file), on a writer thread so that page-cache writes overlap the compute. A tensor can also be
+    written unhashed, patched in place, and hashed afterwards by reading it back: what streaming
+    TIES needs for its deferred entries."""
 
     def __init__(self, f) -> None:
         self.f = f
@@ -111,34 +114,73 @@ class Sink:
         self.tensor_hashes: dict[str, str] = {}
         self._tensor = xxhash.xxh3_64()
         self._start = 0
+        self._end = 0  # where the next write lands
+        self._q: queue.Queue = queue.Queue(maxsize=8)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, daemon=True, name="mergepipe-writer")
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is None:
+                    return
+                data, hashed, tensor_hash = item
+                if self._error is None and isinstance(data, str):  # end of a tensor: its hash is complete
+                    self.tensor_hashes[data] = tensor_hash.hexdigest()
+                elif self._error is None:
+                    self.f.write(memoryview(data))
+                    if hashed:
+                        tensor_hash.update(data)
+                        self.file_hash.update(data)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the compute thread
+                self._error = e
+            finally:
+                self._q.task_done()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def begin(self) -> None:
         self._tensor = xxhash.xxh3_64()
-        self._start = self.f.tell()
+        self._start = self._end
 
     def write(self, data: np.ndarray, hashed: bool = True) -> None:
-        self.f.write(memoryview(data))
-        if hashed:
-            self._tensor.update(data)
-            self.file_hash.update(data)
+        self._check()
+        self._q.put((data, hashed, self._tensor))
+        self._end += data.nbytes
+
+    def flush(self) -> None:
+        self._q.join()
+        self._check()
 
     def pread(self, offset: int, n: int) -> np.ndarray:
+        self.flush()
         buf = np.empty(n, np.uint8)
         got = os.preadv(self.f.fileno(), [memoryview(buf)], self._start + offset)
         assert got == n
         return buf
 
     def pwrite(self, offset: int, data: np.ndarray) -> None:
+        self.flush()
         os.pwrite(self.f.fileno(), memoryview(data), self._start + offset)
 
     def end(self, name: str, rehash: bool = False) -> None:
         if rehash:
-            end = self.f.tell()
-            for off in range(0, end - self._start, 16 << 20):
-                chunk = self.pread(off, min(16 << 20, end - self._start - off))
+            for off in range(0, self._end - self._start, 16 << 20):
+                chunk = self.pread(off, min(16 << 20, self._end - self._start - off))
                 self._tensor.update(chunk)
                 self.file_hash.update(chunk)
-        self.tensor_hashes[name] = self._tensor.hexdigest()
+        self._q.put((name, False, self._tensor))  # digested on the writer thread, after the writes
+
+    def close(self) -> int:
+        """Finish writing; return the file's size."""
+        self._q.put(None)
+        self._thread.join()
+        self._check()
+        return self._end
 
 
 def execute(m: Manifest, out: str | Path, device: str = "cpu", force: bool = False,
@@ -196,12 +238,16 @@ def _write_file(staging: Path, ofile: OutFile, jobs: list[TensorJob], m: Manifes
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w+b", buffering=0) as f:
         sink = Sink(f)
-        sink.write(np.frombuffer(ofile.header, np.uint8))
-        for job, ot in zip(jobs, ofile.tensors):
-            sink.begin()
-            _run_job(job, m, op, reader, want, dev, sink, staging, progress)
-            if f.tell() != ot.offset + ot.nbytes:
-                raise RuntimeError(f"internal: {job.name} wrote to {f.tell()}, expected {ot.offset + ot.nbytes}")
+        try:
+            sink.write(np.frombuffer(ofile.header, np.uint8))
+            for job, ot in zip(jobs, ofile.tensors):
+                sink.begin()
+                _run_job(job, m, op, reader, want, dev, sink, staging, progress)
+                if sink._end != ot.offset + ot.nbytes:
+                    raise RuntimeError(f"internal: {job.name} ends at {sink._end}, expected {ot.offset + ot.nbytes}")
+        finally:
+            size = sink.close()
+    assert size == ofile.size
     return OutputFile(ofile.size, sink.file_hash.hexdigest(), sink.tensor_hashes)
 
 
