@@ -122,7 +122,7 @@ def read_execution(job: Job, r: RunResult) -> dict:
     return {}
 
 
-def run_job(job: Job, *, inputs: list[Path], cold: bool) -> None:
+def run_job(job: Job, *, inputs: list[Path], expert_files: list[Path], cold: bool) -> None:
     modes = (["cold"] if cold else []) + ["warm"]
     for mode in modes:
         if mode == "warm":
@@ -137,6 +137,10 @@ def run_job(job: Job, *, inputs: list[Path], cold: bool) -> None:
                 warm_software(job.warmup)
                 extra["inputs_cached_at_start"] = cached_bytes(inputs)
             r = run_measured(job.cmd, cwd=REPO, env=tool_env())
+            if mode == "cold":
+                # After a cold start, the expert pages in the page cache are exactly what the kernel
+                # read from the expert files for this run (readahead included).
+                extra["expert_bytes_cached_after"] = cached_bytes(expert_files)
             r.extra.update(extra)
             status = "ok" if r.returncode == 0 else f"FAILED rc={r.returncode}"
             print(f"  {job.name:16s} {job.budget or '':5s} {mode} #{i + 1}: {r.wall_s:7.2f} s, "
@@ -220,6 +224,9 @@ def summarize(job: Job) -> dict:
         "other_cpu_frac_median": (statistics.median(min(1.0, r.other_cpu_s / (r.wall_s * (os.cpu_count() or 1)))
                                                     for r in allr) if allr else None),
         "counted_expert_bytes": ex.get("expert_bytes_read"),
+        "os_expert_bytes_cold_median": (statistics.median(r.extra["expert_bytes_cached_after"] for r in cold)
+                                        if cold and all(r.extra.get("expert_bytes_cached_after") is not None for r in cold)
+                                        else None),
         "counted_base_bytes": ex.get("base_bytes_read"),
         "counted_total_bytes": sum(ex["bytes_read"].values()) if isinstance(ex.get("bytes_read"), dict) else None,
         "self_reported_wall_s_median": (statistics.median(e["wall_s"] for e in job.executions if "wall_s" in e)
@@ -230,13 +237,13 @@ def summarize(job: Job) -> dict:
 def table(jobs: list[Job], summaries: dict[str, dict], dev_text: dict[str, str], index_run: RunResult | None) -> str:
     ref = {j.method: summaries[j.slug] for j in jobs if j.tool == "mergekit" and not j.error}
     head = ["job", "budget", "wall warm (median)", "wall cold (median)", "vs mergekit (warm / cold)",
-            "OS bytes read, cold", "counted expert bytes", "peak RSS (anon)", "deviation"]
+            "OS bytes read, cold", "OS expert bytes, cold", "counted expert bytes", "peak RSS (anon)", "deviation"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for j in jobs:
         s = summaries[j.slug]
         if j.error:
             msg = j.error.splitlines()[0][:120].replace("|", "/")
-            lines.append(f"| {j.name} | {j.budget or '—'} | FAILED | | | | | | {msg} |")
+            lines.append(f"| {j.name} | {j.budget or '—'} | FAILED | | | | | | | {msg} |")
             continue
         ratio = "—"
         mk = ref.get(j.method)
@@ -252,10 +259,11 @@ def table(jobs: list[Job], summaries: dict[str, dict], dev_text: dict[str, str],
         lines.append(
             f"| {name} | {j.budget or '—'} | {fmt_s(s['wall_warm_median_s'], s['n_warm'], busy)} | "
             f"{fmt_s(s['wall_cold_median_s'], s['n_cold'], busy)} | {ratio} | {fmt_b(s['read_bytes_cold_median'])} | "
+            f"{fmt_b(s['os_expert_bytes_cold_median'])} | "
             f"{fmt_b(s['counted_expert_bytes'])} | {rss} | {dev_text.get(j.slug, '—')} |")
     if index_run is not None:
         lines.append(f"| mergepipe index (one-time) | — | — | {fmt_s(index_run.wall_s, 1)} | — | "
-                     f"{fmt_b(index_run.read_bytes)} | — | {fmt_b(index_run.peak_rss_bytes)} "
+                     f"{fmt_b(index_run.read_bytes)} | — | — | {fmt_b(index_run.peak_rss_bytes)} "
                      f"({fmt_b(index_run.peak_rss_anon_bytes)}) | — |")
     return "\n".join(lines)
 
@@ -368,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"family {args.shape} at {work / 'family'} ({time.perf_counter() - t0:.1f} s)")
     base, experts = fam["base"], [fam[f"expert{k}"] for k in range(1, EXPERTS + 1)]
     inputs = sorted(p for m in [base, *experts] for p in m.iterdir() if p.is_file())
+    expert_files = sorted(p for m in experts for p in m.glob("*.safetensors"))
     floor_bytes = sum(p.stat().st_size for p in inputs)
     expert_bytes = sum(p.stat().st_size for m in experts for p in m.glob("*.safetensors"))
     n_params = sum(info.numel for info in open_model(base).tensors.values())
@@ -475,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                 j.error = "plan failed: " + str(e)
                 print(j.error, file=sys.stderr)
                 continue
-        run_job(j, inputs=inputs, cold=cold)
+        run_job(j, inputs=inputs, expert_files=expert_files, cold=cold)
     index_run = index_run or None
 
     # --- compare outputs ----------------------------------------------------------------------------
