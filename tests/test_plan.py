@@ -91,3 +91,19 @@ def test_config_defaults_and_dtype():
     assert cfg.experts == ["e"] and cfg.expert_params == [{"weight": 1.0, "density": 0.3}]
     assert cfg.params["normalize"] is True and cfg.params["lambda"] == 0.5
     assert cfg.out_dtype == "BF16"
+
+
+def test_changed_file_is_reindexed(copy_family, workdir):
+    fam = copy_family()
+    cfg = load_config(write_config(workdir / "ta.yml", fam))
+    cat = Catalog(workdir / "c.sqlite")
+    before = plan_merge(cfg, "100%", cat)
+    shard = sorted(fam["expert1"].glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-11] ^= 0x10
+    shard.write_bytes(bytes(data))
+    after = plan_merge(cfg, "100%", cat)
+    old = {f.name: f.content_hash for f in before.experts[0].files}
+    new = {f.name: f.content_hash for f in after.experts[0].files}
+    assert old[shard.name] != new[shard.name]
+    assert [f.content_hash for f in before.experts[1].files] == [f.content_hash for f in after.experts[1].files]
