@@ -84,6 +84,34 @@ class Model:
     tensors: dict[str, TensorInfo]
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json keeps the last of repeated keys silently; two readers could then disagree on a tensor."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+def _entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    """One tensor's header entry, checked for types and ranges (not yet against the file)."""
+    def count(v: object) -> bool:  # JSON true is a Python int: refuse it
+        return type(v) is int and 0 <= v < 1 << 62
+    ok = name != "" and isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"}
+    if ok:
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        ok = (isinstance(dtype, str) and dtype in DTYPES and isinstance(shape, list) and len(shape) <= 64
+              and all(count(d) for d in shape) and isinstance(offsets, list) and len(offsets) == 2
+              and all(count(o) for o in offsets) and offsets[0] <= offsets[1])
+    if not ok:
+        raise MergepipeError(f"{path}: tensor {name!r} has a malformed header entry")
+    return TensorInfo(name, path, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
 def read_header(path: Path) -> FileHeader:
     """Parse and validate a safetensors header; refuse anything off the format."""
     try:
@@ -99,32 +127,28 @@ def read_header(path: Path) -> FileHeader:
     except OSError as e:
         raise MergepipeError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise MergepipeError(f"{path}: not a safetensors file (header repeats the key {e.args[0]!r})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: bad JSON, or an int too long
         raise MergepipeError(f"{path}: not a safetensors file (header is not UTF-8 JSON)") from None
     if not isinstance(header, dict):
         raise MergepipeError(f"{path}: not a safetensors file (header is not a JSON object)")
     data_start = 8 + n
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise MergepipeError(f"{path}: __metadata__ must map strings to strings")
     tensors: dict[str, TensorInfo] = {}
     spans = []
     for name, entry in header.items():
-        try:
-            dtype, shape, (a, b) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            valid = (dtype in DTYPES and all(isinstance(d, int) and d >= 0 for d in shape)
-                     and isinstance(a, int) and isinstance(b, int) and 0 <= a <= b)
-        except (TypeError, KeyError, ValueError):
-            valid = False
-        if not valid:
-            raise MergepipeError(f"{path}: tensor {name!r} has a malformed header entry")
-        info = TensorInfo(name, path, dtype, shape, data_start + a, data_start + b)
+        info = _entry(path, name, entry, data_start)
         if info.end - info.start != info.numel * info.itemsize:
-            raise MergepipeError(f"{path}: tensor {name!r} spans {b - a} bytes, expected "
-                                 f"{info.numel * info.itemsize} for {dtype}{list(shape)}")
+            raise MergepipeError(f"{path}: tensor {name!r} spans {info.end - info.start} bytes, expected "
+                                 f"{info.numel * info.itemsize} for {info.dtype}{list(info.shape)}")
         if info.end > size:
             raise MergepipeError(f"{path}: truncated: tensor {name!r} ends at byte {info.end}, file has {size}")
         tensors[name] = info
-        spans.append((a, b, name))
+        spans.append((info.start, info.end, name))
     spans.sort()
     for (a0, b0, n0), (a1, b1, n1) in zip(spans, spans[1:]):
         if a1 < b0:
@@ -155,8 +179,11 @@ def _model_files(path: Path, allow_pickle: bool) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise MergepipeError(f"{index}: not a safetensors index (expected a JSON object with weight_map)") from None
+        for n in names:  # a shard name is also an output file name: it must stay inside the folder
+            if not isinstance(n, str) or not n or Path(n).is_absolute() or ".." in Path(n).parts or "\0" in n:
+                raise MergepipeError(f"{index}: shard name {n!r} is not a file inside the model folder")
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise MergepipeError(f"{path / missing[0]}: shard listed in {index.name} is missing")
@@ -260,6 +287,19 @@ class Reader:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+
+
+# Per float dtype: the integer view and the exponent bits that, all set, mean NaN or Inf
+# (float8 e4m3fn has no Inf; its NaN is S.1111.111).
+_NONFINITE = {"F64": (np.uint64, 0x7FF0000000000000), "F32": (np.uint32, 0x7F800000), "F16": (np.uint16, 0x7C00),
+              "BF16": (np.uint16, 0x7F80), "F8_E5M2": (np.uint8, 0x7C), "F8_E4M3": (np.uint8, 0x7F)}
+
+
+def nonfinite(raw: np.ndarray, dtype: str) -> bool:
+    """Whether a block's raw bytes hold a NaN or Inf, from the bit patterns (3x faster than isfinite)."""
+    view, mask = _NONFINITE[dtype]
+    bits = raw.view(view)
+    return bool(np.any((bits & view(mask)) == view(mask)))
 
 
 def as_float32(raw: np.ndarray, dtype: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:

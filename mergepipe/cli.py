@@ -40,7 +40,7 @@ def command(fn):
         except OSError as e:
             fail(f"{e.filename or 'I/O'}: {e.strerror or e}")
         except KeyboardInterrupt:
-            fail("interrupted; nothing was published", 130)
+            fail("interrupted; nothing was published (running the same command again resumes)", 130)
     return app.command()(run)
 
 
@@ -94,13 +94,15 @@ def plan(config: Path = typer.Argument(..., help="mergekit YAML (task_arithmetic
          seed: int = typer.Option(0, "--seed", help="Seed of the random planner."),
          relative_to: Optional[Path] = typer.Option(None, "--relative-to", help="Record model paths relative to this folder."),
          allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs that hold NaN or Inf."),
          as_json: bool = typer.Option(False, "--json")):
     """Choose what to read under the budget; write a replayable manifest."""
     from .config import load_config
     from .plan import plan_merge
     cfg = load_config(config)
     with progress_bar("index", _unindexed_bytes(cfg, catalog), as_json) as cb:
-        m = plan_merge(cfg, budget, _catalog(catalog), planner, seed, allow_pickle, relative_to, cb)
+        m = plan_merge(cfg, budget, _catalog(catalog), planner, seed, allow_pickle, relative_to, cb,
+                       allow_nonfinite=allow_nonfinite)
     output.parent.mkdir(parents=True, exist_ok=True)
     m.save(output)
     summary = {"manifest": str(output), "operator": m.operator.name, "budget_bytes": m.budget.bytes,
@@ -122,21 +124,24 @@ def execute(manifest: Path = typer.Argument(...),
             force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
             root: Optional[Path] = typer.Option(None, "--root", help="Folder that relative model paths start from."),
             allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+            allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs that hold NaN or Inf."),
             as_json: bool = typer.Option(False, "--json")):
-    """Stream the planned blocks, merge, and publish OUT with its completed manifest."""
+    """Stream the planned blocks, merge, and publish OUT with its completed manifest. A run that was
+    killed or hit a disk error resumes from its journaled work when run again."""
     from .execute import execute as run
     from .manifest import load_manifest
     import dataclasses
     m = load_manifest(manifest)
     total = m.plan.planned_expert_bytes + sum(f.size for f in m.base.files)
     with progress_bar("merge", total, as_json) as cb:
-        done = run(m, output, device, force, root, allow_pickle, cb)
+        done = run(m, output, device, force, root, allow_pickle, cb, allow_nonfinite=allow_nonfinite)
     ex = done.execution
     if as_json:
         out.print_json(data=dataclasses.asdict(ex))
     else:
         out.print(f"merged into {output} in {ex.wall_s:.2f} s: read {_size(ex.expert_bytes_read)} expert + "
-                  f"{_size(ex.base_bytes_read)} base bytes, peak RSS {_size(ex.peak_rss_bytes)}, root hash {ex.root_hash}")
+                  f"{_size(ex.base_bytes_read)} base bytes, peak RSS {_size(ex.peak_rss_bytes)}, root hash {ex.root_hash}"
+                  + (f" (resumed {_size(ex.resumed_bytes)} of output from an interrupted run)" if ex.resumed_bytes else ""))
 
 
 @command

@@ -8,3 +8,7 @@ class MergepipeError(ValueError):
 
 class InputChangedError(MergepipeError):
     """An input file no longer matches the hashes recorded at planning time."""
+
+
+class IOFailure(MergepipeError):
+    """The disk failed under a run (full, EIO): work already written is kept for a rerun to resume."""

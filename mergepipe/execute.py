@@ -7,11 +7,10 @@ that a distributed engine could run the jobs of one output file elsewhere and pu
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import queue
 import resource
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,16 +21,24 @@ import numpy as np
 import torch
 import xxhash
 
+from . import __version__
 from . import blocks as B
-from .checkpoint import COPIED_FILES, DTYPES, Model, Reader, TensorInfo, open_model
-from .errors import InputChangedError, MergepipeError
-from .manifest import Execution, InputModel, Manifest, OutputFile, runs_to_set
+from .checkpoint import COPIED_FILES, DTYPES, Model, Reader, TensorInfo, nonfinite, open_model
+from .errors import InputChangedError, IOFailure, MergepipeError
+from .index import check_family
+from .journal import Journal, Record, read_records
+from .manifest import Execution, InputModel, Manifest, OutputFile, dumps, runs_to_set
 from .operators import get as get_operator, ta
+from .publish import (OutFile, Staging, check_space, destination_lock, discard, layout, prepare_destination,
+                      publish, staging_for)
+from .sink import Resume, Sink, recover
 from .ties_stream import ties_tensor
-from .publish import OutFile, discard, layout, prepare_destination, publish
 
 MANIFEST_NAME = "mergepipe.manifest.json"
 LOOKAHEAD = 3  # jobs whose byte ranges are announced to the kernel (WILLNEED) before they are read
+# Test-only hook: sleep this many milliseconds per output tensor, so that the fault-injection tests
+# can kill a run of a tiny family mid-way. Not for users.
+SLOW_ENV = "MERGEPIPE_TEST_SLOW_MS"
 
 
 @dataclass(frozen=True)
@@ -65,16 +72,29 @@ def open_inputs(m: Manifest, root: Path | None, allow_pickle: bool) -> tuple[Mod
             if fh.size != f.size or fh.header_hash != f.header_hash:
                 raise InputChangedError(f"{fh.path}: changed since planning (expected {f.size} bytes, header {f.header_hash})")
         models.append(model)
+    check_family(models[0], models[1:])  # a hand-edited manifest can pair models that do not fit
     return models[0], models[1:]
 
 
 def expected_hashes(rec: InputModel, model: Model) -> dict[tuple[str, str], np.ndarray]:
+    """(file, tensor) -> the recorded hash of each block; refuses records that do not fit the file."""
     out = {}
-    paths = {os.path.relpath(fh.path, model.root): str(fh.path) for fh in model.files}
+    headers = {os.path.relpath(fh.path, model.root): fh for fh in model.files}
     for f in rec.files:
-        path = paths.get(f.name, str(model.root / f.name))
+        fh = headers.get(f.name)
+        if fh is None:
+            raise InputChangedError(f"{model.root / f.name}: input file recorded in the manifest is missing")
         for tensor, hx in f.blocks.items():
-            out[(path, tensor)] = np.frombuffer(bytes.fromhex(hx), dtype=">u8").astype(np.uint64)
+            info = fh.tensors.get(tensor)
+            nb = B.n_blocks(info.shape) if info is not None else 0
+            try:
+                hashes = np.frombuffer(bytes.fromhex(hx), dtype=">u8").astype(np.uint64)
+            except ValueError:
+                hashes = None
+            if info is None or hashes is None or len(hashes) != nb:
+                raise MergepipeError(f"manifest: block hashes of tensor {tensor!r} of {fh.path} do not fit "
+                                     f"the file (expected {nb} hashes of 16 hex digits)")
+            out[(str(fh.path), tensor)] = hashes
     return out
 
 
@@ -102,94 +122,26 @@ def build_jobs(m: Manifest, base: Model, experts: list[Model]) -> list[tuple[Out
     return files
 
 
-class Sink:
-    """Writes one output file front to back and hashes it in write order (per tensor and whole
-    file), on a writer thread so that page-cache writes overlap the compute. A tensor can also be
-    written unhashed, patched in place, and hashed afterwards by reading it back: what streaming
-    TIES needs for its deferred entries."""
-
-    def __init__(self, f) -> None:
-        self.f = f
-        self.file_hash = xxhash.xxh3_128()
-        self.tensor_hashes: dict[str, str] = {}
-        self._tensor = xxhash.xxh3_64()
-        self._start = 0
-        self._end = 0  # where the next write lands
-        self._q: queue.Queue = queue.Queue(maxsize=8)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, daemon=True, name="mergepipe-writer")
-        self._thread.start()
-
-    def _drain(self) -> None:
-        while True:
-            item = self._q.get()
-            try:
-                if item is None:
-                    return
-                data, hashed, tensor_hash = item
-                if self._error is None and isinstance(data, str):  # end of a tensor: its hash is complete
-                    self.tensor_hashes[data] = tensor_hash.hexdigest()
-                elif self._error is None:
-                    self.f.write(memoryview(data))
-                    if hashed:
-                        tensor_hash.update(data)
-                        self.file_hash.update(data)
-            except BaseException as e:  # noqa: BLE001 - re-raised on the compute thread
-                self._error = e
-            finally:
-                self._q.task_done()
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def begin(self) -> None:
-        self._tensor = xxhash.xxh3_64()
-        self._start = self._end
-
-    def write(self, data: np.ndarray, hashed: bool = True) -> None:
-        self._check()
-        self._q.put((data, hashed, self._tensor))
-        self._end += data.nbytes
-
-    def flush(self) -> None:
-        self._q.join()
-        self._check()
-
-    def pread(self, offset: int, n: int) -> np.ndarray:
-        self.flush()
-        buf = np.empty(n, np.uint8)
-        got = os.preadv(self.f.fileno(), [memoryview(buf)], self._start + offset)
-        assert got == n
-        return buf
-
-    def pwrite(self, offset: int, data: np.ndarray) -> None:
-        self.flush()
-        os.pwrite(self.f.fileno(), memoryview(data), self._start + offset)
-
-    def end(self, name: str, rehash: bool = False) -> None:
-        if rehash:
-            for off in range(0, self._end - self._start, 16 << 20):
-                chunk = self.pread(off, min(16 << 20, self._end - self._start - off))
-                self._tensor.update(chunk)
-                self.file_hash.update(chunk)
-        self._q.put((name, False, self._tensor))  # digested on the writer thread, after the writes
-
-    def close(self) -> int:
-        """Finish writing; return the file's size."""
-        self._q.put(None)
-        self._thread.join()
-        self._check()
-        return self._end
+def plan_key(m: Manifest, dev: torch.device) -> str:
+    """What fixes the output bytes: the plan, the device and the tool version. Names the staging
+    folder, so that only a rerun of the same merge resumes from it."""
+    doc = dataclasses.asdict(m)
+    doc["execution"] = None
+    h = xxhash.xxh3_128()
+    h.update(dumps(doc).encode())
+    h.update(f"|{dev}|{__version__}".encode())
+    return h.hexdigest()[:16]
 
 
 def execute(m: Manifest, out: str | Path, device: str = "cpu", force: bool = False,
             root: str | Path | None = None, allow_pickle: bool = False,
-            progress: Callable[[int], None] | None = None) -> Manifest:
+            progress: Callable[[int], None] | None = None, allow_nonfinite: bool = False) -> Manifest:
+    """Run the manifest and publish OUT atomically. A run killed or failed on I/O leaves its journaled
+    work in a staging folder beside OUT, and the next run of the same manifest to OUT resumes it."""
     t0 = time.perf_counter()
     io0 = _os_read_bytes()
     dev = _device(device)
-    out = Path(out)
+    out = Path(out).resolve()
     root = Path(root) if root else None
     base, experts = open_inputs(m, root, allow_pickle)
     if len(experts) != len(m.operator.expert_params):
@@ -199,25 +151,103 @@ def execute(m: Manifest, out: str | Path, device: str = "cpu", force: bool = Fal
     for rec, e in zip(m.experts, experts):
         want.update(expected_hashes(rec, e))
     files = build_jobs(m, base, experts)
-    staging = prepare_destination(out, force)
-    reader = Reader()
+    key = plan_key(m, dev)
+    with destination_lock(out):
+        staging = prepare_destination(out, force, key)
+        reader = Reader()
+        try:
+            return _run(m, out, staging, key, files, base, experts, op, reader, want, dev, progress,
+                        allow_nonfinite, t0, io0)
+        except (IOFailure, KeyboardInterrupt):
+            if not read_records(staging.journal, key):
+                discard(staging)  # nothing worth keeping
+            raise
+        except BaseException:
+            discard(staging)  # bad input: the plan cannot complete, its partial output is no use
+            raise
+        finally:
+            reader.close()
+
+
+def _run(m: Manifest, out: Path, staging: Staging, key: str, files, base: Model, experts: list[Model], op,
+         reader: Reader, want: dict, dev: torch.device, progress, allow_nonfinite: bool, t0: float,
+         io0: int | None) -> Manifest:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     try:
-        outputs = {}
-        with B.single_threaded_torch():
-            for ofile, jobs in files:
-                outputs[ofile.name] = _write_file(staging, ofile, jobs, m, op, reader, want, dev, progress)
-        _copy_sidecars(base.root, staging, m.out_dtype)
-        done = _complete(m, outputs, base, experts, reader, dev, time.perf_counter() - t0, io0)
-        done.save(staging / MANIFEST_NAME)
+        resumes, kept = _resume(staging, files, read_records(staging.journal, key))
+        resumed = sum(r.prefix for r in resumes.values())
+        check_space(staging.folder, sum(f.size for f, _ in files) - resumed)
+        journal = Journal(staging.journal, key, kept)
+        try:
+            outputs = {}
+            with B.single_threaded_torch():
+                for ofile, jobs in files:
+                    outputs[ofile.name] = _write_file(staging.folder, ofile, jobs, m, op, reader, want, dev,
+                                                      progress, journal, resumes[ofile.name], allow_nonfinite)
+        finally:
+            journal.close()
+        _copy_sidecars(base.root, staging.folder, m.out_dtype)
+        done = _complete(m, outputs, base, experts, reader, dev, time.perf_counter() - t0, io0, resumed)
+        done.save(staging.folder / MANIFEST_NAME)
         publish(staging, out)
-    except BaseException:
-        discard(staging)
-        raise
-    finally:
-        reader.close()
+    except OSError as e:
+        raise IOFailure(f"{e.filename or staging.folder}: {e.strerror or e}; the work done so far is kept in "
+                        f"{staging.folder} for a rerun to resume") from None
     return done
+
+
+def _resume(staging: Staging, files: list[tuple[OutFile, list[TensorJob]]],
+            records: list[Record]) -> tuple[dict[str, Resume], list[Record]]:
+    """Per output file, the prefix a previous run journaled and the disk still holds; and the
+    journal records to keep (those up to the first that fails)."""
+    resumes, used, intact = {}, 0, True
+    for ofile, jobs in files:
+        mine = []
+        while intact and used + len(mine) < len(records) and records[used + len(mine)].file == ofile.name:
+            mine.append(records[used + len(mine)])
+        res = recover(staging.folder / ofile.name, ofile, _cuts(ofile, jobs), mine)
+        resumes[ofile.name] = res
+        used += res.records
+        intact = intact and res.records == len(mine)
+    return resumes, records[:used]
+
+
+def pending_read_bytes(m: Manifest, out: str | Path, device: str = "cpu", root: str | Path | None = None,
+                       allow_pickle: bool = False) -> tuple[int, int]:
+    """(input bytes a run of `m` to `out` would read now, given the work a killed run journaled; what
+    a fresh run reads). Reads only headers and the journaled output prefix, writes nothing."""
+    out = Path(out).resolve()
+    base, experts = open_inputs(m, Path(root) if root else None, allow_pickle)
+    files = build_jobs(m, base, experts)
+    key = plan_key(m, _device(device))
+    staging = staging_for(out, key)
+    resumes, _ = _resume(staging, files, read_records(staging.journal, key))
+    pending = total = 0
+    for ofile, jobs in files:
+        res = resumes[ofile.name]
+        for job, ot in zip(jobs, ofile.tensors):
+            first = len(B.blocks(job.base))  # done: nothing to read
+            if ot.name not in res.tensor_hashes:
+                first = 0
+                if res.partial is not None and res.partial[0] == ot.name:
+                    first = next(blk.index for blk in B.blocks(_out_info(ot, Path(ofile.name))) if blk.start == res.prefix)
+            for b, reads in _read_plan(job):
+                n = sum(blk.end - blk.start for _, _, blk in reads)
+                total += n
+                pending += n if b >= first else 0
+    return pending, total
+
+
+def _out_info(ot, path: Path) -> TensorInfo:
+    return TensorInfo(ot.name, path, ot.dtype, ot.shape, ot.offset, ot.offset + ot.nbytes)
+
+
+def _cuts(ofile: OutFile, jobs: list[TensorJob]) -> dict[str, set[int]]:
+    """Where a journal record may end inside a tensor: block boundaries of tensors merged block by
+    block; none inside a TIES tensor, whose bytes are patched after its last block."""
+    return {ot.name: {blk.end for blk in B.blocks(_out_info(ot, Path(ofile.name)))}
+            for ot, job in zip(ofile.tensors, jobs) if job.trim is None}
 
 
 def _device(device: str) -> torch.device:
@@ -233,28 +263,42 @@ def _device(device: str) -> torch.device:
 
 
 def _write_file(staging: Path, ofile: OutFile, jobs: list[TensorJob], m: Manifest, op, reader: Reader,
-                want: dict, dev: torch.device, progress) -> OutputFile:
+                want: dict, dev: torch.device, progress, journal: Journal, resume: Resume,
+                allow_nonfinite: bool) -> OutputFile:
     path = staging / ofile.name
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w+b", buffering=0) as f:
-        sink = Sink(f)
+    slow = float(os.environ.get(SLOW_ENV) or 0) / 1000
+    with open(path, "r+b" if resume.prefix else "w+b", buffering=0) as f:
+        f.truncate(resume.prefix)  # drop whatever the previous run wrote past its last good record
+        f.seek(resume.prefix)
+        sink = Sink(f, ofile.name, journal, resume)
         try:
-            sink.write(np.frombuffer(ofile.header, np.uint8))
+            if not resume.prefix:
+                sink.write(np.frombuffer(ofile.header, np.uint8))
+                sink.checkpoint("")
             for job, ot in zip(jobs, ofile.tensors):
-                sink.begin()
-                _run_job(job, m, op, reader, want, dev, sink, staging, progress)
+                if ot.name in resume.tensor_hashes:
+                    continue
+                first = 0
+                if resume.partial is not None and resume.partial[0] == ot.name:
+                    first = next(blk.index for blk in B.blocks(_out_info(ot, path)) if blk.start == resume.prefix)
+                sink.begin(ot.name, ot.offset)
+                _run_job(job, m, op, reader, want, dev, sink, staging, progress, first, allow_nonfinite)
                 if sink._end != ot.offset + ot.nbytes:
                     raise RuntimeError(f"internal: {job.name} ends at {sink._end}, expected {ot.offset + ot.nbytes}")
+                if slow:
+                    sink.flush()
+                    time.sleep(slow)
         finally:
             size = sink.close()
     assert size == ofile.size
-    return OutputFile(ofile.size, sink.file_hash.hexdigest(), sink.tensor_hashes)
+    return OutputFile(ofile.size, sink.file_hash.hexdigest(), {t.name: sink.tensor_hashes[t.name] for t in ofile.tensors})
 
 
-def _read_plan(job: TensorJob) -> list[tuple[int, list[tuple[int, TensorInfo, B.Block]]]]:
-    """Per block: the ranges to read, base first (-1), then the selected experts in order."""
+def _read_plan(job: TensorJob, first: int = 0) -> list[tuple[int, list[tuple[int, TensorInfo, B.Block]]]]:
+    """Per block from `first`: the ranges to read, base first (-1), then the selected experts in order."""
     plan = []
-    for b in range(B.n_blocks(job.base.shape)):
+    for b in range(first, B.n_blocks(job.base.shape)):
         reads = [(-1, job.base, B.block(job.base, b))]
         reads += [(k, info, B.block(info, b)) for k, info in enumerate(job.experts) if b in job.selected[k]]
         plan.append((b, reads))
@@ -262,8 +306,8 @@ def _read_plan(job: TensorJob) -> list[tuple[int, list[tuple[int, TensorInfo, B.
 
 
 def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: torch.device,
-             sink: Sink, staging: Path, progress) -> None:
-    plan = _read_plan(job)
+             sink: Sink, staging: Path, progress, first: int = 0, allow_nonfinite: bool = False) -> None:
+    plan = _read_plan(job, first)
 
     def hint(i: int) -> None:
         if i < len(plan):
@@ -275,7 +319,7 @@ def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: t
 
     def load(item):
         b, reads = item
-        hint(b + LOOKAHEAD)
+        hint(b - first + LOOKAHEAD)
         raws = []
         for k, info, blk in reads:
             raw = reader.read(info.file, blk.start, blk.end)
@@ -286,11 +330,24 @@ def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: t
             raws.append(raw)
         return raws
 
+    def guard(b: int, reads, raws, merged: torch.Tensor) -> None:
+        """A NaN or Inf in any input of a merged block reaches the result, so one float pass over the
+        result (its sum) replaces a scan of every input; only a hit looks at the inputs."""
+        if allow_nonfinite or bool(torch.isfinite(torch.sum(merged, dtype=torch.float32))):
+            return
+        for (_, info, _), raw in zip(reads, raws):
+            if info.is_float and nonfinite(raw, info.dtype):
+                raise MergepipeError(f"{info.file}: block {b} of tensor {info.name!r} holds NaN or Inf "
+                                     "(pass --allow-nonfinite to merge it anyway)")
+        if not bool(torch.isfinite(merged).all()):
+            raise MergepipeError(f"tensor {job.name!r}: block {b} of the merge overflows {job.out_dtype} "
+                                 "(check the weights; pass --allow-nonfinite to write it anyway)")
+
     stream = B.read_ahead(plan, load, depth=4)
     if op is not ta.TA and job.trim is None and job.experts:
         raise MergepipeError(f"manifest: plan.tensors.{job.name} lacks the trim thresholds {op.name} needs")
     if job.trim is not None:
-        ties_tensor(job, m.operator, stream, dev, sink, staging / ".deferred", progress)
+        ties_tensor(job, m.operator, stream, dev, sink, staging / ".deferred", progress, guard)
         return
     params = m.operator.params
     weights = [p["weight"] for p in m.operator.expert_params]
@@ -305,7 +362,9 @@ def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: t
             experts = [raw_view(raw, info.dtype, (-1,), dev) for (_, info, _), raw in zip(reads[1:], raws[1:])]
             ta.merge_into(out, base_v, experts, [weights[k] for k, _, _ in reads[1:]], weights,
                           params["lambda"], params["normalize"])
+            guard(b, reads, raws, out)
             sink.write(to_bytes(out))
+        sink.block_done(job.name)
         if progress:
             progress(sum(len(r) for r in raws))
     sink.end(job.name)
@@ -376,7 +435,7 @@ def root_hash(outputs: dict[str, OutputFile]) -> str:
 
 
 def _complete(m: Manifest, outputs: dict[str, OutputFile], base: Model, experts: list[Model],
-              reader: Reader, dev: torch.device, wall: float, io0: int | None) -> Manifest:
+              reader: Reader, dev: torch.device, wall: float, io0: int | None, resumed: int = 0) -> Manifest:
     base_files = {str(fh.path) for fh in base.files}
     read = dict(sorted(reader.bytes_read.items()))
     io1 = _os_read_bytes()
@@ -393,6 +452,7 @@ def _complete(m: Manifest, outputs: dict[str, OutputFile], base: Model, experts:
         outputs=outputs,
         root_hash=root_hash(outputs),
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        resumed_bytes=resumed,
     )
     done = Manifest(**{**m.__dict__, "execution": execution})
     return done

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .manifest import Manifest, runs_to_set
+from .manifest import Manifest, run_count
 
 
 def explain_rows(m: Manifest) -> list[dict]:
@@ -11,8 +11,8 @@ def explain_rows(m: Manifest) -> list[dict]:
         rows.append({
             "tensor": name,
             "blocks": tp.blocks,
-            "selected": [len(runs_to_set(r)) for r in tp.selected],
-            "candidates": [len(runs_to_set(r)) for r in tp.candidates],
+            "selected": [run_count(r) for r in tp.selected],
+            "candidates": [run_count(r) for r in tp.candidates],
             "planned_bytes": tp.planned_bytes,
             "bound": tp.bound,
         })

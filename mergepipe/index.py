@@ -9,7 +9,10 @@ changing it costs one re-hash and no re-computation.
 from __future__ import annotations
 
 import io
+import logging
+import os
 import sqlite3
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,10 @@ import xxhash
 from . import blocks as B
 from .checkpoint import FileHeader, Model, Reader, as_float32
 from .errors import MergepipeError
+from .lock import exclusive
 from .paths import cache_dir
+
+log = logging.getLogger("mergepipe")
 
 SCHEMA = 1
 # Coarse per-block magnitude histogram: one bin per power of two of |delta| in [2^EXP_LO, 2^EXP_HI),
@@ -74,9 +80,12 @@ def _pack(arrays: dict[str, np.ndarray]) -> bytes:
     return zlib.compress(buf.getvalue(), 1)
 
 
-def _unpack(blob: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(zlib.decompress(blob)), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+def _unpack(blob: bytes) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(io.BytesIO(zlib.decompress(blob)), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zlib.error, TypeError, ValueError, OSError, EOFError, KeyError):
+        return None
 
 
 class Catalog:
@@ -84,11 +93,34 @@ class Catalog:
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path else cache_dir() / "catalog.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(self.path, timeout=60)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.executescript(f"""
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # one process checks (and if need be rebuilds) at a time; the others wait, then find it sound
+            with exclusive(self.path.with_name(self.path.name + ".lock"), "", wait=True):
+                try:
+                    self.db = self._open()
+                except sqlite3.OperationalError as e:  # locked or unreadable: not evidence of corruption
+                    raise MergepipeError(f"{self.path}: cannot open the catalog ({e})") from None
+                except sqlite3.DatabaseError as e:
+                    aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+                    for suffix in ("", "-wal", "-shm"):
+                        src = Path(f"{self.path}{suffix}")
+                        if src.exists():
+                            os.replace(src, f"{aside}{suffix}")
+                    log.warning("warning: %s is not a sound mergepipe catalog (%s); moved it to %s and "
+                                "starting a fresh one (blocks will be re-indexed)", self.path, e, aside)
+                    self.db = self._open()
+        except OSError as e:
+            raise MergepipeError(f"{self.path}: cannot open the catalog ({e.strerror})") from None
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60)  # the busy timeout: concurrent runs wait, not fail
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # readers never block the one writer
+            row = db.execute("PRAGMA quick_check").fetchone()
+            if row is None or row[0] != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {row[0] if row else 'no answer'}")
+            db.executescript(f"""
                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
                 CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, mtime_ns INT,
                     header_hash TEXT, hashes BLOB);
@@ -96,8 +128,13 @@ class Catalog:
                     PRIMARY KEY (expert, base));
                 INSERT OR IGNORE INTO meta VALUES ('schema', '{SCHEMA}');
             """)
-        except sqlite3.DatabaseError as e:
-            raise MergepipeError(f"{self.path}: not a usable mergepipe catalog ({e})") from None
+            schema = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if schema is None or schema[0] != str(SCHEMA):
+                raise sqlite3.DatabaseError(f"schema {schema[0] if schema else None}, expected {SCHEMA}")
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         self.db.close()
@@ -108,8 +145,11 @@ class Catalog:
                               (str(fh.path.resolve()),)).fetchone()
         if row is None or tuple(row[:3]) != (st.st_size, st.st_mtime_ns, fh.header_hash):
             return None
+        hashes = _unpack(row[3])
+        if hashes is None:
+            return None  # a damaged entry: re-hash the file and overwrite it
         return FileIndex(str(fh.path), st.st_size, st.st_mtime_ns, fh.header_hash,
-                         {k: v.astype(np.uint64) for k, v in _unpack(row[3]).items()})
+                         {k: v.astype(np.uint64) for k, v in hashes.items()})
 
     def put_file(self, fi: FileIndex) -> None:
         with self.db:
@@ -122,8 +162,11 @@ class Catalog:
         if row is None:
             return None
         flat = _unpack(row[0])
-        names = {k.rsplit("/", 1)[0] for k in flat}
-        return {n: TensorDelta(*(flat[f"{n}/{f}"] for f in TensorDelta.__dataclass_fields__)) for n in names}
+        names = {k.rsplit("/", 1)[0] for k in flat or {}}
+        try:
+            return {n: TensorDelta(*(flat[f"{n}/{f}"] for f in TensorDelta.__dataclass_fields__)) for n in names}
+        except (KeyError, TypeError):
+            return None  # a damaged entry: recompute and overwrite it
 
     def put_delta(self, expert: str, base: str, stats: dict[str, TensorDelta]) -> None:
         flat = {f"{n}/{f}": getattr(s, f) for n, s in stats.items() for f in TensorDelta.__dataclass_fields__}

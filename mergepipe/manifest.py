@@ -16,6 +16,8 @@ from typing import Any, Optional
 from .errors import MergepipeError
 
 SCHEMA = "mergepipe.manifest/1"
+Int = typing.NewType("Int", int)  # any integer; a plain int field must be non-negative
+FINITE_BINS = 0x7F80  # fine-histogram bins of finite |delta| (top 16 bits of a float32 below Inf)
 
 
 @dataclass
@@ -55,7 +57,7 @@ class TensorPlan:
     candidates: list[list[list[int]]]  # per expert: block runs that can contribute at all
     planned_bytes: int
     bound: Optional[float]  # certificate share for additive operators
-    trim: Optional[list[list[int]]] = None  # TIES: per expert [bin, above, need]
+    trim: Optional[list[list[Int]]] = None  # TIES: per expert [bin, above, need]; bin -1 keeps all
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Execution:
     outputs: dict[str, OutputFile]
     root_hash: str
     finished_at: str
+    resumed_bytes: int = 0  # output bytes taken over from a killed run (verified, not recomputed)
 
 
 @dataclass
@@ -109,7 +112,10 @@ class Manifest:
     execution: Optional[Execution] = None
 
     def to_json(self) -> str:
-        return dumps(dataclasses.asdict(self))
+        doc = dataclasses.asdict(self)
+        if doc["execution"] and not doc["execution"]["resumed_bytes"]:
+            del doc["execution"]["resumed_bytes"]  # absent unless resumed: older manifests stay canonical
+        return dumps(doc)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
@@ -156,6 +162,10 @@ def _load(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise MergepipeError(f"manifest: {where} must be a finite number")
         return float(value)
+    if tp is Int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MergepipeError(f"manifest: {where} must be an integer")
+        return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise MergepipeError(f"manifest: {where} must be a non-negative integer")
@@ -174,18 +184,44 @@ def _check(m: Manifest) -> None:
     k = len(m.experts)
     if len(m.operator.expert_params) != k:
         raise MergepipeError(f"manifest: operator.expert_params has {len(m.operator.expert_params)} entries for {k} experts")
+    _check_operator(m)
     for name, tp in m.plan.tensors.items():
         for field_name in ("selected", "candidates"):
             runs_per_expert = getattr(tp, field_name)
             if len(runs_per_expert) != k:
                 raise MergepipeError(f"manifest: plan.tensors.{name}.{field_name} must have one entry per expert ({k})")
             for e, runs in enumerate(runs_per_expert):
-                for run in runs:
-                    if len(run) != 2 or not 0 <= run[0] < run[1] <= tp.blocks:
+                end = 0
+                for run in runs:  # sorted and disjoint, so counting them is cheap
+                    if len(run) != 2 or not end <= run[0] < run[1] <= tp.blocks:
                         raise MergepipeError(f"manifest: plan.tensors.{name}.{field_name}[{e}] has run {run} "
-                                             f"outside the tensor's {tp.blocks} blocks")
+                                             f"outside the tensor's {tp.blocks} blocks or out of order")
+                    end = run[1]
         if tp.trim is not None and (len(tp.trim) != k or any(len(t) != 3 for t in tp.trim)):
             raise MergepipeError(f"manifest: plan.tensors.{name}.trim must be one [bin, above, need] per expert")
+        for t in tp.trim or ():
+            if not (-1 <= t[0] < FINITE_BINS and t[1] >= 0 and t[2] >= 0) or (t[0] < 0 and t[1:] != [0, 0]):
+                raise MergepipeError(f"manifest: plan.tensors.{name}.trim has {t}, expected [bin, above, need] "
+                                     f"with -1 <= bin < {FINITE_BINS} (-1: keep all, with above = need = 0)")
+    for rec in [m.base, *m.experts]:
+        for f in rec.files:
+            for tensor, hx in f.blocks.items():
+                if len(hx) % 16 or not all(c in "0123456789abcdef" for c in hx):
+                    raise MergepipeError(f"manifest: block hashes of {tensor!r} in {f.name} must be 16 hex digits each")
+
+
+def _check_operator(m: Manifest) -> None:
+    """The operator and its parameters as the planner wrote them: complete, known and in range."""
+    from .operators import get
+    op = get(m.operator.name)
+    params, per_expert = op.resolve(m.operator.params, m.operator.expert_params, "manifest: operator")
+    if params != m.operator.params or per_expert != m.operator.expert_params:
+        raise MergepipeError("manifest: operator.params and operator.expert_params must list exactly the "
+                             f"parameters {op.name} takes, per expert and shared")
+
+
+def run_count(runs: list[list[int]]) -> int:
+    return sum(z - a for a, z in runs)
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -194,7 +230,7 @@ def load_manifest(path: str | Path) -> Manifest:
         doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants)
     except OSError as e:
         raise MergepipeError(f"{path}: cannot read manifest ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise MergepipeError(f"{path}: not a mergepipe manifest (invalid JSON)") from None
     try:
         m = _load(Manifest, doc, "manifest")

@@ -10,6 +10,7 @@ deterministic, and the exact full merge when everything fits.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import re
@@ -82,9 +83,22 @@ def _ties_score(td: TensorDelta, lo: float) -> np.ndarray:
     return np.sqrt(above + td.coarse_sumsq[:, e] * max(0.0, min(1.0, frac)))
 
 
+def _finite(td: TensorDelta, expert: Model, name: str, allow: bool) -> TensorDelta:
+    """Refuse NaN/Inf deltas, or with `allow` make them plain large candidates (read first, as they
+    change the result most) so that the planner's arithmetic stays finite."""
+    bad = ~(np.isfinite(td.l2) & np.isfinite(td.maxabs))
+    if not bad.any():
+        return td
+    if not allow:
+        raise MergepipeError(f"{expert.ref}: tensor {name!r} block {int(np.argmax(bad))} holds NaN or Inf (or its "
+                             "delta from the base does); pass --allow-nonfinite to merge it anyway")
+    big = np.finfo(np.float32).max
+    return dataclasses.replace(td, l2=np.where(bad, big, td.l2), maxabs=np.where(bad, big, td.maxabs).astype(np.float32))
+
+
 def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | None = None,
                planner: str = "score", seed: int = 0, allow_pickle: bool = False,
-               relative_to: str | Path | None = None, progress=None) -> Manifest:
+               relative_to: str | Path | None = None, progress=None, allow_nonfinite: bool = False) -> Manifest:
     if planner not in PLANNERS:
         raise MergepipeError(f"planner {planner!r} is not known (expected one of {', '.join(PLANNERS)})")
     base = open_model(config.base, allow_pickle)
@@ -109,7 +123,7 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
         shape = base.tensors[name].shape
         nb = B.n_blocks(shape)
         for k, e in enumerate(experts):
-            td = fam.deltas[k][name]
+            td = _finite(fam.deltas[k][name], e, name, allow_nonfinite)
             info = e.tensors[name]
             nbytes = np.array([B.block(info, b).end - B.block(info, b).start for b in range(nb)])
             share = abs(coef[k]) * td.l2
@@ -157,10 +171,13 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
             cand.append(set_to_runs(c["b"][mk].astype(int).tolist()))
             sel.append(set_to_runs(c["b"][mk & chosen].astype(int).tolist()))
         omitted = float(c["share"][mask & ~chosen].sum()) if additive else None
+        omitted = omitted if omitted is None or np.isfinite(omitted) else None
         tensors[name] = TensorPlan(B.n_blocks(shape), B.rows_per_block(shape), sel, cand,
                                    int(c["bytes"][mask & chosen].sum()), omitted, trims.get(name))
-    if additive:
-        bound = float(c["share"][~chosen].sum())
+    bound = float(c["share"][~chosen].sum())
+    if additive and not np.isfinite(bound):
+        cert = Certificate("none", None, "the inputs hold NaN or Inf (allowed by --allow-nonfinite): no bound")
+    elif additive:
         cert = Certificate("frobenius", bound, "||M - M_A||_F <= sum of |c_k| * ||Delta_kb||_F over omitted "
                            "(expert, block) pairs, in exact arithmetic before rounding to the output dtype")
     else:

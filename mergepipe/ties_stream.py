@@ -47,7 +47,8 @@ def _at_least(a: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     return (a - bound).sign_().add_(0.5).sign_().clamp_(min=0)
 
 
-def ties_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, spill_path: Path, progress) -> None:
+def ties_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, spill_path: Path, progress,
+                guard=lambda b, reads, raws, merged: None) -> None:
     from .execute import raw_view, to_bytes
     weights = [p["weight"] for p in op.expert_params]
     lam, normalize = op.params["lambda"], op.params["normalize"]
@@ -92,6 +93,7 @@ def ties_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, spill_pa
                     records.append((first, len(ix), [(k, dt) for k, dt, _ in experts]))
                 d.mul_(keep)
                 merged = ties.elect_and_mean(d, [weights[k] for k, _, _ in experts], lam, normalize, base_f)
+                guard(b, reads, raws, merged)
                 sink.write(to_bytes(merged.to(out_t)), hashed=False)
             if progress:
                 progress(sum(len(r) for r in raws))

@@ -1,0 +1,98 @@
+"""The execution journal: an append-only record of output byte ranges known to be written, kept
+beside the staging folder so that a killed `execute` resumes where it stopped.
+
+One line per record, `<xxh3_64 of the body> <JSON body>`, fsync'd after each append: a torn or
+edited last line fails its checksum and ends the journal there. The first record names the plan the
+journal belongs to. A record claims nothing by itself: on resume the ranges are re-hashed from disk
+and only a prefix that matches is kept, so the data files need no fsync before the record is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import xxhash
+
+from .errors import IOFailure
+
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Record:
+    file: str  # output file name, relative to the staging folder
+    tensor: str  # "" for the file's header
+    start: int  # [start, end): absolute byte range in the output file
+    end: int
+    xxh3: str  # xxh3_64 hex digest of those bytes
+    offset: int = 0  # where the record's line ends in the journal file (not stored)
+
+
+def _line(body: dict) -> bytes:
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return f"{xxhash.xxh3_64_hexdigest(text.encode())} {text}\n".encode()
+
+
+def read_records(path: Path, plan: str) -> list[Record]:
+    """The journal's intact records, in order; [] when absent or written for another plan."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    records: list[Record] = []
+    pos = 0
+    while (nl := data.find(b"\n", pos)) >= 0:
+        digest, _, text = data[pos:nl].partition(b" ")
+        if xxhash.xxh3_64_hexdigest(text).encode() != digest:
+            break
+        try:
+            body = json.loads(text)
+            if pos == 0:
+                if body != {"plan": plan, "version": VERSION}:
+                    return []
+            else:
+                rec = Record(**body, offset=nl + 1)
+                if not (isinstance(rec.start, int) and isinstance(rec.end, int) and 0 <= rec.start < rec.end):
+                    break
+                records.append(rec)
+        except (ValueError, TypeError):
+            break
+        pos = nl + 1
+    return records
+
+
+class Journal:
+    """Appends records; opened after the kept records have been chosen, truncating the rest."""
+
+    def __init__(self, path: Path, plan: str, keep: list[Record]) -> None:
+        self.path = path
+        try:
+            if keep:
+                self.fd = os.open(path, os.O_WRONLY)
+                os.ftruncate(self.fd, keep[-1].offset)
+                os.lseek(self.fd, 0, os.SEEK_END)
+            else:
+                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._append(_line({"plan": plan, "version": VERSION}))
+        except OSError as e:
+            raise IOFailure(f"{path}: cannot write the journal ({e.strerror})") from None
+
+    def _append(self, line: bytes) -> None:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(self.fd, view):]
+        os.fdatasync(self.fd)
+
+    def append(self, rec: Record) -> None:
+        body = asdict(rec)
+        del body["offset"]
+        try:
+            self._append(_line(body))
+        except OSError as e:
+            raise IOFailure(f"{self.path}: cannot write the journal ({e.strerror})") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
