@@ -74,3 +74,20 @@ def test_evaluate_ranges_and_specialisation(mini):
     for t in TASKS:
         # Fine-tuning on a task must lower that task's answer NLL even on the tiny family.
         assert evaluate(paths[f"expert_{t}"], tasks=(t,), n=200)[t]["nll"] < base[t]["nll"] - 0.05
+
+
+def test_quality_table_end_to_end(mini, tmp_path):
+    """The harness on the mini family: real CLI merges, evaluation, table, plot."""
+    from bench.quality.table import run
+
+    root, paths = mini
+    rows = run("mini", ["ta"], [100, 20], root / "a", tmp_path / "work", tmp_path / "out", log=lambda _: None)
+    names = [r["model"] for r in rows]
+    assert names == ["base", *[n for n in paths if n != "base"], "ta 100%", "ta 20%", "ta 20% (random planner)"]
+    full, part, rand = rows[-3:]
+    assert full["relative_deviation"] == 0.0 and part["relative_deviation"] > 0
+    assert part["expert_bytes_read"] < full["expert_bytes_read"]
+    assert rand["expert_bytes_read"] <= full["expert_bytes_read"] * 0.2 + 1
+    md = (tmp_path / "out" / "quality.md").read_text()
+    assert "ta 20% (random planner)" in md and (tmp_path / "out" / "quality.png").stat().st_size > 0
+    assert json.loads((tmp_path / "out" / "quality.json").read_text())["rows"][0]["model"] == "base"

@@ -1,0 +1,163 @@
+"""The merge-quality table: how much of each skill a budgeted merge keeps.
+
+    python -m bench.quality [--scale full|mini] [--ops ta,ties] [--budgets 100,50,20,10,5] [--out DIR]
+
+Builds (or reuses) the trained family, merges it through the real command line (`mergepipe plan`
+then `mergepipe execute`) for every operator and budget, with the score planner and, as a control,
+the random planner at the same byte budgets, evaluates every model, and writes quality.md,
+quality.json and quality.png. Operators are looked up by name in OPS, so a new operator adds rows
+by adding an entry there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from mergepipe.compare import compare
+
+from .evaluate import evaluate
+from .family import SCALES, build_family
+
+REPO = Path(__file__).resolve().parents[2]
+
+# name -> (merge_method, per-model parameters, shared parameters)
+OPS: dict[str, tuple[str, dict, dict]] = {
+    "ta": ("task_arithmetic", {"weight": 0.3}, {}),
+    "ties": ("ties", {"weight": 0.3, "density": 0.5}, {"normalize": False}),
+}
+CONTROL_BUDGETS = (20, 10)  # where the random planner runs beside the score planner
+
+
+def mergepipe(*args: str) -> dict:
+    """Run the CLI as a user would; return its --json output."""
+    p = subprocess.run([sys.executable, "-m", "mergepipe", *args, "--json"], capture_output=True, text=True, cwd=REPO)
+    if p.returncode != 0:
+        raise RuntimeError(f"mergepipe {' '.join(args)} failed: {p.stderr.strip()}")
+    return json.loads(p.stdout)
+
+
+def merge(paths: dict[str, Path], op: str, budget: int, planner: str, work: Path) -> tuple[Path, dict]:
+    method, per_model, shared = OPS[op]
+    experts = [n for n in paths if n != "base"]
+    cfg = {"merge_method": method, "base_model": str(paths["base"]),
+           "models": [{"model": str(paths[n]), "parameters": dict(per_model)} for n in experts],
+           "dtype": "float32"}
+    if shared:
+        cfg["parameters"] = shared
+    name = f"{op}-{budget}-{planner}"
+    (work / "configs").mkdir(parents=True, exist_ok=True)
+    cfg_path = work / "configs" / f"{op}.yml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    manifest = work / "manifests" / f"{name}.json"
+    mergepipe("plan", str(cfg_path), "--budget", f"{budget}%", "-o", str(manifest), "--planner", planner,
+              "--catalog", str(work / "catalog.sqlite"))
+    out = work / "merged" / name
+    execution = mergepipe("execute", str(manifest), "-o", str(out), "--force")
+    return out, execution
+
+
+def mean(res: dict, key: str) -> float:
+    return statistics.fmean(r[key] for r in res.values())
+
+
+def run(scale: str, ops: list[str], budgets: list[int], family: Path, work: Path, out_dir: Path,
+        log=print) -> list[dict]:
+    t0 = time.perf_counter()
+    paths = build_family(family, scale)
+    log(f"family ({scale}) ready in {time.perf_counter() - t0:.0f} s")
+    tasks = list(SCALES[scale].tasks)
+    rows = []
+    for name, path in paths.items():
+        rows.append({"model": name, "op": None, "budget": None, "planner": None, "scores": evaluate(path, tasks)})
+        log(f"evaluated {name}")
+    for op in ops:
+        full = None
+        for budget in sorted(budgets, reverse=True):
+            for planner in ("score", "random") if budget in CONTROL_BUDGETS else ("score",):
+                out, ex = merge(paths, op, budget, planner, work)
+                full = full or out
+                dev = compare(out, full, paths["base"])
+                rows.append({"model": f"{op} {budget}%" + (" (random planner)" if planner == "random" else ""),
+                             "op": op, "budget": budget, "planner": planner, "scores": evaluate(out, tasks),
+                             "relative_deviation": dev.relative, "expert_bytes_read": ex["expert_bytes_read"]})
+                log(f"merged and evaluated {rows[-1]['model']}: mean NLL {mean(rows[-1]['scores'], 'nll'):.3f}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "quality.json").write_text(json.dumps({"scale": scale, "tasks": tasks, "ops": {o: OPS[o] for o in ops},
+                                                      "rows": rows}, indent=2))
+    (out_dir / "quality.md").write_text(table(rows, tasks, scale, ops))
+    plot(rows, ops, out_dir / "quality.png")
+    log(f"wrote {out_dir / 'quality.md'}, quality.json, quality.png in {time.perf_counter() - t0:.0f} s")
+    return rows
+
+
+def table(rows: list[dict], tasks: list[str], scale: str, ops: list[str]) -> str:
+    r = SCALES[scale]
+    desc = ", ".join(f"{o}: `{OPS[o][0]}` {OPS[o][1]}{' ' + str(OPS[o][2]) if OPS[o][2] else ''}" for o in ops)
+    head = ["model"] + [f"{t} NLL / exact" for t in tasks] + ["mean NLL", "mean token acc", "mean exact",
+                                                              "rel. deviation", "expert bytes read"]
+    lines = [f"# Merge quality on the trained task family ({scale})", "",
+             f"Qwen2 ({r.layers} layers, hidden {r.hidden}), base pretrained {r.pre_steps} steps on "
+             f"{', '.join(tasks)}; one expert per task ({r.ft_steps} steps). Held-out test sets, 200 items per task. "
+             f"NLL: mean answer NLL per token, teacher-forced (lower is better); exact: greedy generation. "
+             f"Operators: {desc}. Rel. deviation: ||M_A - M_100%||_F / ||M_100% - base||_F.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        s = row["scores"]
+        cells = [row["model"]] + [f"{s[t]['nll']:.3f} / {s[t]['exact']:.2f}" for t in tasks]
+        cells += [f"{mean(s, 'nll'):.3f}", f"{mean(s, 'token_acc'):.3f}", f"{mean(s, 'exact'):.3f}",
+                  f"{row['relative_deviation']:.3f}" if "relative_deviation" in row else "—",
+                  f"{row['expert_bytes_read'] / 2**20:.2f} MiB" if "expert_bytes_read" in row else "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], ops: list[str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    base_nll = mean(next(r for r in rows if r["model"] == "base")["scores"], "nll")
+    for op in ops:
+        for planner, style in (("score", "o-"), ("random", "x--")):
+            pts = sorted((r["budget"], mean(r["scores"], "nll"), r["relative_deviation"])
+                         for r in rows if r["op"] == op and r["planner"] == planner)
+            if pts:
+                x, nll, dev = zip(*pts)
+                ax1.plot(x, nll, style, label=f"{op} ({planner} planner)")
+                ax2.plot(x, dev, style, label=f"{op} ({planner} planner)")
+    ax1.axhline(base_nll, color="gray", ls=":", label="base")
+    ax1.set(xlabel="I/O budget (% of expert bytes)", ylabel="mean answer NLL", title="Quality vs budget")
+    ax2.set(xlabel="I/O budget (% of expert bytes)", ylabel="||M_A - M_100|| / ||M_100 - base||",
+            title="Deviation from the 100% merge")
+    for ax in (ax1, ax2):
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scale", choices=SCALES, default="full")
+    ap.add_argument("--ops", default="ta,ties", help=f"comma-separated, from {', '.join(OPS)}")
+    ap.add_argument("--budgets", default="100,50,20,10,5")
+    ap.add_argument("--family", type=Path, default=None, help="default: bench/cache/quality[-mini]")
+    ap.add_argument("--work", type=Path, default=REPO / "bench" / "cache" / "quality-run")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args(argv)
+    ops = args.ops.split(",")
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        ap.error(f"unknown operator {unknown[0]!r} (known: {', '.join(OPS)})")
+    family = args.family or REPO / "bench" / "cache" / ("quality" if args.scale == "full" else f"quality-{args.scale}")
+    run(args.scale, ops, [int(b) for b in args.budgets.split(",")], family, args.work, args.out)
