@@ -65,8 +65,9 @@ def blocks(info: TensorInfo) -> list[Block]:
 
 @contextlib.contextmanager
 def single_threaded_torch() -> Iterator[None]:
-    """Streaming runs one compute thread beside the read-ahead thread. torch's own intra-op threads
-    would then wait on a busy core at every operation: measured 3x slower on 2 cores."""
+    """Streaming runs its own threads (read-ahead, compute, writer), each doing whole blocks; torch's
+    intra-op threads on top would wait on a busy core at every operation (measured 3x slower on 2
+    cores), so torch runs each operation on the thread that calls it."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

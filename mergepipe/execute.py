@@ -7,11 +7,13 @@ that a distributed engine could run the jobs of one output file elsewhere and pu
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import resource
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -352,22 +354,48 @@ def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: t
     params = m.operator.params
     weights = [p["weight"] for p in m.operator.expert_params]
     out_t = DTYPES[job.out_dtype][0]
-    for (b, reads), raws in stream:
-        base_raw = raws[0]
+
+    def compute(b: int, reads, raws) -> np.ndarray:
         if len(raws) == 1 and job.out_dtype == job.base.dtype:  # no expert here: the base block
-            sink.write(base_raw)
-        else:
-            base_v = raw_view(base_raw, job.base.dtype, (-1,), dev)
-            out = torch.empty(base_v.numel(), dtype=out_t, device=dev)
-            experts = [raw_view(raw, info.dtype, (-1,), dev) for (_, info, _), raw in zip(reads[1:], raws[1:])]
-            ta.merge_into(out, base_v, experts, [weights[k] for k, _, _ in reads[1:]], weights,
-                          params["lambda"], params["normalize"])
-            guard(b, reads, raws, out)
-            sink.write(to_bytes(out))
+            return raws[0]
+        base_v = raw_view(raws[0], job.base.dtype, (-1,), dev)
+        out = torch.empty(base_v.numel(), dtype=out_t, device=dev)
+        experts = [raw_view(raw, info.dtype, (-1,), dev) for (_, info, _), raw in zip(reads[1:], raws[1:])]
+        ta.merge_into(out, base_v, experts, [weights[k] for k, _, _ in reads[1:]], weights,
+                      params["lambda"], params["normalize"])
+        guard(b, reads, raws, out)
+        return to_bytes(out)
+
+    # Blocks are independent: compute them on a small pool, write them in order.
+    in_flight: collections.deque = collections.deque()
+
+    def emit_oldest() -> None:
+        n, done = in_flight.popleft()
+        sink.write(done.result())
         sink.block_done(job.name)
         if progress:
-            progress(sum(len(r) for r in raws))
+            progress(n)
+
+    pool, workers = _compute_pool(dev)
+    for (b, reads), raws in stream:
+        in_flight.append((sum(len(r) for r in raws), pool.submit(compute, b, reads, raws)))
+        if len(in_flight) > workers:
+            emit_oldest()
+    while in_flight:
+        emit_oldest()
     sink.end(job.name)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _compute_pool(dev: torch.device) -> tuple[ThreadPoolExecutor, int]:
+    """Compute threads for block-parallel operators: one per core (up to 4) on the CPU, with torch
+    single-threaded inside each; one for a GPU, whose kernels already use the whole device."""
+    workers = 1 if dev.type == "cuda" else max(1, min(4, os.cpu_count() or 1))
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="mergepipe-compute")
+    return _POOLS[workers], workers
 
 
 def raw_view(raw: np.ndarray, dtype: str, shape, dev: torch.device) -> torch.Tensor:
