@@ -348,8 +348,9 @@ def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: t
     stream = B.read_ahead(plan, load, depth=4)
     if op is not ta.TA and job.trim is None and job.experts:
         raise MergepipeError(f"manifest: plan.tensors.{job.name} lacks the trim thresholds {op.name} needs")
+    pool, workers = _compute_pool(dev)
     if job.trim is not None:
-        ties_tensor(job, m.operator, stream, dev, sink, staging / ".deferred", progress, guard)
+        ties_tensor(job, m.operator, stream, dev, sink, staging / ".deferred", progress, guard, pool, workers)
         return
     params = m.operator.params
     weights = [p["weight"] for p in m.operator.expert_params]
@@ -376,7 +377,6 @@ def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: t
         if progress:
             progress(n)
 
-    pool, workers = _compute_pool(dev)
     for (b, reads), raws in stream:
         in_flight.append((sum(len(r) for r in raws), pool.submit(compute, b, reads, raws)))
         if len(in_flight) > workers:
