@@ -3,7 +3,7 @@
 It works from the catalog alone and reads no tensor data. Candidates are the pairs that can change
 the result at all (a zero delta, a zero weight, or, for TIES, a block wholly below the trim
 threshold cannot). They are taken greedily by score per byte (the score of an additive operator is
-|c_k| * ||Delta_kb||_F, so this order minimises the error certificate), ties broken by (tensor,
+|c_k| * ||Delta_kb||_F, so this order greedily shrinks the error certificate), ties broken by (tensor,
 block, expert), while the running total stays within the budget: budget-sound by construction,
 deterministic, and the exact full merge when everything fits.
 """
@@ -161,6 +161,14 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
                 chosen[i] = True
 
     additive = op.additive
+    # Blocks have disjoint supports, so the omitted parts of different blocks are orthogonal: the
+    # squared deviation is the sum over blocks of ||sum_k c_k Delta_kb||^2, and inside one block the
+    # triangle inequality bounds that by (sum_k |c_k| ||Delta_kb||)^2.
+    omitted = ~chosen
+    nb_max = int(c["b"].max()) + 1 if n else 1
+    per_block = np.bincount((c["t"][omitted] * nb_max + c["b"][omitted]).astype(np.int64),
+                            weights=c["share"][omitted], minlength=len(names) * nb_max)
+    tensor_sq = (per_block.reshape(len(names), nb_max) ** 2).sum(axis=1) if names else np.zeros(0)
     tensors: dict[str, TensorPlan] = {}
     for ti, name in enumerate(names):
         shape = base.tensors[name].shape
@@ -170,16 +178,17 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
             mk = mask & (c["k"] == k)
             cand.append(set_to_runs(c["b"][mk].astype(int).tolist()))
             sel.append(set_to_runs(c["b"][mk & chosen].astype(int).tolist()))
-        omitted = float(c["share"][mask & ~chosen].sum()) if additive else None
-        omitted = omitted if omitted is None or np.isfinite(omitted) else None
+        share = float(np.sqrt(tensor_sq[ti])) if additive else None
+        share = share if share is None or np.isfinite(share) else None
         tensors[name] = TensorPlan(B.n_blocks(shape), B.rows_per_block(shape), sel, cand,
-                                   int(c["bytes"][mask & chosen].sum()), omitted, trims.get(name))
-    bound = float(c["share"][~chosen].sum())
+                                   int(c["bytes"][mask & chosen].sum()), share, trims.get(name))
+    bound = float(np.sqrt(tensor_sq.sum()))
     if additive and not np.isfinite(bound):
         cert = Certificate("none", None, "the inputs hold NaN or Inf (allowed by --allow-nonfinite): no bound")
     elif additive:
-        cert = Certificate("frobenius", bound, "||M - M_A||_F <= sum of |c_k| * ||Delta_kb||_F over omitted "
-                           "(expert, block) pairs, in exact arithmetic before rounding to the output dtype")
+        cert = Certificate("frobenius", bound, "||M - M_A||_F <= sqrt(sum over blocks b of (sum over omitted "
+                           "experts k of |c_k| * ||Delta_kb||_F)^2), in exact arithmetic before rounding to the "
+                           "output dtype")
     else:
         cert = Certificate("none", None, f"{op.name} is not additive: trimming and sign election are "
                            "non-linear, so only the measured deviation is reported")
