@@ -233,12 +233,17 @@ def pending_read_bytes(m: Manifest, out: str | Path, device: str = "cpu", root: 
             if ot.name not in res.tensor_hashes:
                 first = 0
                 if res.partial is not None and res.partial[0] == ot.name:
-                    first = next(blk.index for blk in B.blocks(_out_info(ot, Path(ofile.name))) if blk.start == res.prefix)
+                    first = _block_at(ot, res.prefix)
             for b, reads in _read_plan(job):
                 n = sum(blk.end - blk.start for _, _, blk in reads)
                 total += n
                 pending += n if b >= first else 0
     return pending, total
+
+
+def _block_at(ot, offset: int) -> int:
+    """The block of output tensor `ot` that starts at byte `offset`: where a cut tensor resumes."""
+    return next(blk.index for blk in B.blocks(_out_info(ot, Path())) if blk.start == offset)
 
 
 def _out_info(ot, path: Path) -> TensorInfo:
@@ -283,7 +288,7 @@ def _write_file(staging: Path, ofile: OutFile, jobs: list[TensorJob], m: Manifes
                     continue
                 first = 0
                 if resume.partial is not None and resume.partial[0] == ot.name:
-                    first = next(blk.index for blk in B.blocks(_out_info(ot, path)) if blk.start == resume.prefix)
+                    first = _block_at(ot, resume.prefix)
                 sink.begin(ot.name, ot.offset)
                 _run_job(job, m, op, reader, want, dev, sink, staging, progress, first, allow_nonfinite)
                 if sink._end != ot.offset + ot.nbytes:
