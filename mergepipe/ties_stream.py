@@ -91,7 +91,7 @@ def _block(job, trims: list[ties.Trim], weights: list[float], lam: float, normal
 
 
 def ties_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, spill_path: Path, progress,
-                guard=lambda b, reads, raws, merged: None, pool=None, workers: int = 1) -> None:
+                guard, pool, workers: int) -> None:
     from .execute import to_bytes
     weights = [p["weight"] for p in op.expert_params]
     lam, normalize = op.params["lambda"], op.params["normalize"]
@@ -121,7 +121,7 @@ def ties_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, spill_pa
             first = (reads[0][2].start - job.base.start) // job.base.itemsize
             experts = [(k, info.dtype) for k, info, _ in reads[1:]]
             args = (job, trims, weights, lam, normalize, dev, guard, b, reads, raws)
-            done = pool.submit(_block, *args) if pool is not None else _Done(_block(*args))
+            done = pool.submit(_block, *args)
             in_flight.append((first, experts, sum(len(r) for r in raws), done))
             if len(in_flight) > workers:
                 emit_oldest()
@@ -143,16 +143,6 @@ def ties_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, spill_pa
             sink.pwrite((first + lo_i) * out_size, span.reshape(-1))
     spill_path.unlink()
     sink.end(job.name, rehash=True)
-
-
-class _Done:
-    """An already computed result with a future's interface."""
-
-    def __init__(self, value) -> None:
-        self.value = value
-
-    def result(self):
-        return self.value
 
 
 def _gather(x: torch.Tensor, idx: np.ndarray) -> np.ndarray:
