@@ -6,9 +6,12 @@ rows in the base, every expert and the output, whatever each stores them as.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -74,6 +77,35 @@ def single_threaded_torch() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def compute_pool(dev: torch.device) -> tuple[ThreadPoolExecutor, int]:
+    """Compute threads for block-parallel operators: one per core (up to 4) on the CPU, with torch
+    single-threaded inside each; one for a GPU, whose kernels already use the whole device."""
+    workers = 1 if dev.type == "cuda" else max(1, min(4, os.cpu_count() or 1))
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="mergepipe-compute")
+    return _POOLS[workers], workers
+
+
+def in_order(dev: torch.device, fn: Callable, stream: Iterable[tuple]) -> Iterator[tuple[tuple, object]]:
+    """For each ((block, reads), raws) of a read-ahead stream, yield it with fn(block, reads, raws),
+    in stream order, computing up to one block per compute thread ahead: blocks merge in parallel
+    and are still written front to back."""
+    pool, workers = compute_pool(dev)
+    in_flight: collections.deque = collections.deque()
+    for item in stream:
+        (b, reads), raws = item
+        in_flight.append((item, pool.submit(fn, b, reads, raws)))
+        if len(in_flight) > workers:
+            item, done = in_flight.popleft()
+            yield item, done.result()
+    while in_flight:
+        item, done = in_flight.popleft()
+        yield item, done.result()
 
 
 T = TypeVar("T")

@@ -302,9 +302,14 @@ def nonfinite(raw: np.ndarray, dtype: str) -> bool:
     return bool(np.any((bits & view(mask)) == view(mask)))
 
 
-def as_float32(raw: np.ndarray, dtype: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Bytes of one block -> float32 tensor on the device (converted there, so a GPU gets 2-byte bf16)."""
+def raw_view(raw: np.ndarray, dtype: str, shape, dev: torch.device) -> torch.Tensor:
+    """Bytes of one block as a tensor of its stored dtype on the device (moved there before any
+    conversion, so a GPU receives 2-byte bf16, not float32)."""
     t = torch.from_numpy(raw).view(DTYPES[dtype][0]).reshape(shape)
-    if device.type != "cpu":
-        t = t.to(device, non_blocking=False)
-    return t.float()
+    return t.to(dev) if dev.type != "cpu" else t
+
+
+def to_bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes, on the CPU, as a flat uint8 array."""
+    t = t.contiguous().cpu().reshape(-1)
+    return t.view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)

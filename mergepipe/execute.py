@@ -7,13 +7,11 @@ that a distributed engine could run the jobs of one output file elsewhere and pu
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 import resource
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +23,7 @@ import xxhash
 
 from . import __version__
 from . import blocks as B
-from .checkpoint import COPIED_FILES, DTYPES, Model, Reader, TensorInfo, nonfinite, open_model
+from .checkpoint import COPIED_FILES, DTYPES, Model, Reader, TensorInfo, nonfinite, open_model, raw_view, to_bytes
 from .errors import InputChangedError, IOFailure, MergepipeError
 from .index import check_family
 from .journal import Journal, Record, read_records
@@ -353,9 +351,8 @@ def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: t
     stream = B.read_ahead(plan, load, depth=4)
     if op is not ta.TA and job.trim is None and job.experts:
         raise MergepipeError(f"manifest: plan.tensors.{job.name} lacks the trim thresholds {op.name} needs")
-    pool, workers = _compute_pool(dev)
     if job.trim is not None:
-        ties_tensor(job, m.operator, stream, dev, sink, staging / ".deferred", progress, guard, pool, workers)
+        ties_tensor(job, m.operator, stream, dev, sink, staging / ".deferred", progress, guard)
         return
     params = m.operator.params
     weights = [p["weight"] for p in m.operator.expert_params]
@@ -373,44 +370,12 @@ def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: t
         return to_bytes(out)
 
     # Blocks are independent: compute them on a small pool, write them in order.
-    in_flight: collections.deque = collections.deque()
-
-    def emit_oldest() -> None:
-        n, done = in_flight.popleft()
-        sink.write(done.result())
+    for (_, raws), data in B.in_order(dev, compute, stream):
+        sink.write(data)
         sink.block_done(job.name)
         if progress:
-            progress(n)
-
-    for (b, reads), raws in stream:
-        in_flight.append((sum(len(r) for r in raws), pool.submit(compute, b, reads, raws)))
-        if len(in_flight) > workers:
-            emit_oldest()
-    while in_flight:
-        emit_oldest()
+            progress(sum(len(r) for r in raws))
     sink.end(job.name)
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _compute_pool(dev: torch.device) -> tuple[ThreadPoolExecutor, int]:
-    """Compute threads for block-parallel operators: one per core (up to 4) on the CPU, with torch
-    single-threaded inside each; one for a GPU, whose kernels already use the whole device."""
-    workers = 1 if dev.type == "cuda" else max(1, min(4, os.cpu_count() or 1))
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="mergepipe-compute")
-    return _POOLS[workers], workers
-
-
-def raw_view(raw: np.ndarray, dtype: str, shape, dev: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(raw).view(DTYPES[dtype][0]).reshape(shape)
-    return t.to(dev) if dev.type != "cpu" else t
-
-
-def to_bytes(t: torch.Tensor) -> np.ndarray:
-    t = t.contiguous().cpu().reshape(-1)
-    return t.view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
 
 
 def _copy_sidecars(src: Path, staging: Path, out_dtype: str | None) -> None:

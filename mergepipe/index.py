@@ -8,6 +8,7 @@ changing it costs one re-hash and no re-computation.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -23,7 +24,7 @@ import torch
 import xxhash
 
 from . import blocks as B
-from .checkpoint import FileHeader, Model, Reader, as_float32
+from .checkpoint import FileHeader, Model, Reader, raw_view
 from .errors import MergepipeError
 from .lock import exclusive
 from .paths import cache_dir
@@ -48,7 +49,7 @@ class FileIndex:
     header_hash: str
     hashes: dict[str, np.ndarray]  # tensor -> uint64 xxh3 of each block
 
-    @property
+    @functools.cached_property
     def content_hash(self) -> str:
         h = xxhash.xxh3_128()
         h.update(self.header_hash.encode())
@@ -239,27 +240,24 @@ def index_family(base: Model, experts: list[Model], catalog: Catalog,
             if fi is not None:
                 files[str(fh.path)] = fi
     base_files = [files.get(str(fh.path)) for fh in base.files]
-    todo = []  # experts whose delta statistics are missing
     base_key = model_key(base_files) if all(base_files) else None
+    deltas: dict[int, dict[str, TensorDelta]] = {}
+    todo = []  # experts whose delta statistics are missing
     for k, e in enumerate(experts):
         efiles = [files.get(str(fh.path)) for fh in e.files]
-        if base_key is None or not all(efiles) or catalog.delta(model_key(efiles), base_key) is None:
+        stats = catalog.delta(model_key(efiles), base_key) if base_key and all(efiles) else None
+        if stats is None:
             todo.append(k)
+        else:
+            deltas[k] = stats
     unhashed = [m for m in [base, *experts] if any(str(fh.path) not in files for fh in m.files)]
     if todo or unhashed:
-        _scan(base, experts, todo, unhashed, files, catalog, progress)
-    base_key = model_key([files[str(fh.path)] for fh in base.files])
-    deltas = []
-    for e in experts:
-        key = model_key([files[str(fh.path)] for fh in e.files])
-        stats = catalog.delta(key, base_key)
-        assert stats is not None
-        deltas.append(stats)
-    return FamilyIndex(files, deltas)
+        deltas.update(_scan(base, experts, todo, unhashed, files, catalog, progress))
+    return FamilyIndex(files, [deltas[k] for k in range(len(experts))])
 
 
 def _scan(base: Model, experts: list[Model], todo: list[int], unhashed: list[Model],
-          files: dict[str, FileIndex], catalog: Catalog, progress: Progress | None) -> None:
+          files: dict[str, FileIndex], catalog: Catalog, progress: Progress | None) -> dict[int, dict[str, TensorDelta]]:
     """One streaming pass: each needed block of each file read once, hashed, and, for experts whose
     statistics are missing, differenced against the base block it was read beside."""
     reader = Reader()
@@ -302,9 +300,9 @@ def _scan(base: Model, experts: list[Model], todo: list[int], unhashed: list[Mod
                         arr = hashes.setdefault(path, {}).setdefault(name, np.zeros(B.n_blocks(info.shape), np.uint64))
                         arr[b] = h
                     if k == -1 and todo and info.is_float:
-                        base_f = as_float32(raw, info.dtype, blk.shape(info.shape), cpu)
+                        base_f = raw_view(raw, info.dtype, blk.shape(info.shape), cpu).float()
                     elif k in stats and base_f is not None:
-                        d = as_float32(raw, info.dtype, blk.shape(info.shape), cpu) - base_f
+                        d = raw_view(raw, info.dtype, blk.shape(info.shape), cpu).float() - base_f
                         _accumulate(stats[k], name, info.shape, b, delta_stats(d))
                     if progress:
                         progress(len(raw))
@@ -326,6 +324,7 @@ def _scan(base: Model, experts: list[Model], todo: list[int], unhashed: list[Mod
     for k in todo:
         key = model_key([files[str(fh.path)] for fh in experts[k].files])
         catalog.put_delta(key, base_key, stats[k])
+    return stats
 
 
 def _accumulate(per_tensor: dict[str, TensorDelta], name: str, shape: tuple[int, ...], b: int, s) -> None:

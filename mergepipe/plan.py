@@ -120,12 +120,10 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
     cols: dict[str, list] = {"t": [], "b": [], "k": [], "bytes": [], "score": [], "share": []}
     trims: dict[str, list[list[int]]] = {}
     for ti, name in enumerate(names):
-        shape = base.tensors[name].shape
-        nb = B.n_blocks(shape)
         for k, e in enumerate(experts):
             td = _finite(fam.deltas[k][name], e, name, allow_nonfinite)
             info = e.tensors[name]
-            nbytes = np.array([B.block(info, b).end - B.block(info, b).start for b in range(nb)])
+            nbytes = np.array([blk.end - blk.start for blk in B.blocks(info)])
             share = abs(coef[k]) * td.l2
             if op is ties.TIES:
                 trim = ties.trim_for(td.fine, info.numel, config.expert_params[k]["density"])

@@ -11,13 +11,14 @@ written bytes. Memory: a few blocks, whatever the tensor size.
 
 from __future__ import annotations
 
-import collections
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import DTYPES
+from . import blocks as B
+from .checkpoint import DTYPES, raw_view, to_bytes
 from .manifest import OperatorSpec
 from .operators import ties
 
@@ -53,7 +54,6 @@ def _block(job, trims: list[ties.Trim], weights: list[float], lam: float, normal
     """One block, independent of every other (so blocks run in parallel): its provisional output
     bytes per chunk, the low-bit counts of its threshold-bin entries per expert, and the raw inputs
     at the positions that wait for the exact thresholds."""
-    from .execute import raw_view, to_bytes
     out_t = DTYPES[job.out_dtype][0]
     base_all = raw_view(raws[0], job.base.dtype, (-1,), dev)
     experts = [(k, raw_view(raw, info.dtype, (-1,), dev)) for (k, info, _), raw in zip(reads[1:], raws[1:])]
@@ -91,8 +91,7 @@ def _block(job, trims: list[ties.Trim], weights: list[float], lam: float, normal
 
 
 def ties_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, spill_path: Path, progress,
-                guard, pool, workers: int) -> None:
-    from .execute import to_bytes
+                guard) -> None:
     weights = [p["weight"] for p in op.expert_params]
     lam, normalize = op.params["lambda"], op.params["normalize"]
     out_t = DTYPES[job.out_dtype][0]
@@ -100,33 +99,20 @@ def ties_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, spill_pa
     trims = [ties.Trim(*t) for t in job.trim]
     low = [torch.zeros(LOW, dtype=torch.int64, device=dev) for _ in job.experts]
     records = []  # (element offset in the tensor, count, experts) of spilled positions, in spill order
-    in_flight: collections.deque = collections.deque()
+    block = functools.partial(_block, job, trims, weights, lam, normalize, dev, guard)
     with open(spill_path, "w+b") as spill:
-
-        def emit_oldest() -> None:
-            first, experts, n, done = in_flight.popleft()
-            outs, lows, spills = done.result()
+        for ((_, reads), raws), (outs, lows, spills) in B.in_order(dev, block, stream):
             for data in outs:
                 sink.write(data, hashed=False)
             for k, counts in lows.items():
                 low[k] += counts
+            first = (reads[0][2].start - job.base.start) // job.base.itemsize
             for arrays in spills:
                 for arr in arrays:
                     arr.tofile(spill)
-                records.append((first, len(arrays[0]), experts))
+                records.append((first, len(arrays[0]), [(k, info.dtype) for k, info, _ in reads[1:]]))
             if progress:
-                progress(n)
-
-        for (b, reads), raws in stream:
-            first = (reads[0][2].start - job.base.start) // job.base.itemsize
-            experts = [(k, info.dtype) for k, info, _ in reads[1:]]
-            args = (job, trims, weights, lam, normalize, dev, guard, b, reads, raws)
-            done = pool.submit(_block, *args)
-            in_flight.append((first, experts, sum(len(r) for r in raws), done))
-            if len(in_flight) > workers:
-                emit_oldest()
-        while in_flight:
-            emit_oldest()
+                progress(sum(len(r) for r in raws))
         tau = [_threshold(low[k], t.bin, t.need, t.lo) for k, t in enumerate(trims)]
         spill.seek(0)
         for first, n, experts in records:
