@@ -86,7 +86,7 @@ def index(models: List[str] = typer.Argument(..., help="Expert models: HF folder
 
 
 @command
-def plan(config: Path = typer.Argument(..., help="mergekit YAML (task_arithmetic or ties)."),
+def plan(config: Path = typer.Argument(..., help="mergekit YAML (task_arithmetic, ties or gcwm)."),
          budget: str = typer.Option("100%", "--budget", "-b", help="Expert bytes to read: 20% or 3GiB or 500MB."),
          output: Path = typer.Option(..., "-o", "--output", help="Manifest to write."),
          catalog: Optional[Path] = typer.Option(None, "--catalog"),
@@ -171,7 +171,8 @@ def verify(manifest: Path = typer.Argument(...),
 @command
 def explain(manifest: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json"),
             top: int = typer.Option(0, "--top", help="Show only the N tensors with the most bytes planned.")):
-    """What the plan reads and why: per tensor, blocks selected per expert, bytes, omitted-norm bound."""
+    """What the plan reads and why: per tensor, blocks selected per expert, bytes, omitted-norm bound;
+    for an executed GCWM manifest also the active experts, conflict, gate and union rank."""
     from .explain import explain_rows
     from .manifest import load_manifest
     m = load_manifest(manifest)
@@ -184,12 +185,21 @@ def explain(manifest: Path = typer.Argument(...), as_json: bool = typer.Option(F
         return
     t = Table(title=f"{m.operator.name} at budget {m.budget.spec} ({m.plan.planner} planner): "
                     f"{_size(m.plan.planned_expert_bytes)} of {_size(m.budget.expert_bytes_total)} expert bytes")
-    for col in ("tensor", "blocks", "selected per expert (of candidates)", "bytes", "omitted bound"):
+    diag = any(r["diagnostics"] for r in rows)
+    cols = ["tensor", "blocks", "selected per expert (of candidates)", "bytes", "omitted bound"]
+    cols += ["active experts", "conflict", "gate", "union rank", "solver"] if diag else []
+    for col in cols:
         t.add_column(col, justify="left" if col == "tensor" else "right")
     for r in rows:
         sel = " ".join(f"{s}/{c}" for s, c in zip(r["selected"], r["candidates"]))
         bound = "-" if r["bound"] is None else f"{r['bound']:.3g}"
-        t.add_row(r["tensor"], str(r["blocks"]), sel, _size(r["planned_bytes"]), bound)
+        cells = [r["tensor"], str(r["blocks"]), sel, _size(r["planned_bytes"]), bound]
+        if diag:
+            d = r["diagnostics"] or {}
+            cells += [",".join(map(str, d.get("experts", []))) or "-",
+                      *(f"{d[k]:.3f}" if d.get(k) is not None else "-" for k in ("conflict", "gate")),
+                      str(d.get("union_rank", "-")), str(d.get("form", "-"))]
+        t.add_row(*cells)
     out.print(t)
     c = m.plan.certificate
     out.print(f"certificate ({c.kind}): {'n/a' if c.bound is None else format(c.bound, '.4g')}: {c.note}")

@@ -28,10 +28,11 @@ from .errors import InputChangedError, IOFailure, MergepipeError
 from .index import check_family
 from .journal import Journal, Record, read_records
 from .manifest import Execution, InputModel, Manifest, OutputFile, dumps, runs_to_set
-from .operators import get as get_operator, ta
+from .operators import get as get_operator, ta, ties
 from .publish import (OutFile, Staging, check_space, destination_lock, discard, layout, prepare_destination,
                       publish, staging_for)
 from .sink import Resume, Sink, recover
+from .gcwm_stream import gcwm_tensor
 from .ties_stream import ties_tensor
 
 MANIFEST_NAME = "mergepipe.manifest.json"
@@ -49,6 +50,7 @@ class TensorJob:
     selected: tuple[frozenset[int], ...]  # per expert: blocks to read
     trim: tuple[tuple[int, int, int], ...] | None  # TIES: per expert (bin, above, need)
     out_dtype: str
+    whole: bool = False  # GCWM: merged from whole tensors, not block by block
 
 
 def resolve_ref(ref: str, root: Path | None) -> str:
@@ -116,7 +118,8 @@ def build_jobs(m: Manifest, base: Model, experts: list[Model]) -> list[tuple[Out
                 raise MergepipeError(f"manifest: plan.tensors.{info.name} has {tp.blocks} blocks, the base tensor {B.n_blocks(info.shape)}")
             jobs.append(TensorJob(info.name, info, tuple(e.tensors[info.name] for e in experts),
                                   tuple(frozenset(runs_to_set(r)) for r in tp.selected),
-                                  tuple(tuple(t) for t in tp.trim) if tp.trim else None, out_dtype))
+                                  tuple(tuple(t) for t in tp.trim) if tp.trim else None, out_dtype,
+                                  whole=m.operator.name == "gcwm" and any(tp.selected)))
         name = "model.safetensors" if single else os.path.relpath(fh.path, base.root)
         files.append((layout(name, [(j.name, j.out_dtype, j.base.shape) for j in jobs]), jobs))
     return files
@@ -138,6 +141,9 @@ def execute(m: Manifest, out: str | Path, device: str = "cpu", force: bool = Fal
             progress: Callable[[int], None] | None = None, allow_nonfinite: bool = False) -> Manifest:
     """Run the manifest and publish OUT atomically. A run killed or failed on I/O leaves its journaled
     work in a staging folder beside OUT, and the next run of the same manifest to OUT resumes it."""
+    if m.calibration is not None:
+        from .featcal.stage import execute_calibrated
+        return execute_calibrated(m, out, device, force, root, allow_pickle, progress, allow_nonfinite)
     t0 = time.perf_counter()
     io0 = _os_read_bytes()
     dev = _device(device)
@@ -180,15 +186,17 @@ def _run(m: Manifest, out: Path, staging: Staging, key: str, files, base: Model,
         check_space(staging.folder, sum(f.size for f, _ in files) - resumed)
         journal = Journal(staging.journal, key, kept)
         try:
-            outputs = {}
+            outputs, diagnostics = {}, {}
             with B.single_threaded_torch():
                 for ofile, jobs in files:
-                    outputs[ofile.name] = _write_file(staging.folder, ofile, jobs, m, op, reader, want, dev,
-                                                      progress, journal, resumes[ofile.name], allow_nonfinite)
+                    outputs[ofile.name], meta = _write_file(staging.folder, ofile, jobs, m, op, reader, want, dev,
+                                                            progress, journal, resumes[ofile.name], allow_nonfinite)
+                    diagnostics.update(meta)
         finally:
             journal.close()
         _copy_sidecars(base.root, staging.folder, m.out_dtype)
-        done = _complete(m, outputs, base, experts, reader, dev, time.perf_counter() - t0, io0, resumed)
+        done = _complete(m, outputs, base, experts, reader, dev, time.perf_counter() - t0, io0, resumed,
+                         dict(sorted(diagnostics.items())) or None)
         done.save(staging.folder / MANIFEST_NAME)
         publish(staging, out)
     except OSError as e:
@@ -250,9 +258,10 @@ def _out_info(ot, path: Path) -> TensorInfo:
 
 def _cuts(ofile: OutFile, jobs: list[TensorJob]) -> dict[str, set[int]]:
     """Where a journal record may end inside a tensor: block boundaries of tensors merged block by
-    block; none inside a TIES tensor, whose bytes are patched after its last block."""
+    block; none inside a TIES tensor, whose bytes are patched after its last block, or a GCWM one,
+    computed from the whole tensor."""
     return {ot.name: {blk.end for blk in B.blocks(_out_info(ot, Path(ofile.name)))}
-            for ot, job in zip(ofile.tensors, jobs) if job.trim is None}
+            for ot, job in zip(ofile.tensors, jobs) if job.trim is None and not job.whole}
 
 
 def _device(device: str) -> torch.device:
@@ -297,7 +306,8 @@ def _write_file(staging: Path, ofile: OutFile, jobs: list[TensorJob], m: Manifes
         finally:
             size = sink.close()
     assert size == ofile.size
-    return OutputFile(ofile.size, sink.file_hash.hexdigest(), {t.name: sink.tensor_hashes[t.name] for t in ofile.tensors})
+    out = OutputFile(ofile.size, sink.file_hash.hexdigest(), {t.name: sink.tensor_hashes[t.name] for t in ofile.tensors})
+    return out, sink.meta
 
 
 def _read_plan(job: TensorJob, first: int = 0) -> list[tuple[int, list[tuple[int, TensorInfo, B.Block]]]]:
@@ -349,10 +359,13 @@ def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: t
                                  "(check the weights; pass --allow-nonfinite to write it anyway)")
 
     stream = B.read_ahead(plan, load, depth=4)
-    if op is not ta.TA and job.trim is None and job.experts:
+    if op is ties.TIES and job.trim is None and job.experts:
         raise MergepipeError(f"manifest: plan.tensors.{job.name} lacks the trim thresholds {op.name} needs")
     if job.trim is not None:
         ties_tensor(job, m.operator, stream, dev, sink, staging / ".deferred", progress, guard)
+        return
+    if job.whole:
+        gcwm_tensor(job, m.operator, stream, dev, sink, progress, guard)
         return
     params = m.operator.params
     weights = [p["weight"] for p in m.operator.expert_params]
@@ -362,6 +375,8 @@ def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: t
         if len(raws) == 1 and job.out_dtype == job.base.dtype:  # no expert here: the base block
             return raws[0]
         base_v = raw_view(raws[0], job.base.dtype, (-1,), dev)
+        if op is not ta.TA:  # a tensor the operator leaves as it is (GCWM's non-targets): cast only
+            return to_bytes(base_v.to(out_t))
         out = torch.empty(base_v.numel(), dtype=out_t, device=dev)
         experts = [raw_view(raw, info.dtype, (-1,), dev) for (_, info, _), raw in zip(reads[1:], raws[1:])]
         ta.merge_into(out, base_v, experts, [weights[k] for k, _, _ in reads[1:]], weights,
@@ -433,7 +448,8 @@ def root_hash(outputs: dict[str, OutputFile]) -> str:
 
 
 def _complete(m: Manifest, outputs: dict[str, OutputFile], base: Model, experts: list[Model],
-              reader: Reader, dev: torch.device, wall: float, io0: int | None, resumed: int = 0) -> Manifest:
+              reader: Reader, dev: torch.device, wall: float, io0: int | None, resumed: int = 0,
+              diagnostics: dict | None = None) -> Manifest:
     base_files = {str(fh.path) for fh in base.files}
     read = dict(sorted(reader.bytes_read.items()))
     io1 = _os_read_bytes()
@@ -451,6 +467,7 @@ def _complete(m: Manifest, outputs: dict[str, OutputFile], base: Model, experts:
         root_hash=root_hash(outputs),
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         resumed_bytes=resumed,
+        diagnostics=diagnostics,
     )
     done = Manifest(**{**m.__dict__, "execution": execution})
     return done

@@ -29,6 +29,7 @@ class Record:
     end: int
     xxh3: str  # xxh3_64 hex digest of those bytes
     offset: int = 0  # where the record's line ends in the journal file (not stored)
+    meta: dict | None = None  # what the operator reports about the tensor this record completes
 
 
 def _line(body: dict) -> bytes:
@@ -89,6 +90,8 @@ class Journal:
     def append(self, rec: Record) -> None:
         body = asdict(rec)
         del body["offset"]
+        if body["meta"] is None:
+            del body["meta"]
         try:
             self._append(_line(body))
         except OSError as e:

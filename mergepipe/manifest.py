@@ -77,6 +77,28 @@ class Plan:
 
 
 @dataclass
+class CalibrationFile:
+    path: str
+    hash: str  # xxh3_128 of its bytes
+
+
+@dataclass
+class Calibration:
+    """FeatCal after the merge: the data it reads (with hashes, so a replay refuses changed data), its
+    parameters, and which layers each expert calibrates under the calibration budget."""
+    method: str  # "featcal"
+    params: dict[str, Any]
+    data: list[CalibrationFile]  # one shared by the experts, or one per expert in order
+    tasks: Optional[list[str]]
+    tokenizer: dict[str, str]  # tokenizer file -> xxh3_128 (only when text records were tokenized)
+    sequences: list[int]  # per expert: calibration sequences used
+    tokens: list[int]  # per expert: real tokens in them
+    budget: Budget
+    prefixes: list[int]  # per expert: layers 0 .. prefix-1 are calibrated with it
+    statistics: dict[str, list[int]]  # module (relative to a layer) -> shape of its statistics
+
+
+@dataclass
 class OutputFile:
     size: int
     hash: str
@@ -97,6 +119,8 @@ class Execution:
     root_hash: str
     finished_at: str
     resumed_bytes: int = 0  # output bytes taken over from a killed run (verified, not recomputed)
+    # per tensor, what a non-additive operator reports (GCWM: active experts, ranks, conflict, gate, ...)
+    diagnostics: Optional[dict[str, dict[str, Any]]] = None
 
 
 @dataclass
@@ -110,11 +134,15 @@ class Manifest:
     budget: Budget
     plan: Plan
     execution: Optional[Execution] = None
+    calibration: Optional[Calibration] = None
 
     def to_json(self) -> str:
         doc = dataclasses.asdict(self)
-        if doc["execution"] and not doc["execution"]["resumed_bytes"]:
-            del doc["execution"]["resumed_bytes"]  # absent unless resumed: older manifests stay canonical
+        if doc["calibration"] is None:
+            del doc["calibration"]
+        for key, empty in (("resumed_bytes", 0), ("diagnostics", None)):
+            if doc["execution"] and doc["execution"][key] == empty:
+                del doc["execution"][key]  # absent unless used: older manifests stay canonical
         return dumps(doc)
 
     def save(self, path: str | Path) -> None:
@@ -197,12 +225,17 @@ def _check(m: Manifest) -> None:
                         raise MergepipeError(f"manifest: plan.tensors.{name}.{field_name}[{e}] has run {run} "
                                              f"outside the tensor's {tp.blocks} blocks or out of order")
                     end = run[1]
+        if m.operator.name == "gcwm" and any(r not in ([], [[0, tp.blocks]]) for r in tp.selected + tp.candidates):
+            raise MergepipeError(f"manifest: plan.tensors.{name}: gcwm reads whole tensors, so each expert's "
+                                 f"runs must be [] or [[0, {tp.blocks}]]")
         if tp.trim is not None and (len(tp.trim) != k or any(len(t) != 3 for t in tp.trim)):
             raise MergepipeError(f"manifest: plan.tensors.{name}.trim must be one [bin, above, need] per expert")
         for t in tp.trim or ():
             if not (-1 <= t[0] < FINITE_BINS and t[1] >= 0 and t[2] >= 0) or (t[0] < 0 and t[1:] != [0, 0]):
                 raise MergepipeError(f"manifest: plan.tensors.{name}.trim has {t}, expected [bin, above, need] "
                                      f"with -1 <= bin < {FINITE_BINS} (-1: keep all, with above = need = 0)")
+    if m.calibration is not None:
+        _check_calibration(m.calibration, k)
     for rec in [m.base, *m.experts]:
         for f in rec.files:
             for tensor, hx in f.blocks.items():
@@ -218,6 +251,19 @@ def _check_operator(m: Manifest) -> None:
     if params != m.operator.params or per_expert != m.operator.expert_params:
         raise MergepipeError("manifest: operator.params and operator.expert_params must list exactly the "
                              f"parameters {op.name} takes, per expert and shared")
+
+
+def _check_calibration(c: Calibration, k: int) -> None:
+    from .featcal.calibrate import FeatCalParams
+    if c.method != "featcal":
+        raise MergepipeError(f"manifest: calibration.method {c.method!r} is not supported (expected 'featcal')")
+    if FeatCalParams.from_dict(c.params).to_dict() != c.params:
+        raise MergepipeError("manifest: calibration.params must list exactly FeatCal's parameters")
+    if len(c.data) not in (1, k) or (c.tasks is not None and len(c.tasks) != k):
+        raise MergepipeError(f"manifest: calibration.data needs one shared file or {k}, and tasks one per expert")
+    for field_name in ("sequences", "tokens", "prefixes"):
+        if len(getattr(c, field_name)) != k:
+            raise MergepipeError(f"manifest: calibration.{field_name} must have one entry per expert ({k})")
 
 
 def run_count(runs: list[list[int]]) -> int:

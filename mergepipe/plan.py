@@ -27,7 +27,7 @@ from .errors import MergepipeError
 from .index import Catalog, FamilyIndex, TensorDelta, index_family, EXP_LO
 from .manifest import (SCHEMA, Budget, Certificate, InputFile, InputModel, Manifest, OperatorSpec, Plan,
                        TensorPlan, set_to_runs)
-from .operators import ta, ties
+from .operators import gcwm, ta, ties
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
@@ -113,16 +113,40 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
         coef = [w * config.params["lambda"] for w in weights]
 
     names = [n for n, info in base.tensors.items() if info.is_float]
-    total = sum(experts[k].tensors[n].end - experts[k].tensors[n].start for n in names for k in range(len(experts)))
+    readable = set(names)  # tensors whose expert bytes the operator may read
+    whole = op is gcwm.GCWM  # GCWM reads whole (expert, tensor) pairs: its SVD is not block-separable
+    if whole:
+        targets = config.params["targets"]
+        flat = next((n for n in base.tensors if gcwm.matches(n, targets) and n not in names or
+                     gcwm.matches(n, targets) and len(base.tensors[n].shape) != 2), None)
+        if flat is not None:
+            raise MergepipeError(f"{config.source}: tensor {flat!r} {list(base.tensors[flat].shape)} "
+                                 f"({base.tensors[flat].dtype}) matches the gcwm targets {targets!r}, but gcwm "
+                                 "merges 2-D floating matrices only")
+        readable = {n for n in names if gcwm.is_target(n, base.tensors[n].shape, True, targets)}
+        if not readable:
+            raise MergepipeError(f"{config.source}: no tensor of {base.ref} matches the gcwm targets "
+                                 f"{config.params['targets']!r} (2-D floating tensors, not embed or lm_head)")
+    total = sum(e.tensors[n].end - e.tensors[n].start for n in readable for e in experts)
     budget_bytes = parse_budget(budget, total)
-
-    # Candidate (expert, block) pairs as flat arrays: tensor id, block, expert, bytes, score, bound share.
+    # Candidate pairs as flat arrays: tensor id, block (gcwm: 0 for the whole tensor), expert, bytes, score, bound share.
     cols: dict[str, list] = {"t": [], "b": [], "k": [], "bytes": [], "score": [], "share": []}
     trims: dict[str, list[list[int]]] = {}
     for ti, name in enumerate(names):
+        if name not in readable:
+            continue  # gcwm copies it from the base: no candidates, no reads
         for k, e in enumerate(experts):
             td = _finite(fam.deltas[k][name], e, name, allow_nonfinite)
             info = e.tensors[name]
+            if whole:
+                # every expert is a candidate: at 100% all are active (a zero delta still shapes the basis)
+                cols["t"].append([ti])
+                cols["b"].append([0])  # stands for every block
+                cols["k"].append([k])
+                cols["bytes"].append([info.end - info.start])
+                cols["score"].append([weights[k] * float(np.sqrt(np.sum(td.l2.astype(np.float64) ** 2)))])
+                cols["share"].append([0.0])
+                continue
             nbytes = np.array([blk.end - blk.start for blk in B.blocks(info)])
             share = abs(coef[k]) * td.l2
             if op is ties.TIES:
@@ -174,6 +198,10 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
         sel, cand = [], []
         for k in range(len(experts)):
             mk = mask & (c["k"] == k)
+            if whole:
+                cand.append([[0, B.n_blocks(shape)]] if mk.any() else [])
+                sel.append([[0, B.n_blocks(shape)]] if (mk & chosen).any() else [])
+                continue
             cand.append(set_to_runs(c["b"][mk].astype(int).tolist()))
             sel.append(set_to_runs(c["b"][mk & chosen].astype(int).tolist()))
         share = float(np.sqrt(tensor_sq[ti])) if additive else None
@@ -187,10 +215,18 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
         cert = Certificate("frobenius", bound, "||M - M_A||_F <= sqrt(sum over blocks b of (sum over omitted "
                            "experts k of |c_k| * ||Delta_kb||_F)^2), in exact arithmetic before rounding to the "
                            "output dtype")
+    elif whole:
+        cert = Certificate("none", None, "gcwm is not additive (SVD, barycenter and the inner solve are "
+                           "non-linear): an unread expert tensor leaves that tensor's active set, and only "
+                           "the measured deviation is reported")
     else:
         cert = Certificate("none", None, f"{op.name} is not additive: trimming and sign election are "
                            "non-linear, so only the measured deviation is reported")
     rel = Path(relative_to).resolve() if relative_to else None
+    calibration = None
+    if config.calibrate is not None:
+        from .featcal.stage import plan_calibration
+        calibration = plan_calibration(config.calibrate, base, experts, rel)
     return Manifest(
         schema=SCHEMA,
         tool={"name": "mergepipe", "version": __version__, "python": platform.python_version(),
@@ -201,4 +237,5 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
         operator=OperatorSpec(op.name, dict(config.params), [dict(p) for p in config.expert_params]),
         budget=Budget(str(budget), budget_bytes, total),
         plan=Plan(planner, seed, int(c["bytes"][chosen].sum()), tensors, cert),
+        calibration=calibration,
     )

@@ -32,6 +32,7 @@ class Resume:
     file_hash: "xxhash.xxh3_128" = field(default_factory=xxhash.xxh3_128)
     tensor_hashes: dict[str, str] = field(default_factory=dict)
     partial: tuple[str, "xxhash.xxh3_64"] | None = None  # a tensor cut at a block boundary, its hash so far
+    meta: dict[str, dict] = field(default_factory=dict)  # per finished tensor, what its operator reported
 
 
 def recover(path: Path, ofile: OutFile, cuts: dict[str, set[int]], records: list[Record]) -> Resume:
@@ -73,6 +74,8 @@ def recover(path: Path, ofile: OutFile, cuts: dict[str, set[int]], records: list
             if rec.end == end:
                 if name:
                     res.tensor_hashes[name] = th.hexdigest()
+                    if rec.meta is not None:
+                        res.meta[name] = rec.meta
                 # empty tensors have no bytes to journal: done once everything before them is
                 for name2, s2, e2 in order[i + 1:]:
                     if s2 != e2:
@@ -94,6 +97,7 @@ class Sink:
         self.journal = journal
         self.file_hash = resume.file_hash
         self.tensor_hashes: dict[str, str] = dict(resume.tensor_hashes)
+        self.meta: dict[str, dict] = dict(resume.meta)
         self._partial = resume.partial
         self._tensor = xxhash.xxh3_64()
         self._record = xxhash.xxh3_64()
@@ -155,10 +159,11 @@ class Sink:
         self._q.put(("data", (data, hashed), self._tensor, self._record))
         self._end += data.nbytes
 
-    def checkpoint(self, tensor: str) -> None:
+    def checkpoint(self, tensor: str, meta: dict | None = None) -> None:
         """Journal everything written since the last record (it ends on a resumable boundary)."""
         if self._end > self._record_start:
-            self._q.put(("record", Record(self.name, tensor, self._record_start, self._end, ""), None, self._record))
+            rec = Record(self.name, tensor, self._record_start, self._end, "", meta=meta)
+            self._q.put(("record", rec, None, self._record))
             self._record, self._record_start = xxhash.xxh3_64(), self._end
 
     def block_done(self, tensor: str) -> None:
@@ -183,14 +188,16 @@ class Sink:
         except OSError as e:
             raise IOFailure(f"{self.f.name}: write failed ({e.strerror})") from None
 
-    def end(self, name: str, rehash: bool = False) -> None:
+    def end(self, name: str, rehash: bool = False, meta: dict | None = None) -> None:
         if rehash:
             for off in range(0, self._end - self._start, CHUNK):
                 chunk = self.pread(off, min(CHUNK, self._end - self._start - off))
                 for h in (self._tensor, self._record, self.file_hash):
                     h.update(chunk)
         self._q.put(("tensor", name, self._tensor, None))  # digested on the writer thread, after the writes
-        self.checkpoint(name)
+        if meta is not None:
+            self.meta[name] = meta
+        self.checkpoint(name, meta)
 
     def close(self) -> int:
         """Finish writing; return the file's size."""

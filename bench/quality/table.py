@@ -1,12 +1,13 @@
 """The merge-quality table: how much of each skill a budgeted merge keeps.
 
-    python -m bench.quality [--scale full|mini] [--ops ta,ties] [--budgets 100,50,20,10,5] [--out DIR]
+    python -m bench.quality [--scale full|mini] [--ops ta,ties] [--budgets 100,50,20,10,5] [--out DIR] [--keep]
 
 Builds (or reuses) the trained family, merges it through the real command line (`mergepipe plan`
 then `mergepipe execute`) for every operator and budget, with the score planner and, as a control,
 the random planner at the same byte budgets, evaluates every model, and writes quality.md,
 quality.json and quality.png. Operators are looked up by name in OPS, so a new operator adds rows
-by adding an entry there.
+by adding an entry there. --keep keeps the rows of operators not run this time from an existing
+quality.json, so one operator can be re-run without the others.
 """
 
 from __future__ import annotations
@@ -25,15 +26,21 @@ from mergepipe.compare import compare
 
 from .evaluate import evaluate
 from .family import SCALES, build_family
+from .tasks import BOS, EOS, encode, train_set
 
 REPO = Path(__file__).resolve().parents[2]
 
-# name -> (merge_method, per-model parameters, shared parameters)
-OPS: dict[str, tuple[str, dict, dict]] = {
-    "ta": ("task_arithmetic", {"weight": 0.3}, {}),
-    "ties": ("ties", {"weight": 0.3, "density": 0.5}, {"normalize": False}),
+# name -> (merge_method, per-model parameters, shared parameters, FeatCal parameters or None)
+OPS: dict[str, tuple[str, dict, dict, dict | None]] = {
+    "ta": ("task_arithmetic", {"weight": 0.3}, {}, None),
+    "ties": ("ties", {"weight": 0.3, "density": 0.5}, {"normalize": False}, None),
+    "gcwm": ("gcwm", {}, {}, None),  # the reference's defaults: lambda 0.2, Adam 100 steps at lr 1e-5
+    "gcwm-exact": ("gcwm", {}, {"solver": "exact"}, None),
+    **{f"ta+featcal{n}": ("task_arithmetic", {"weight": 0.3}, {}, {"samples": n, "seq_len": 64, "batch_size": 16})
+       for n in (8, 32, 128)},
 }
 CONTROL_BUDGETS = (20, 10)  # where the random planner runs beside the score planner
+CALIB_SEED = 7  # calibration items: training-distribution prompts, none from the held-out pool
 
 
 def mergepipe(*args: str) -> dict:
@@ -44,14 +51,29 @@ def mergepipe(*args: str) -> dict:
     return json.loads(p.stdout)
 
 
+def calibration_file(work: Path, tasks: list[str], n: int) -> Path:
+    """Unlabelled calibration sequences (<bos> prompt answer <eos>, as in training), routed by task."""
+    path = work / f"calib-{n}.jsonl"
+    with open(path, "w") as f:
+        for t in tasks:
+            for p, a in train_set(t, n, seed=CALIB_SEED):
+                f.write(json.dumps({"task": t, "input_ids": [BOS] + encode(p) + encode(a) + [EOS]}) + "\n")
+    return path
+
+
 def merge(paths: dict[str, Path], op: str, budget: int, planner: str, work: Path) -> tuple[Path, dict]:
-    method, per_model, shared = OPS[op]
+    method, per_model, shared, calib = OPS[op]
     experts = [n for n in paths if n != "base"]
     cfg = {"merge_method": method, "base_model": str(paths["base"]),
            "models": [{"model": str(paths[n]), "parameters": dict(per_model)} for n in experts],
            "dtype": "float32"}
     if shared:
         cfg["parameters"] = shared
+    if calib:
+        tasks = [n.removeprefix("expert_") for n in experts]
+        work.mkdir(parents=True, exist_ok=True)
+        cfg["calibrate"] = {"data": str(calibration_file(work, tasks, calib["samples"])), "tasks": tasks,
+                            "parameters": calib}
     name = f"{op}-{budget}-{planner}"
     (work / "configs").mkdir(parents=True, exist_ok=True)
     cfg_path = work / "configs" / f"{op}.yml"
@@ -69,40 +91,54 @@ def mean(res: dict, key: str) -> float:
 
 
 def run(scale: str, ops: list[str], budgets: list[int], family: Path, work: Path, out_dir: Path,
-        log=print) -> list[dict]:
+        log=print, keep: bool = False) -> list[dict]:
     t0 = time.perf_counter()
     paths = build_family(family, scale)
     log(f"family ({scale}) ready in {time.perf_counter() - t0:.0f} s")
     tasks = list(SCALES[scale].tasks)
-    rows = []
+    rows, kept = [], []
+    if keep and (out_dir / "quality.json").exists():
+        old = json.loads((out_dir / "quality.json").read_text())
+        kept = [r for r in old["rows"] if r["op"] is not None and r["op"] not in ops]
+        ops_all = [o for o in old["ops"] if o not in ops] + ops
+    else:
+        ops_all = ops
     for name, path in paths.items():
         rows.append({"model": name, "op": None, "budget": None, "planner": None, "scores": evaluate(path, tasks)})
         log(f"evaluated {name}")
+    rows += kept
     for op in ops:
         full = None
         for budget in sorted(budgets, reverse=True):
+            if OPS[op][3] and budget != 100:
+                continue  # FeatCal rows: the full merge, calibrated; their axis is samples per task
             for planner in ("score", "random") if budget in CONTROL_BUDGETS else ("score",):
+                t1 = time.perf_counter()
                 out, ex = merge(paths, op, budget, planner, work)
+                seconds = time.perf_counter() - t1
                 full = full or out
                 dev = compare(out, full, paths["base"])
                 rows.append({"model": f"{op} {budget}%" + (" (random planner)" if planner == "random" else ""),
                              "op": op, "budget": budget, "planner": planner, "scores": evaluate(out, tasks),
-                             "relative_deviation": dev.relative, "expert_bytes_read": ex["expert_bytes_read"]})
+                             "relative_deviation": dev.relative, "expert_bytes_read": ex["expert_bytes_read"],
+                             "merge_seconds": round(seconds, 2), "peak_rss_bytes": ex["peak_rss_bytes"]})
                 log(f"merged and evaluated {rows[-1]['model']}: mean NLL {mean(rows[-1]['scores'], 'nll'):.3f}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "quality.json").write_text(json.dumps({"scale": scale, "tasks": tasks, "ops": {o: OPS[o] for o in ops},
+    rows = rows[:len(paths)] + sorted(rows[len(paths):], key=lambda r: ops_all.index(r["op"]))  # stable
+    (out_dir / "quality.json").write_text(json.dumps({"scale": scale, "tasks": tasks, "ops": {o: OPS[o] for o in ops_all},
                                                       "rows": rows}, indent=2))
-    (out_dir / "quality.md").write_text(table(rows, tasks, scale, ops))
-    plot(rows, ops, out_dir / "quality.png")
+    (out_dir / "quality.md").write_text(table(rows, tasks, scale, ops_all))
+    plot(rows, ops_all, out_dir / "quality.png")
     log(f"wrote {out_dir / 'quality.md'}, quality.json, quality.png in {time.perf_counter() - t0:.0f} s")
     return rows
 
 
 def table(rows: list[dict], tasks: list[str], scale: str, ops: list[str]) -> str:
     r = SCALES[scale]
-    desc = ", ".join(f"{o}: `{OPS[o][0]}` {OPS[o][1]}{' ' + str(OPS[o][2]) if OPS[o][2] else ''}" for o in ops)
+    desc = ", ".join(f"{o}: `{OPS[o][0]}` {OPS[o][1]}{' ' + str(OPS[o][2]) if OPS[o][2] else ''}"
+                     f"{' + FeatCal ' + str(OPS[o][3]) if OPS[o][3] else ''}" for o in ops)
     head = ["model"] + [f"{t} NLL / exact" for t in tasks] + ["mean NLL", "mean token acc", "mean exact",
-                                                              "rel. deviation", "expert bytes read"]
+                                                              "rel. deviation", "expert bytes read", "merge s"]
     lines = [f"# Merge quality on the trained task family ({scale})", "",
              f"Qwen2 ({r.layers} layers, hidden {r.hidden}), base pretrained {r.pre_steps} steps on "
              f"{', '.join(tasks)}; one expert per task ({r.ft_steps} steps). Held-out test sets, 200 items per task. "
@@ -114,7 +150,8 @@ def table(rows: list[dict], tasks: list[str], scale: str, ops: list[str]) -> str
         cells = [row["model"]] + [f"{s[t]['nll']:.3f} / {s[t]['exact']:.2f}" for t in tasks]
         cells += [f"{mean(s, 'nll'):.3f}", f"{mean(s, 'token_acc'):.3f}", f"{mean(s, 'exact'):.3f}",
                   f"{row['relative_deviation']:.3f}" if "relative_deviation" in row else "—",
-                  f"{row['expert_bytes_read'] / 2**20:.2f} MiB" if "expert_bytes_read" in row else "—"]
+                  f"{row['expert_bytes_read'] / 2**20:.2f} MiB" if "expert_bytes_read" in row else "—",
+                  f"{row['merge_seconds']:.1f}" if "merge_seconds" in row else "—"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -154,10 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--family", type=Path, default=None, help="default: bench/cache/quality[-mini]")
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "cache" / "quality-run")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--keep", action="store_true", help="keep other operators' rows from an existing quality.json")
     args = ap.parse_args(argv)
     ops = args.ops.split(",")
     unknown = [o for o in ops if o not in OPS]
     if unknown:
         ap.error(f"unknown operator {unknown[0]!r} (known: {', '.join(OPS)})")
     family = args.family or REPO / "bench" / "cache" / ("quality" if args.scale == "full" else f"quality-{args.scale}")
-    run(args.scale, ops, [int(b) for b in args.budgets.split(",")], family, args.work, args.out)
+    run(args.scale, ops, [int(b) for b in args.budgets.split(",")], family, args.work, args.out, keep=args.keep)

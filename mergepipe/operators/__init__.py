@@ -41,6 +41,7 @@ class Operator:
     aliases: tuple[str, ...]
     params: tuple[Param, ...]
     additive: bool  # M = W0 + sum_k c_k Delta_k: the Frobenius error certificate applies
+    validate: Callable[[dict], None] | None = None  # rules across shared parameters; raises MergepipeError
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -72,14 +73,20 @@ class Operator:
                         raise MergepipeError(f"{where}: models[{i}]: parameter {p.name!r} is required for {self.name}")
             experts.append(e)
         shared_out = {p.name: g.get(p.name, p.default) for p in self.params if not p.per_expert}
+        if self.validate is not None:
+            try:
+                self.validate(shared_out)
+            except MergepipeError as e:
+                raise MergepipeError(f"{where}: {e}") from None
         return shared_out, experts
 
 
 from .ta import TA  # noqa: E402
 from .ties import TIES  # noqa: E402
+from .gcwm import GCWM  # noqa: E402
 
 OPERATORS: dict[str, Operator] = {}
-for _op in (TA, TIES):
+for _op in (TA, TIES, GCWM):
     for _n in (_op.name, *_op.aliases):
         OPERATORS[_n] = _op
 

@@ -1,0 +1,1 @@
+"""FeatCal: forward-order feature calibration of a merged model."""

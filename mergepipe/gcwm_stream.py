@@ -1,0 +1,63 @@
+"""GCWM over one whole target tensor: its SVD, barycenter and inner solve are not block-separable, so
+the base and each planned expert tensor are assembled from their hash-checked blocks as they stream,
+merged on the device, written, and freed before the next tensor. Memory: (T + 1) float32 copies of
+one tensor plus the solver's buffers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .checkpoint import DTYPES, raw_view, to_bytes
+from .errors import MergepipeError
+from .manifest import OperatorSpec
+from .operators import gcwm
+
+WRITE_ROWS_BYTES = 16 << 20  # output written in slices of about this size, so the writer overlaps the cast
+
+
+@contextlib.contextmanager
+def _all_cores(dev: torch.device):
+    """Streaming keeps torch single-threaded (its own threads do whole blocks); one large SVD or
+    matmul on the CPU wants every core instead."""
+    before = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def gcwm_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, progress, guard) -> None:
+    shape = job.base.shape
+    active = [k for k, sel in enumerate(job.selected) if sel]
+    base = torch.empty(shape, dtype=torch.float32, device=dev)
+    experts = {k: torch.empty(shape, dtype=torch.float32, device=dev) for k in active}
+    for (b, reads), raws in stream:
+        for (k, info, blk), raw in zip(reads, raws):
+            rows = blk.row_end - blk.row_start
+            (base if k < 0 else experts[k])[blk.row_start:blk.row_end] = raw_view(raw, info.dtype, (rows, *shape[1:]), dev)
+        if progress:
+            progress(sum(len(r) for r in raws))
+    deltas = []
+    for k in active:
+        d = experts.pop(k).sub_(base)  # float32, as the spec asks (the reference subtracts in bf16)
+        if not bool(torch.isfinite(d).all()):
+            raise MergepipeError(f"{job.experts[k].file}: tensor {job.name!r} holds NaN or Inf (or its delta from the "
+                                 "base does); gcwm's SVD cannot take it")
+        deltas.append(d)
+    weights = [op.expert_params[k]["weight"] for k in active]
+    with _all_cores(dev):
+        delta, diag = gcwm.gcwm_delta(deltas, weights, op.params)
+    del deltas
+    merged = base.add_(delta, alpha=op.params["lambda"])
+    del delta
+    guard(0, [], [], merged)
+    out = merged.to(DTYPES[job.out_dtype][0])
+    step = max(1, WRITE_ROWS_BYTES // max(1, out[0].numel() * out.element_size()))
+    for r in range(0, shape[0], step):
+        sink.write(to_bytes(out[r:r + step].contiguous()))
+    sink.end(job.name, meta={"experts": active, **diag})

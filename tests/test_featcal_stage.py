@@ -1,0 +1,162 @@
+"""FeatCal as a `calibrate:` stage of a merge, through plan -> execute: what it changes, what it leaves
+bit-identical, its manifest, replay, budget prefixes and bad input. The math and the loop are tested
+in test_featcal.py; here the reference is the loop run directly on tensors loaded with safetensors."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from mergepipe.cli import app
+from mergepipe.config import load_config
+from mergepipe.demo import demo_config
+from mergepipe.errors import InputChangedError, MergepipeError
+from mergepipe.execute import MANIFEST_NAME, execute
+from mergepipe.featcal.calibrate import TensorSource, calibrate
+from mergepipe.featcal.layers import Arch
+from mergepipe.index import Catalog
+from mergepipe.manifest import load_manifest
+from mergepipe.plan import plan_merge
+
+from helpers import load_all
+
+PARAMS = {"samples": 6, "seq_len": 12, "batch_size": 4}
+
+
+def _data(workdir, experts=4, seed=0, tasks=False):
+    g = torch.Generator().manual_seed(seed)
+    path = workdir / "calib.jsonl"
+    with open(path, "w") as f:
+        for k in range(experts):
+            for _ in range(PARAMS["samples"]):
+                n = int(torch.randint(4, 16, (1,), generator=g))
+                rec = {"input_ids": torch.randint(0, 512, (n,), generator=g).tolist()}
+                if tasks:
+                    rec["task"] = f"t{k}"
+                f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def _config(family, workdir, data, name="fc.yml", budget=None, **calib):
+    cfg = demo_config(family, "task_arithmetic")
+    cfg["calibrate"] = {"data": str(data), "parameters": {**PARAMS, **calib.pop("parameters", {})}, **calib}
+    if budget:
+        cfg["calibrate"]["budget"] = budget
+    path = workdir / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _plan(family, workdir, **kw):
+    data = kw.pop("data", None) or _data(workdir)
+    return plan_merge(load_config(_config(family, workdir, data, **kw)), "100%", Catalog(workdir / "c.sqlite"))
+
+
+def test_calibrated_merge_matches_the_loop_and_leaves_the_rest(family, workdir):
+    m = _plan(family, workdir)
+    c = m.calibration
+    assert c.prefixes == [2, 2, 2, 2] and c.sequences == [6] * 4 and len(c.data) == 1
+    assert c.statistics["self_attn.q_proj"] == [64, 64] and c.statistics["input_layernorm"] == [64]
+    done = execute(m, workdir / "out")
+    got = load_all(workdir / "out")
+    execute(dataclasses.replace(m, calibration=None), workdir / "plain")
+    plain = load_all(workdir / "plain")
+    # the reference: the same loop over in-memory tensors of the plain merge
+    base = load_all(family["base"])
+    experts = [load_all(family[f"expert{k}"]) for k in range(1, 5)]
+    from mergepipe.featcal.data import load_calibration
+    arch = Arch.from_config(family["base"] / "config.json", tensor_names=base)
+    ids = load_calibration([workdir / "calib.jsonl"], 4, 512, 6, 12).ids
+    ref = {}
+    calibrate(arch, TensorSource(base), TensorSource(plain), [TensorSource(e) for e in experts], ids, c.params,
+              lambda n, t: ref.__setitem__(n, t.to(plain[n].dtype)), store_dtype=torch.bfloat16)
+    assert ref and all(n.startswith("model.layers.") for n in ref)
+    for name, t in got.items():
+        if name in ref:
+            assert torch.equal(t, ref[name]), name
+            assert not torch.equal(t, plain[name]), name
+        else:
+            assert torch.equal(t, plain[name]), name  # embeddings, final norm, lm_head: the merge's bytes
+    ex = done.execution
+    feat = [d["featcal"] for d in ex.diagnostics.values() if "featcal" in d]
+    assert len(feat) == len(ref) and all(f["experts"] == [0, 1, 2, 3] and f["rel_change"] > 0 for f in feat)
+    assert ex.expert_bytes_read > m.plan.planned_expert_bytes  # the calibration's reads are counted too
+    assert not list(workdir.glob(".out.mergepipe-*"))  # the private merge copy is gone
+
+
+def test_replay_bit_exact_and_verify(family, workdir):
+    m = _plan(family, workdir)
+    a = execute(m, workdir / "a")
+    b = execute(load_manifest(workdir / "a" / MANIFEST_NAME), workdir / "b")
+    assert a.execution.root_hash == b.execution.root_hash
+    r = CliRunner().invoke(app, ["verify", str(workdir / "a" / MANIFEST_NAME), "-o", str(workdir / "b")])
+    assert r.exit_code == 0, r.output
+
+
+def test_budget_grants_layer_prefixes(family, workdir):
+    m = _plan(family, workdir, budget="50%")
+    c = m.calibration
+    assert c.budget.bytes <= c.budget.expert_bytes_total // 2 + 1
+    assert sorted(c.prefixes, reverse=True) != [2, 2, 2, 2] and max(c.prefixes) >= 1
+    done = execute(m, workdir / "half")
+    calibrated_layers = set()
+    for name, d in done.execution.diagnostics.items():
+        if "featcal" in d:
+            layer = int(name.split(".")[2])
+            calibrated_layers.add(layer)
+            assert d["featcal"]["experts"] == [k for k in range(4) if c.prefixes[k] > layer], name
+    assert calibrated_layers == set(range(max(c.prefixes)))
+
+
+def test_task_routing_and_text_equals_ids(family, workdir):
+    data = _data(workdir, tasks=True)
+    m = _plan(family, workdir, data=data, tasks=["t0", "t1", "t2", "t3"])
+    assert m.calibration.tasks == ["t0", "t1", "t2", "t3"]
+    with pytest.raises(MergepipeError, match="task"):
+        _plan(family, workdir, data=data, tasks=["t0", "t1", "t2", "zz"], name="bad.yml")
+
+
+def test_bad_input_one_line(family, workdir, tmp_path):
+    with pytest.raises(MergepipeError, match="missing.jsonl"):
+        _plan(family, workdir, data=tmp_path / "missing.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(MergepipeError, match="empty.jsonl"):
+        _plan(family, workdir, data=empty)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input_ids": [1, 2]}\n{"input_ids": [1, 99999]}\n')
+    with pytest.raises(MergepipeError, match="bad.jsonl:2"):
+        _plan(family, workdir, data=bad)
+    with pytest.raises(MergepipeError, match="context"):
+        _plan(family, workdir, parameters={"seq_len": 4096})
+    with pytest.raises(MergepipeError, match="tasks"):
+        _plan(family, workdir, tasks=["a"])
+    with pytest.raises(MergepipeError, match="lambda"):
+        _plan(family, workdir, parameters={"lambda": -1.0})
+    with pytest.raises(MergepipeError, match="unknown"):
+        _plan(family, workdir, parameters={"sharpness": 1.0})
+
+
+def test_unsupported_architecture_and_changed_data(family, workdir, copy_family):
+    fam = copy_family()
+    cfg = json.loads((fam["base"] / "config.json").read_text())
+    m = _plan(fam, workdir)
+    (fam["base"] / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(MergepipeError, match="gpt2"):
+        _plan(fam, workdir, name="gpt2.yml")
+    (fam["base"] / "config.json").write_text(json.dumps(cfg))
+    with open(workdir / "calib.jsonl", "a") as f:
+        f.write('{"input_ids": [3]}\n')
+    with pytest.raises(InputChangedError, match="calib.jsonl"):
+        execute(m, workdir / "changed")
+    assert not (workdir / "changed").exists()
+
+
+def test_cli_one_line_error(family, workdir, tmp_path):
+    path = _config(family, workdir, tmp_path / "nope.jsonl")
+    r = CliRunner().invoke(app, ["plan", str(path), "-o", str(workdir / "m.json")])
+    assert r.exit_code == 2 and "nope.jsonl" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
