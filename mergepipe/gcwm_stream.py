@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import torch
 
@@ -50,8 +51,12 @@ def gcwm_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, progress
                                  "base does); gcwm's SVD cannot take it")
         deltas.append(d)
     weights = [op.expert_params[k]["weight"] for k in active]
+    t0 = time.perf_counter()
     with _all_cores(dev):
         delta, diag = gcwm.gcwm_delta(deltas, weights, op.params)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t0
     del deltas
     merged = base.add_(delta, alpha=op.params["lambda"])
     del delta
@@ -60,4 +65,4 @@ def gcwm_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, progress
     step = max(1, WRITE_ROWS_BYTES // max(1, out[0].numel() * out.element_size()))
     for r in range(0, shape[0], step):
         sink.write(to_bytes(out[r:r + step].contiguous()))
-    sink.end(job.name, meta={"experts": active, **diag})
+    sink.end(job.name, meta={"experts": active, **diag, "seconds": round(seconds, 4)})  # seconds: compute only
