@@ -145,6 +145,27 @@ def execute(manifest: Path = typer.Argument(...),
 
 
 @command
+def continual(config: Path = typer.Argument(..., help="mergekit YAML with merge_method gcwm; models in arrival order."),
+              output: Path = typer.Option(..., "-o", "--output", help="Folder for step-01, step-02, ... (and anchors/)."),
+              mode: str = typer.Option("all_history", "--mode", help="all_history or current_anchor."),
+              budget: str = typer.Option("100%", "--budget", "-b", help="Expert bytes each step may read."),
+              anchor_weight: float = typer.Option(1.0, "--anchor-weight", help="current_anchor: the previous merge's weight."),
+              catalog: Optional[Path] = typer.Option(None, "--catalog"),
+              device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+              force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+              as_json: bool = typer.Option(False, "--json")):
+    """Merge experts one at a time with GCWM; publish every step with its own manifest."""
+    from .config import load_config
+    from .continual import continual as run
+    steps = run(load_config(config), output, mode, budget, _catalog(catalog), device, force, anchor_weight,
+                log=None if as_json else out.print)
+    if as_json:
+        out.print_json(data=[{"step": s.step, "output": str(s.output), "root_hash": s.manifest.execution.root_hash,
+                              "anchor_root_hash": s.anchor.execution.root_hash if s.anchor else None}
+                             for s in steps])
+
+
+@command
 def verify(manifest: Path = typer.Argument(...),
            output: Optional[Path] = typer.Option(None, "--output", "-o", help="Check this folder instead of re-executing."),
            device: str = typer.Option("cpu", "--device"),
