@@ -7,6 +7,8 @@ execution. CI re-executes every manifest here and checks those hashes (tests/tes
 
 from __future__ import annotations
 
+import json
+import random
 import sys
 import tempfile
 from pathlib import Path
@@ -23,15 +25,24 @@ from mergepipe.index import Catalog  # noqa: E402
 from mergepipe.plan import plan_merge  # noqa: E402
 from mergepipe.synth import TINY, build_family  # noqa: E402
 
-CASES = {  # name: (method, per-model parameters, budget)
-    "ta-100": ("task_arithmetic", {}, "100%"),
-    "ta-20": ("task_arithmetic", {}, "20%"),
-    "ties-100": ("ties", {"density": 0.2}, "100%"),
-    "ties-50": ("ties", {"density": 0.2}, "50%"),
+CALIB = {"data": "calib.jsonl", "parameters": {"samples": 4, "seq_len": 16, "batch_size": 2}}
+CASES = {  # name: (method, per-model parameters, shared parameters, budget, calibrate section)
+    "ta-100": ("task_arithmetic", {}, {}, "100%", None),
+    "ta-20": ("task_arithmetic", {}, {}, "20%", None),
+    "ties-100": ("ties", {"density": 0.2}, {}, "100%", None),
+    "ties-50": ("ties", {"density": 0.2}, {}, "50%", None),
+    "gcwm-100": ("gcwm", {}, {"inner_steps": 20}, "100%", None),
+    "gcwm-60-exact": ("gcwm", {}, {"solver": "exact"}, "60%", None),
+    "ta-featcal": ("task_arithmetic", {}, {}, "100%", CALIB),
 }
 
 
 def replay_family(root: Path) -> dict[str, Path]:
+    """The seeded family, and the calibration data of the FeatCal manifest (token ids, seeded)."""
+    rng = random.Random(7)
+    lines = [json.dumps({"input_ids": [rng.randrange(TINY.vocab) for _ in range(rng.randrange(3, 20))]})
+             for _ in range(4)]
+    (root / "calib.jsonl").write_text("\n".join(lines) + "\n")
     return build_family(root / "family", TINY, experts=3, seed=7, shards=2)
 
 
@@ -40,10 +51,12 @@ def main() -> None:
         root = Path(tmp)
         paths = replay_family(root)
         catalog = Catalog(root / "catalog.sqlite")
-        for name, (method, params, budget) in CASES.items():
-            cfg = demo_config(paths, method)
+        for name, (method, params, shared, budget, calibrate) in CASES.items():
+            cfg = demo_config(paths, method, **shared)
             for m in cfg["models"]:
                 m["parameters"].update(params)
+            if calibrate:
+                cfg["calibrate"] = {**calibrate, "data": str(root / calibrate["data"])}
             (root / f"{name}.yml").write_text(yaml.safe_dump(cfg))
             m = plan_merge(load_config(root / f"{name}.yml"), budget, catalog, relative_to=root)
             done = execute(m, root / "out" / name, root=root)

@@ -36,6 +36,7 @@ OPS: dict[str, tuple[str, dict, dict, dict | None]] = {
     "ties": ("ties", {"weight": 0.3, "density": 0.5}, {"normalize": False}, None),
     "gcwm": ("gcwm", {}, {}, None),  # the reference's defaults: lambda 0.2, Adam 100 steps at lr 1e-5
     "gcwm-exact": ("gcwm", {}, {"solver": "exact"}, None),
+    "gcwm-l0.3": ("gcwm", {}, {"lambda": 0.3}, None),  # the same outer scale as ta's 0.3 per expert
     **{f"ta+featcal{n}": ("task_arithmetic", {"weight": 0.3}, {}, {"samples": n, "seq_len": 64, "batch_size": 16})
        for n in (8, 32, 128)},
 }
