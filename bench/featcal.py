@@ -74,6 +74,35 @@ def execute(cfg: dict, work: Path, name: str) -> dict:
     return {"wall_s": r.wall_s, "peak_rss_bytes": r.peak_rss_bytes, "calibration": done.get("calibration")}
 
 
+def timing(fam: dict[str, Path], work: Path, device: str, samples: int = 32, seq_len: int = 256,
+           vocab: int | None = None, seed: int = 0) -> dict:
+    """Wall time of TA + FeatCal on a family of any size, with seeded random token ids: what bench/gpu.py
+    reports for the largest family it builds."""
+    import random
+
+    from mergepipe.config import load_config
+    from mergepipe.demo import demo_config
+    from mergepipe.execute import execute as run
+    from mergepipe.index import Catalog
+    from mergepipe.plan import plan_merge
+    vocab = vocab or json.loads((fam["base"] / "config.json").read_text())["vocab_size"]
+    rng = random.Random(seed)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "calib-random.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": [rng.randrange(vocab) for _ in range(seq_len)]}) + "\n"
+                            for _ in range(samples)))
+    cfg = demo_config(fam, "task_arithmetic")
+    cfg["calibrate"] = {"data": str(data), "parameters": {"samples": samples, "seq_len": seq_len, "batch_size": 16}}
+    (work / "featcal.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    m = plan_merge(load_config(work / "featcal.yml"), "100%", Catalog(work / "catalog.sqlite"))
+    done = run(m, work / "out-featcal", device=device, force=True)
+    ex = done.execution
+    return {"device": ex.device, "wall_s": ex.wall_s, "experts": len(m.experts), "samples": samples,
+            "seq_len": seq_len, "layers": max(m.calibration.prefixes),
+            "peak_rss_bytes": ex.peak_rss_bytes, "peak_device_bytes": ex.peak_device_bytes,
+            "expert_bytes_read": ex.expert_bytes_read}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", default="8,32,128")

@@ -1,7 +1,8 @@
 """GPU run of the core bench: `python -m bench.gpu --out DIR` on a machine with CUDA.
 
 Builds the Qwen2.5-0.5B-shaped family, then merges it with --device cuda (and once on the CPU of the
-same machine, for comparison) at several budgets, in-process, and writes gpu.md and gpu.json.
+same machine, for comparison) at several budgets, in-process, and writes gpu.md and gpu.json; then
+times TA + FeatCal on the same family and GCWM's full Adam run (gcwm-cuda.md).
 Wall times are the median of --runs executions on a warm page cache.
 """
 
@@ -83,8 +84,18 @@ def main() -> None:
         cpu = f"{r['cpu_wall_s']:.2f} s" if "cpu_wall_s" in r else "—"
         lines.append(f"| {r['method']} | {r['budget']} | {r['wall_median_s']:.2f} s | {cpu} | {r['expert_bytes_read'] / 2**30:.2f} GiB | "
                      f"{r['peak_device_bytes'] / 2**20:.0f} MiB | {vs} | {dev} |")
+    # FeatCal after TA on the same family, random token ids (the spec's worked example: n 256, S 512 per
+    # expert; here 64 x 256 to fit the device minutes), then GCWM's full Adam run (bench.gcwm).
+    from bench import featcal, gcwm
+    fc = featcal.timing(fam, args.work / "featcal", "cuda", samples=64, seq_len=256)
+    info["featcal"] = fc
+    lines += ["", f"TA + FeatCal on cuda, 4 experts x {fc['samples']} random sequences of {fc['seq_len']} tokens, "
+              f"{fc['layers']} layers: {fc['wall_s']:.1f} s, peak GPU memory {fc['peak_device_bytes'] / 2**20:.0f} MiB, "
+              f"peak RSS {fc['peak_rss_bytes'] / 2**30:.2f} GiB."]
+    (args.out / "gpu.json").write_text(json.dumps(info, indent=2))
     (args.out / "gpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
+    gcwm.main(["--device", "cuda", "--full-adam", "--skip-exact", "--cache", str(args.work / "gcwm"), "--out", str(args.out)])
 
 
 if __name__ == "__main__":

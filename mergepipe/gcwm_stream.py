@@ -26,12 +26,19 @@ def _all_cores(dev: torch.device, numel: int):
     matmul on the CPU wants every core instead. Small tensors stay on one thread: OpenMP's barriers
     cost more than they save there (measured 15 ms against 3 us per tiny op on a busy 2-core box)."""
     before = torch.get_num_threads()
-    if dev.type == "cpu" and numel >= PARALLEL_NUMEL:
-        torch.set_num_threads(os.cpu_count() or 1)
+    if dev.type == "cpu":
+        torch.set_num_threads((os.cpu_count() or 1) if numel >= PARALLEL_NUMEL else 1)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def tensor_delta(deltas: list[torch.Tensor], weights: list[float], params: dict, dev: torch.device):
+    """gcwm_delta under execute's thread policy. BLAS and LAPACK results depend on the thread count,
+    so anything that must match an execute bit for bit (a replay, a test's reference) goes through here."""
+    with _all_cores(dev, deltas[0].numel() if deltas else 0):
+        return gcwm.gcwm_delta(deltas, weights, params)
 
 
 def gcwm_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, progress, guard) -> None:
@@ -54,8 +61,7 @@ def gcwm_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, progress
         deltas.append(d)
     weights = [op.expert_params[k]["weight"] for k in active]
     t0 = time.perf_counter()
-    with _all_cores(dev, base.numel()):
-        delta, diag = gcwm.gcwm_delta(deltas, weights, op.params)
+    delta, diag = tensor_delta(deltas, weights, op.params, dev)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0

@@ -14,6 +14,7 @@ from mergepipe.config import load_config
 from mergepipe.demo import demo_config
 from mergepipe.errors import MergepipeError
 from mergepipe.execute import MANIFEST_NAME, execute
+from mergepipe.gcwm_stream import tensor_delta
 from mergepipe.index import Catalog
 from mergepipe.manifest import load_manifest
 from mergepipe.operators import gcwm
@@ -47,7 +48,10 @@ def _reference(family, experts: list[str], params: dict, active: dict[str, list[
             continue
         ks = active[name] if active is not None else range(len(ws))
         deltas = [ws[k][name].float() - b.float() for k in ks]
-        d, _ = gcwm.gcwm_delta(deltas, [gcwm_weight] * len(deltas), params, like=b.float())
+        if not deltas:
+            out[name] = b.to(torch.bfloat16)
+            continue
+        d, _ = tensor_delta(deltas, [gcwm_weight] * len(deltas), params, torch.device("cpu"))
         out[name] = (b.float() + params["lambda"] * d).to(torch.bfloat16)
     return out
 
