@@ -194,6 +194,7 @@ def explain(manifest: Path = typer.Argument(...), as_json: bool = typer.Option(F
             top: int = typer.Option(0, "--top", help="Show only the N tensors with the most bytes planned.")):
     """What the plan reads and why: per tensor, blocks selected per expert, bytes, omitted-norm bound;
     for an executed GCWM manifest also the active experts, conflict, gate and union rank."""
+    import dataclasses
     from .explain import explain_rows
     from .manifest import load_manifest
     m = load_manifest(manifest)
@@ -202,28 +203,39 @@ def explain(manifest: Path = typer.Argument(...), as_json: bool = typer.Option(F
         rows = sorted(rows, key=lambda r: -r["planned_bytes"])[:top]
     if as_json:
         out.print_json(data={"operator": m.operator.name, "budget": m.budget.spec, "planner": m.plan.planner,
-                             "certificate": m.plan.certificate.bound, "tensors": rows})
+                             "certificate": m.plan.certificate.bound, "tensors": rows,
+                             "calibration": dataclasses.asdict(m.calibration) if m.calibration else None})
         return
     t = Table(title=f"{m.operator.name} at budget {m.budget.spec} ({m.plan.planner} planner): "
                     f"{_size(m.plan.planned_expert_bytes)} of {_size(m.budget.expert_bytes_total)} expert bytes")
-    diag = any(r["diagnostics"] for r in rows)
+    gcwm_cols = any((r["diagnostics"] or {}).get("form") for r in rows)
+    featcal_col = any("featcal" in (r["diagnostics"] or {}) for r in rows)
     cols = ["tensor", "blocks", "selected per expert (of candidates)", "bytes", "omitted bound"]
-    cols += ["active experts", "conflict", "gate", "union rank", "solver"] if diag else []
+    cols += ["active experts", "conflict", "gate", "union rank", "solver"] if gcwm_cols else []
+    cols += ["featcal: experts, rel. change"] if featcal_col else []
     for col in cols:
         t.add_column(col, justify="left" if col == "tensor" else "right")
     for r in rows:
         sel = " ".join(f"{s}/{c}" for s, c in zip(r["selected"], r["candidates"]))
         bound = "-" if r["bound"] is None else f"{r['bound']:.3g}"
         cells = [r["tensor"], str(r["blocks"]), sel, _size(r["planned_bytes"]), bound]
-        if diag:
-            d = r["diagnostics"] or {}
+        d = r["diagnostics"] or {}
+        if gcwm_cols:
             cells += [",".join(map(str, d.get("experts", []))) or "-",
                       *(f"{d[k]:.3f}" if d.get(k) is not None else "-" for k in ("conflict", "gate")),
                       str(d.get("union_rank", "-")), str(d.get("form", "-"))]
+        if featcal_col:
+            f = d.get("featcal")
+            cells.append(f"{','.join(map(str, f['experts']))}: {f['rel_change']:.3g}" if f else "-")
         t.add_row(*cells)
     out.print(t)
     c = m.plan.certificate
     out.print(f"certificate ({c.kind}): {'n/a' if c.bound is None else format(c.bound, '.4g')}: {c.note}")
+    if m.calibration is not None:
+        cal = m.calibration
+        out.print(f"calibration ({cal.method}): layer prefixes per expert {cal.prefixes}, "
+                  f"{_size(cal.budget.bytes)} of {_size(cal.budget.expert_bytes_total)} expert bytes; "
+                  f"sequences {cal.sequences}, tokens {cal.tokens}; data {', '.join(f.path for f in cal.data)}")
 
 
 @command

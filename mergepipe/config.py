@@ -3,6 +3,7 @@ and a key mergepipe would not honour is an error rather than silently ignored.""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,8 +96,10 @@ def parse_config(doc: object, where: str = "<config>") -> MergeConfig:
 
 
 def _calibrate(doc: object, experts: int, where: str) -> CalibrateConfig:
-    from .featcal.calibrate import FeatCalParams
     where = f"{where}: calibrate"
+    if importlib.util.find_spec("transformers") is None:  # FeatCal builds each layer from its classes
+        raise MergepipeError(f"{where}: FeatCal needs transformers (pip install 'mergepipe[featcal]')")
+    from .featcal.calibrate import FeatCalParams
     if not isinstance(doc, dict):
         raise MergepipeError(f"{where} must be a mapping with data and optional tasks, budget, parameters")
     unknown = sorted(set(doc) - CALIBRATE_KEYS)

@@ -59,6 +59,10 @@ def check_inputs(m: Manifest, root: Path | None, allow_pickle: bool, result: Ver
                                                "does not match its recorded hash (input changed)")
                         break
             result.inputs_checked += len(rec.files)
+        if m.calibration is not None:
+            from .featcal.stage import calibration_problems
+            result.problems += calibration_problems(m.calibration, base.root, root)
+            result.inputs_checked += len(m.calibration.data) + len(m.calibration.tokenizer)
     finally:
         reader.close()
 

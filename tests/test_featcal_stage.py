@@ -160,3 +160,21 @@ def test_cli_one_line_error(family, workdir, tmp_path):
     r = CliRunner().invoke(app, ["plan", str(path), "-o", str(workdir / "m.json")])
     assert r.exit_code == 2 and "nope.jsonl" in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_verify_and_explain_see_the_calibration(family, workdir):
+    m = _plan(family, workdir)
+    execute(m, workdir / "out")
+    manifest = str(workdir / "out" / MANIFEST_NAME)
+    r = CliRunner().invoke(app, ["explain", manifest, "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["calibration"]["prefixes"] == [2, 2, 2, 2]
+    assert any(row["diagnostics"] and "featcal" in row["diagnostics"] for row in doc["tensors"])
+    r = CliRunner().invoke(app, ["explain", manifest])
+    assert r.exit_code == 0 and "layer prefixes per expert [2, 2, 2, 2]" in r.stdout.replace("\n", " ")
+    assert CliRunner().invoke(app, ["verify", manifest, "-o", str(workdir / "out")]).exit_code == 0
+    with open(workdir / "calib.jsonl", "a") as f:
+        f.write('{"input_ids": [5]}\n')
+    r = CliRunner().invoke(app, ["verify", manifest, "-o", str(workdir / "out")])
+    assert r.exit_code == 1 and "calib.jsonl" in r.output and "changed since planning" in r.output

@@ -407,14 +407,15 @@ def calibrate(arch, base: Source, merged: Source, experts: Sequence[Source],
               ids: Sequence[Sequence[Sequence[int]]], params: FeatCalParams | dict | None,
               emit: Callable[[str, Tensor], None], prefixes: Sequence[int] | None = None, *,
               ram_limit: int = 4 << 30, tmp_dir: str | Path | None = None,
-              device: str | torch.device = "cpu", store_dtype: torch.dtype | None = None) -> Diagnostics:
+              device: str | torch.device = "cpu",
+              store_dtype: torch.dtype | dict[str, torch.dtype] | None = None) -> Diagnostics:
     """Run FeatCal and `emit(name, fp32 CPU tensor)` each calibrated tensor once, right after its layer
     is solved. Expert i calibrates layers < prefixes[i] (default: all); a layer no expert reaches keeps
     θ_m and is not emitted, nor is any tensor outside the layers or not calibratable.
 
     Layers, statistics and solves run on `device`; sources, the stem and the activation streams stay
     on the host (streams past `ram_limit` bytes are memory-mapped under `tmp_dir`). With `store_dtype`
-    (the output checkpoint's dtype) each solution is rounded to it before it is emitted and before the
+    (the output dtype, or one per tensor name) each solution is rounded to it before it is emitted and before the
     student streams pass through it, so later layers are calibrated against the weights as stored."""
     dev = torch.device(device)
     p = params if isinstance(params, FeatCalParams) else FeatCalParams.from_dict(params)
@@ -483,7 +484,7 @@ def _fill(stream: Stream, seqs, batch_size: int, embed: Callable[[Tensor], Tenso
 def _layer(arch, layer: int, plan: _Plan, base: Source, merged: Source, experts: Sequence[Source], seqs,
            active: list[int], prefixes: Sequence[int], student: dict[int, Stream], teacher: dict[int, Stream],
            p: FeatCalParams, emit: Callable[[str, Tensor], None], dev: torch.device,
-           store_dtype: torch.dtype | None) -> LayerReport:
+           store_dtype: torch.dtype | dict[str, torch.dtype] | None) -> LayerReport:
     """One layer: statistics per active expert folded into running sums, solve, emit, advance."""
     pre = arch.layer_prefix(layer)
     rep = LayerReport(layer, list(active))
@@ -521,8 +522,9 @@ def _layer(arch, layer: int, plan: _Plan, base: Source, merged: Source, experts:
     del b_t
     for k in targets:
         new, old = solved.pop(k), m_t[k]
-        if store_dtype is not None:
-            new = new.to(store_dtype).float()
+        dtype = store_dtype.get(pre + k) if isinstance(store_dtype, dict) else store_dtype
+        if dtype is not None:
+            new = new.to(dtype).float()
         rep.rel_change[pre + k] = float((new.double() - old.double()).norm() / max(float(old.double().norm()), 1e-30))
         emit(pre + k, new.to(CPU, copy=True))  # a copy: the caller may convert it in place
         m_t[k] = new

@@ -77,24 +77,32 @@ def plan_calibration(cc: CalibrateConfig, base: Model, experts: list[Model],
     )
 
 
+def calibration_problems(c: Calibration, base_root: Path, root: Path | None) -> list[str]:
+    """What no longer matches the calibration inputs recorded at planning: data files and tokenizer."""
+    from ..execute import resolve_ref
+    problems = []
+    files = [(Path(resolve_ref(rec.path, root)), rec.hash, "calibration data") for rec in c.data]
+    files += [(base_root / rel, want, "tokenizer file") for rel, want in c.tokenizer.items()]
+    for path, want, what in files:
+        try:
+            got = xxhash.xxh3_128_hexdigest(path.read_bytes())
+        except OSError as e:
+            problems.append(f"{path}: cannot read the {what} recorded in the manifest ({e.strerror})")
+            continue
+        if got != want:
+            problems.append(f"{path}: {what} changed since planning (expected xxh3 {want})")
+    return problems
+
+
 def _load_checked(c: Calibration, base: Model, arch: Arch, p: FeatCalParams, root: Path | None, experts: int):
     """The calibration data as planned, or an error naming the file that changed."""
     from ..execute import resolve_ref
-    files = [resolve_ref(f.path, root) for f in c.data]
-    for f, rec in zip(files, c.data):
-        try:
-            got = xxhash.xxh3_128_hexdigest(Path(f).read_bytes())
-        except OSError as e:
-            raise MergepipeError(f"{f}: cannot read the calibration file recorded in the manifest ({e.strerror})") from None
-        if got != rec.hash:
-            raise InputChangedError(f"{f}: calibration data changed since planning (expected xxh3 {rec.hash})")
-    data = _data(files, c.tasks, base, arch, p, experts)
-    for rel, want in c.tokenizer.items():
-        got = data.tokenizer_hashes.get(str(base.root / rel))
-        if got is not None and got != want:
-            raise InputChangedError(f"{base.root / rel}: tokenizer changed since planning (expected xxh3 {want})")
+    problems = calibration_problems(c, base.root, root)
+    if problems:
+        raise InputChangedError(problems[0])
+    data = _data([resolve_ref(rec.path, root) for rec in c.data], c.tasks, base, arch, p, experts)
     if [len(x) for x in data.ids] != c.sequences:
-        raise InputChangedError(f"{files[0]}: calibration data no longer gives {c.sequences} sequences per expert")
+        raise InputChangedError(f"{c.data[0].path}: calibration data no longer gives {c.sequences} sequences per expert")
     return data
 
 
@@ -145,8 +153,7 @@ def _calibrate_into(folder: Path, arch: Arch, base: Model, merged: Model, expert
     """Run FeatCal; each calibrated tensor overwrites its bytes in the copied merged files as soon as
     its layer is solved, so no layer outlives its solve."""
     fds: dict[str, int] = {}
-    first = next(iter(n for n in merged.tensors if n.startswith(arch.layer_prefix(0))), None)
-    store = DTYPES[merged.tensors[first].dtype][0] if first else None
+    store = {n: DTYPES[info.dtype][0] for n, info in merged.tensors.items()}  # each solution as it is stored
 
     def emit(name: str, t: torch.Tensor) -> None:
         info = merged.tensors[name]
