@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mergepipe.demo import demo_config
@@ -41,3 +42,13 @@ def copy_family(family, tmp_path):
             shutil.copytree(family["base"].parent, dst)
         return {k: dst / v.name for k, v in family.items()}
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensor ops: OpenMP threads cost more than they give there, and far more on
+    a shared busy machine (measured 15 ms against 3 us per op)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -57,13 +57,7 @@ ROOTS = {"llama": "model.layers.", "qwen3": "model.layers.", "bert": "encoder.la
          "bert_mlm": "bert.encoder.layer."}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: OpenMP threads cost more than they give, and far more on a shared busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _jitter(model: torch.nn.Module, scale: float, seed: int) -> None:

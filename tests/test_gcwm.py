@@ -19,14 +19,7 @@ F64 = torch.float64
 EPS = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny: a second OpenMP thread only adds barrier spinning, which on a shared
-    2-core machine made this file take 30-50 s instead of 5."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed):
