@@ -178,3 +178,48 @@ def test_verify_and_explain_see_the_calibration(family, workdir):
         f.write('{"input_ids": [5]}\n')
     r = CliRunner().invoke(app, ["verify", manifest, "-o", str(workdir / "out")])
     assert r.exit_code == 1 and "calib.jsonl" in r.output and "changed since planning" in r.output
+
+
+def test_calibrates_a_gcwm_merge(family, workdir):
+    """The stage follows any operator: here GCWM, whose diagnostics and FeatCal's share the manifest."""
+    cfg = demo_config(family, "gcwm", solver="adam", inner_steps=5)
+    cfg["calibrate"] = {"data": str(_data(workdir)), "parameters": PARAMS}
+    (workdir / "g.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    m = plan_merge(load_config(workdir / "g.yml"), "100%", Catalog(workdir / "c.sqlite"))
+    done = execute(m, workdir / "out")
+    diag = done.execution.diagnostics
+    both = [n for n, d in diag.items() if "featcal" in d and "conflict" in d]
+    assert both and all(n.endswith("_proj.weight") for n in both)  # GCWM targets, then calibrated
+    assert any("featcal" in d and "conflict" not in d for d in diag.values())  # norms and biases: FeatCal only
+    plain = execute(dataclasses.replace(m, calibration=None), workdir / "plain")
+    got, ref = load_all(workdir / "out"), load_all(workdir / "plain")
+    for name in ref:
+        assert torch.equal(got[name], ref[name]) == (name not in diag or "featcal" not in diag[name]), name
+    assert plain.execution.diagnostics.keys() <= diag.keys()
+
+
+def test_rerun_after_a_kill_reuses_the_finished_merge(family, workdir, monkeypatch):
+    """A run killed during calibration leaves its merge in the private folder beside OUT; the rerun
+    checks it against the plan and its output hashes and calibrates without merging again."""
+    import mergepipe.execute as ex
+    m = _plan(family, workdir)
+    merged_dir = workdir / ".out.mergepipe-merged"
+    execute(dataclasses.replace(m, calibration=None), merged_dir)  # what the killed run had published
+    calls = []
+    real = ex.execute
+    monkeypatch.setattr(ex, "execute", lambda mm, *a, **k: calls.append(mm.calibration) or real(mm, *a, **k))
+    done = execute(m, workdir / "out")
+    assert calls == []  # no second merge
+    fresh = real(m, workdir / "fresh")
+    assert done.execution.root_hash == fresh.execution.root_hash
+    assert not merged_dir.exists()
+    # a damaged leftover is not trusted: the merge runs again
+    merged_dir = workdir / ".again.mergepipe-merged"
+    real(dataclasses.replace(m, calibration=None), merged_dir)
+    calls.clear()
+    shard = sorted(merged_dir.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    again = execute(m, workdir / "again")
+    assert calls == [None] and again.execution.root_hash == fresh.execution.root_hash

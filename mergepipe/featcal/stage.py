@@ -123,8 +123,9 @@ def execute_calibrated(m: Manifest, out: str | Path, device: str = "cpu", force:
     with destination_lock(out):
         staging = prepare_destination(out, force, plan_key(m, dev))
         try:
-            merge = execute(dataclasses.replace(m, calibration=None), merged_dir, device, True, root, allow_pickle,
-                            progress, allow_nonfinite)
+            merge_m = dataclasses.replace(m, calibration=None)
+            merge = _finished_merge(merge_m, merged_dir, dev) or execute(
+                merge_m, merged_dir, device, True, root, allow_pickle, progress, allow_nonfinite)
             merged = open_model(merged_dir)
             shutil.copytree(merged_dir, staging.folder, dirs_exist_ok=True,
                             ignore=lambda d, names: [MANIFEST_NAME] if Path(d) == merged_dir else [])
@@ -146,6 +147,21 @@ def execute_calibrated(m: Manifest, out: str | Path, device: str = "cpu", force:
         finally:
             shutil.rmtree(merged_dir, ignore_errors=True)
     return done
+
+
+def _finished_merge(m: Manifest, folder: Path, dev: torch.device) -> Manifest | None:
+    """The merge a killed calibration run left in its private folder, if it is this plan's and intact:
+    a rerun then calibrates without merging again."""
+    from ..execute import plan_key
+    from ..manifest import load_manifest
+    from ..verify import verify
+    try:
+        prev = load_manifest(folder / MANIFEST_NAME)
+    except MergepipeError:
+        return None
+    if prev.execution is None or plan_key(prev, dev) != plan_key(m, dev):
+        return None
+    return prev if verify(prev, output=folder, check_input_blocks=False).ok else None
 
 
 def _calibrate_into(folder: Path, arch: Arch, base: Model, merged: Model, experts: list[Model], ids, p, prefixes,
