@@ -147,6 +147,9 @@ def test_unsupported_architecture_and_changed_data(family, workdir, copy_family)
     (fam["base"] / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     with pytest.raises(MergepipeError, match="gpt2"):
         _plan(fam, workdir, name="gpt2.yml")
+    (fam["base"] / "config.json").unlink()
+    with pytest.raises(MergepipeError, match="config.json"):
+        _plan(fam, workdir, name="noconfig.yml")
     (fam["base"] / "config.json").write_text(json.dumps(cfg))
     with open(workdir / "calib.jsonl", "a") as f:
         f.write('{"input_ids": [3]}\n')
