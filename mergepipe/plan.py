@@ -55,13 +55,19 @@ def _hex(hashes: np.ndarray) -> str:
     return hashes.astype(">u8").tobytes().hex()
 
 
-def _input(model: Model, fam: FamilyIndex, relative_to: Path | None) -> InputModel:
-    ref = model.ref
+def recorded_path(ref: str, relative_to: Path | None) -> str:
+    """How a manifest records a local path: absolute, or relative to `relative_to`; other refs (hub
+    ids) as given."""
     local = Path(ref).expanduser()
-    if local.exists():
-        local = local.resolve()
-        # "./" keeps a relative path from reading as a hub id (org/name)
-        ref = os.path.join(".", os.path.relpath(local, relative_to)) if relative_to else str(local)
+    if not local.exists():
+        return ref
+    local = local.resolve()
+    # "./" keeps a relative path from reading as a hub id (org/name)
+    return os.path.join(".", os.path.relpath(local, relative_to)) if relative_to else str(local)
+
+
+def _input(model: Model, fam: FamilyIndex, relative_to: Path | None) -> InputModel:
+    ref = recorded_path(model.ref, relative_to)
     files = []
     for fh in model.files:
         fi = fam.files[str(fh.path)]

@@ -42,14 +42,9 @@ def _data(cal_files: list[str], tasks, base: Model, arch: Arch, p: FeatCalParams
     return load_calibration(cal_files, experts, arch.vocab_size, p.n, p.seq_len, tokenizer_root=base.root, tasks=tasks)
 
 
-def _ref(path: str, relative_to: Path | None) -> str:
-    p = Path(path).expanduser().resolve()
-    return os.path.join(".", os.path.relpath(p, relative_to)) if relative_to else str(p)
-
-
 def plan_calibration(cc: CalibrateConfig, base: Model, experts: list[Model],
                      relative_to: Path | None = None) -> Calibration:
-    from ..plan import parse_budget
+    from ..plan import parse_budget, recorded_path
     arch = _arch(base)
     p = FeatCalParams.from_dict(cc.params)
     data = _data(cc.data, cc.tasks, base, arch, p, len(experts))
@@ -66,7 +61,7 @@ def plan_calibration(cc: CalibrateConfig, base: Model, experts: list[Model],
     return Calibration(
         method="featcal",
         params=p.to_dict(),
-        data=[CalibrationFile(_ref(f, relative_to), data.data_hashes[str(Path(f))]) for f in cc.data],
+        data=[CalibrationFile(recorded_path(f, relative_to), data.data_hashes[str(Path(f))]) for f in cc.data],
         tasks=cc.tasks,
         tokenizer={os.path.relpath(k, base.root): h for k, h in data.tokenizer_hashes.items()},
         sequences=[len(x) for x in data.ids],
@@ -191,13 +186,10 @@ def _calibrate_into(folder: Path, arch: Arch, base: Model, merged: Model, expert
 
 def _hash_outputs(folder: Path) -> dict[str, OutputFile]:
     """File and per-tensor hashes of the published files, computed as execute's writer computes them."""
+    from ..verify import file_hash
     outputs = {}
     model = open_model(folder)
     for fh in model.files:
-        h = xxhash.xxh3_128()
-        with open(fh.path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
         tensors = {}
         with open(fh.path, "rb") as f:
             for info in sorted(fh.tensors.values(), key=lambda i: i.start):
@@ -208,7 +200,7 @@ def _hash_outputs(folder: Path) -> dict[str, OutputFile]:
                     th.update(chunk)
                     left -= len(chunk)
                 tensors[info.name] = th.hexdigest()
-        outputs[os.path.relpath(fh.path, folder)] = OutputFile(fh.size, h.hexdigest(), tensors)
+        outputs[os.path.relpath(fh.path, folder)] = OutputFile(fh.size, file_hash(fh.path), tensors)
     return outputs
 
 
