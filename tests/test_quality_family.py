@@ -91,3 +91,20 @@ def test_quality_table_end_to_end(mini, tmp_path):
     md = (tmp_path / "out" / "quality.md").read_text()
     assert "ta 20% (random planner)" in md and (tmp_path / "out" / "quality.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "quality.json").read_text())["rows"][0]["model"] == "base"
+
+
+def test_oracle_bound_is_below_every_feasible_choice():
+    """The LP bound of bench.quality.oracle never exceeds the best choice found by brute force."""
+    import itertools
+    import random
+
+    from bench.quality.oracle import lower_bound
+    rng = random.Random(0)
+    for _ in range(50):
+        options = [[(rng.randrange(1, 5) * sum(s), rng.random() * (3 - sum(s))) for s in itertools.product((0, 1), repeat=2)]
+                   for _ in range(3)]
+        options = [[(0, max(r for _, r in o))] + o[1:] for o in options]  # reading nothing leaves the most
+        budget = rng.randrange(0, 20)
+        best = min(sum(r for _, r in pick) for pick in itertools.product(*options)
+                   if sum(c for c, _ in pick) <= budget)
+        assert lower_bound(options, budget) <= best + 1e-12
