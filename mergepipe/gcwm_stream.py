@@ -52,22 +52,23 @@ def gcwm_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, progress
             (base if k < 0 else experts[k])[blk.row_start:blk.row_end] = raw_view(raw, info.dtype, (rows, *shape[1:]), dev)
         if progress:
             progress(sum(len(r) for r in raws))
-    deltas = []
-    for k in active:
-        d = experts.pop(k).sub_(base)  # float32, as the spec asks (the reference subtracts in bf16)
-        if not bool(torch.isfinite(d).all()):
-            raise MergepipeError(f"{job.experts[k].file}: tensor {job.name!r} holds NaN or Inf (or its delta from the "
-                                 "base does); gcwm's SVD cannot take it")
-        deltas.append(d)
+    # float32, as the spec asks (the reference subtracts in bf16)
+    deltas = [experts.pop(k).sub_(base) for k in active]
     weights = [op.expert_params[k]["weight"] for k in active]
     t0 = time.perf_counter()
-    delta, diag = tensor_delta(deltas, weights, op.params, dev)
+    try:
+        delta, diag = tensor_delta(deltas, weights, op.params, dev)
+    except gcwm.NonFiniteDelta as e:
+        raise MergepipeError(f"{job.experts[active[e.index]].file}: tensor {job.name!r} holds NaN or Inf (or its "
+                             "delta from the base does); gcwm's SVD cannot take it") from None
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     # How far Delta* moved from the plain sum, the inner solve's start: a user sees at once when a
     # solver leaves the neighbourhood the reference's short Adam schedule stays in.
-    total = torch.stack(deltas).sum(0) if len(deltas) > 1 else deltas[0]
+    total = deltas.pop()
+    for d in deltas:  # summed in place: no stacked copy of T tensors
+        total.add_(d)
     departure = float(torch.linalg.vector_norm(delta - total) / torch.linalg.vector_norm(total).clamp_min(1e-30))
     del deltas, total
     merged = base.add_(delta, alpha=op.params["lambda"])

@@ -123,8 +123,8 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
     whole = op is gcwm.GCWM  # GCWM reads whole (expert, tensor) pairs: its SVD is not block-separable
     if whole:
         targets = config.params["targets"]
-        flat = next((n for n in base.tensors if gcwm.matches(n, targets) and n not in names or
-                     gcwm.matches(n, targets) and len(base.tensors[n].shape) != 2), None)
+        flat = next((n for n, info in base.tensors.items() if gcwm.matches(n, targets)
+                     and not gcwm.is_target(n, info.shape, info.is_float, targets)), None)
         if flat is not None:
             raise MergepipeError(f"{config.source}: tensor {flat!r} {list(base.tensors[flat].shape)} "
                                  f"({base.tensors[flat].dtype}) matches the gcwm targets {targets!r}, but gcwm "

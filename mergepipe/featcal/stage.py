@@ -18,13 +18,16 @@ import xxhash
 from ..checkpoint import DTYPES, Model, Reader, open_model, to_bytes
 from ..config import CalibrateConfig
 from ..errors import InputChangedError, IOFailure, MergepipeError
-from ..manifest import Budget, Calibration, CalibrationFile, Execution, Manifest, OutputFile
+from .. import execute as merge_run
+from ..execute import MANIFEST_NAME, _device, open_inputs, plan_key, resolve_ref, root_hash
+from ..manifest import Budget, Calibration, CalibrationFile, Execution, Manifest, OutputFile, load_manifest
+from ..plan import parse_budget, recorded_path
 from ..publish import destination_lock, discard, prepare_destination, publish
+from ..verify import file_hash, verify
 from .calibrate import FeatCalParams, SafetensorsSource, calibrate, plan_prefixes, unit_costs
 from .data import load_calibration
 from .layers import Arch
 
-MANIFEST_NAME = "mergepipe.manifest.json"
 CHUNK = 16 << 20
 
 
@@ -44,7 +47,6 @@ def _data(cal_files: list[str], tasks, base: Model, arch: Arch, p: FeatCalParams
 
 def plan_calibration(cc: CalibrateConfig, base: Model, experts: list[Model],
                      relative_to: Path | None = None) -> Calibration:
-    from ..plan import parse_budget, recorded_path
     arch = _arch(base)
     p = FeatCalParams.from_dict(cc.params)
     data = _data(cc.data, cc.tasks, base, arch, p, len(experts))
@@ -74,7 +76,6 @@ def plan_calibration(cc: CalibrateConfig, base: Model, experts: list[Model],
 
 def calibration_problems(c: Calibration, base_root: Path, root: Path | None) -> list[str]:
     """What no longer matches the calibration inputs recorded at planning: data files and tokenizer."""
-    from ..execute import resolve_ref
     problems = []
     files = [(Path(resolve_ref(rec.path, root)), rec.hash, "calibration data") for rec in c.data]
     files += [(base_root / rel, want, "tokenizer file") for rel, want in c.tokenizer.items()]
@@ -91,7 +92,6 @@ def calibration_problems(c: Calibration, base_root: Path, root: Path | None) -> 
 
 def _load_checked(c: Calibration, base: Model, arch: Arch, p: FeatCalParams, root: Path | None, experts: int):
     """The calibration data as planned, or an error naming the file that changed."""
-    from ..execute import resolve_ref
     problems = calibration_problems(c, base.root, root)
     if problems:
         raise InputChangedError(problems[0])
@@ -104,7 +104,6 @@ def _load_checked(c: Calibration, base: Model, arch: Arch, p: FeatCalParams, roo
 def execute_calibrated(m: Manifest, out: str | Path, device: str = "cpu", force: bool = False,
                        root: str | Path | None = None, allow_pickle: bool = False, progress=None,
                        allow_nonfinite: bool = False) -> Manifest:
-    from ..execute import _device, execute, open_inputs, plan_key, root_hash
     t0 = time.perf_counter()
     c = m.calibration
     dev = _device(device)
@@ -119,7 +118,7 @@ def execute_calibrated(m: Manifest, out: str | Path, device: str = "cpu", force:
         staging = prepare_destination(out, force, plan_key(m, dev))
         try:
             merge_m = dataclasses.replace(m, calibration=None)
-            merge = _finished_merge(merge_m, merged_dir, dev) or execute(
+            merge = _finished_merge(merge_m, merged_dir, dev) or merge_run.execute(
                 merge_m, merged_dir, device, True, root, allow_pickle, progress, allow_nonfinite)
             merged = open_model(merged_dir)
             shutil.copytree(merged_dir, staging.folder, dirs_exist_ok=True,
@@ -130,7 +129,7 @@ def execute_calibrated(m: Manifest, out: str | Path, device: str = "cpu", force:
                                        reader, dev)
             finally:
                 reader.close()
-            done = _complete(m, merge, staging.folder, base, experts, reader, diag, dev, time.perf_counter() - t0, root_hash)
+            done = _complete(m, merge, staging.folder, base, experts, reader, diag, dev, time.perf_counter() - t0)
             done.save(staging.folder / MANIFEST_NAME)
             publish(staging, out)
         except OSError as e:
@@ -147,9 +146,6 @@ def execute_calibrated(m: Manifest, out: str | Path, device: str = "cpu", force:
 def _finished_merge(m: Manifest, folder: Path, dev: torch.device) -> Manifest | None:
     """The merge a killed calibration run left in its private folder, if it is this plan's and intact:
     a rerun then calibrates without merging again."""
-    from ..execute import plan_key
-    from ..manifest import load_manifest
-    from ..verify import verify
     try:
         prev = load_manifest(folder / MANIFEST_NAME)
     except MergepipeError:
@@ -186,7 +182,6 @@ def _calibrate_into(folder: Path, arch: Arch, base: Model, merged: Model, expert
 
 def _hash_outputs(folder: Path) -> dict[str, OutputFile]:
     """File and per-tensor hashes of the published files, computed as execute's writer computes them."""
-    from ..verify import file_hash
     outputs = {}
     model = open_model(folder)
     for fh in model.files:
@@ -205,7 +200,7 @@ def _hash_outputs(folder: Path) -> dict[str, OutputFile]:
 
 
 def _complete(m: Manifest, merge: Manifest, folder: Path, base: Model, experts: list[Model], reader: Reader, diag,
-              dev: torch.device, wall: float, root_hash) -> Manifest:
+              dev: torch.device, wall: float) -> Manifest:
     me = merge.execution
     base_files = {str(fh.path) for fh in base.files}
     expert_files = {str(fh.path) for e in experts for fh in e.files}

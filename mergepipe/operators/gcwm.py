@@ -483,6 +483,14 @@ def inner_exact(vs: Sequence[torch.Tensor], weights: Sequence[float], delta_fact
 # ----------------------------------------------------------------------------------------------------
 # One target tensor
 
+class NonFiniteDelta(MergepipeError):
+    """Delta `index` holds NaN or Inf; a caller that knows where the delta came from names the file."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"gcwm: delta {index} holds NaN or Inf values")
+        self.index = index
+
+
 def _check_inputs(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
     if len(weights) != len(deltas):
         raise MergepipeError(f"gcwm: {len(deltas)} deltas but {len(weights)} weights")
@@ -525,7 +533,7 @@ def gcwm_delta(deltas: list[torch.Tensor], weights: list[float], p: dict, shortc
     vs = [d.to(work) for d in deltas]
     for i, v in enumerate(vs):
         if not bool(torch.isfinite(v).all()):
-            raise MergepipeError(f"gcwm: delta {i} holds NaN or Inf values")
+            raise NonFiniteDelta(i)
     if T == 1 and shortcut:
         return deltas[0], _shortcut_diagnostics(1)
 
