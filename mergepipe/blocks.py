@@ -7,15 +7,12 @@ rows in the base, every expert and the output, whatever each stores them as.
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
-
-import torch
 
 from .checkpoint import TensorInfo
 
@@ -66,46 +63,34 @@ def blocks(info: TensorInfo) -> list[Block]:
     return [block(info, b) for b in range(n_blocks(info.shape))]
 
 
-@contextlib.contextmanager
-def single_threaded_torch() -> Iterator[None]:
-    """Streaming runs its own threads (read-ahead, compute, writer), each doing whole blocks; torch's
-    intra-op threads on top would wait on a busy core at every operation (measured 3x slower on 2
-    cores), so torch runs each operation on the thread that calls it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
-def compute_pool(dev: torch.device) -> tuple[ThreadPoolExecutor, int]:
-    """Compute threads for block-parallel operators: one per core (up to 4) on the CPU, with torch
-    single-threaded inside each; one for a GPU, whose kernels already use the whole device."""
-    workers = 1 if dev.type == "cuda" else max(1, min(4, os.cpu_count() or 1))
+def compute_pool(dev) -> tuple[ThreadPoolExecutor, int]:
+    """Compute threads for block-parallel operators: one per core (up to 4) on the CPU, with numpy or
+    a single-threaded torch inside each; one for a GPU (dev: a name or torch.device), whose kernels
+    already use the whole device."""
+    workers = 1 if str(dev).startswith("cuda") else max(1, min(4, os.cpu_count() or 1))
     if workers not in _POOLS:
         _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="mergepipe-compute")
     return _POOLS[workers], workers
 
 
-def in_order(dev: torch.device, fn: Callable, stream: Iterable[tuple]) -> Iterator[tuple[tuple, object]]:
-    """For each ((block, reads), raws) of a read-ahead stream, yield it with fn(block, reads, raws),
-    in stream order, computing up to one block per compute thread ahead: blocks merge in parallel
-    and are still written front to back."""
+def in_order(dev, fn: Callable, stream: Iterable[tuple]) -> Iterator[tuple[tuple, object]]:
+    """For each (item, raws) of a read-ahead stream, yield it with fn(*item, raws), in stream order,
+    computing up to one item per compute thread ahead: blocks merge in parallel and are still
+    written front to back."""
     pool, workers = compute_pool(dev)
     in_flight: collections.deque = collections.deque()
-    for item in stream:
-        (b, reads), raws = item
-        in_flight.append((item, pool.submit(fn, b, reads, raws)))
+    for entry in stream:
+        item, raws = entry
+        in_flight.append((entry, pool.submit(fn, *item, raws)))
         if len(in_flight) > workers:
-            item, done = in_flight.popleft()
-            yield item, done.result()
+            entry, done = in_flight.popleft()
+            yield entry, done.result()
     while in_flight:
-        item, done = in_flight.popleft()
-        yield item, done.result()
+        entry, done = in_flight.popleft()
+        yield entry, done.result()
 
 
 T = TypeVar("T")

@@ -16,17 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import xxhash
 
 from .errors import MergepipeError
 
-# safetensors dtype names -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2), "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
-    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+# safetensors dtype names -> (torch dtype name, bytes per element); names, so that this module and
+# the CPU merge path never import torch
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U8": ("uint8", 1), "BOOL": ("bool", 1),
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
@@ -205,6 +205,7 @@ def _refuse_or_convert(path: Path, allow_pickle: bool) -> Path:
     weights_only=True and convert once to a cached safetensors file that the rest of the tool reads."""
     if not allow_pickle:
         raise MergepipeError(f"{path}: pickled checkpoint refused (pass --allow-pickle to load it with weights_only=True)")
+    import torch
     from safetensors.torch import save_file
     from .paths import cache_dir
     st = path.stat()
@@ -245,6 +246,24 @@ def open_model(ref: str | os.PathLike, allow_pickle: bool = False) -> Model:
     return Model(ref, root, files, tensors)
 
 
+def check_family(base: Model, experts: list[Model]) -> None:
+    """Every floating tensor of the base must exist in every expert with the same shape."""
+    for e in experts:
+        for name, info in base.tensors.items():
+            if not info.is_float:
+                continue
+            other = e.tensors.get(name)
+            if other is None:
+                raise MergepipeError(f"{e.ref}: tensor {name!r} is missing (the base has it, shape {list(info.shape)})")
+            if other.shape != info.shape:
+                raise MergepipeError(f"{e.ref}: tensor {name!r} has shape {list(other.shape)}, expected {list(info.shape)} as in the base")
+            if not other.is_float:
+                raise MergepipeError(f"{e.ref}: tensor {name!r} is {other.dtype}, expected a floating dtype as in the base")
+
+
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+
 class Reader:
     """Reads byte ranges with pread and counts the bytes read per file. Thread-safe."""
 
@@ -252,6 +271,7 @@ class Reader:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self.bytes_read: dict[str, int] = {}
+        self._hints = False  # read-ahead hints, from the first read the page cache could not serve
 
     def _fd(self, path: Path) -> int:
         with self._lock:
@@ -264,7 +284,11 @@ class Reader:
             return fd
 
     def prefetch(self, path: Path, start: int, end: int) -> None:
-        os.posix_fadvise(self._fd(path), start, end - start, os.POSIX_FADV_WILLNEED)
+        """Ask the kernel to start reading a range that will be read soon. Skipped while every read
+        has found its bytes in the page cache: on a warm cache the hints only cost time (0.13 s of
+        a 1.7 s merge)."""
+        if self._hints:
+            os.posix_fadvise(self._fd(path), start, end - start, os.POSIX_FADV_WILLNEED)
 
     def read(self, path: Path, start: int, end: int) -> np.ndarray:
         n = end - start
@@ -272,6 +296,14 @@ class Reader:
         view = memoryview(buf)
         fd = self._fd(path)
         got = 0
+        if not self._hints and n:
+            try:  # served from the page cache, or EAGAIN / short: then hint from now on
+                got = os.preadv(fd, [view], start, _NOWAIT)
+            except BlockingIOError:
+                got = 0
+            except OSError:  # RWF_NOWAIT unsupported here: always hint
+                got = 0
+            self._hints = got < n
         while got < n:
             k = os.preadv(fd, [view[got:]], start + got)
             if k == 0:
@@ -301,15 +333,3 @@ def nonfinite(raw: np.ndarray, dtype: str) -> bool:
     bits = raw.view(view)
     return bool(np.any((bits & view(mask)) == view(mask)))
 
-
-def raw_view(raw: np.ndarray, dtype: str, shape, dev: torch.device) -> torch.Tensor:
-    """Bytes of one block as a tensor of its stored dtype on the device (moved there before any
-    conversion, so a GPU receives 2-byte bf16, not float32)."""
-    t = torch.from_numpy(raw).view(DTYPES[dtype][0]).reshape(shape)
-    return t.to(dev) if dev.type != "cpu" else t
-
-
-def to_bytes(t: torch.Tensor) -> np.ndarray:
-    """A tensor's bytes, on the CPU, as a flat uint8 array."""
-    t = t.contiguous().cpu().reshape(-1)
-    return t.view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)

@@ -7,9 +7,15 @@ that a distributed engine could run the jobs of one output file elsewhere and pu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import gc
+import itertools
 import os
+import re
 import resource
+import sys
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,22 +24,19 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 import xxhash
 
 from . import __version__
 from . import blocks as B
-from .checkpoint import COPIED_FILES, DTYPES, Model, Reader, TensorInfo, nonfinite, open_model, raw_view, to_bytes
+from . import floats
+from .checkpoint import COPIED_FILES, DTYPES, Model, Reader, TensorInfo, check_family, nonfinite, open_model
 from .errors import InputChangedError, IOFailure, MergepipeError
-from .index import check_family
 from .journal import Journal, Record, read_records
 from .manifest import Execution, InputModel, Manifest, OutputFile, dumps, runs_to_set
-from .operators import get as get_operator, ta, ties
+from .operators import get as get_operator, ta
 from .publish import (OutFile, Staging, check_space, destination_lock, discard, layout, prepare_destination,
                       publish, staging_for)
-from .sink import Resume, Sink, recover
-from .gcwm_stream import gcwm_tensor
-from .ties_stream import ties_tensor
+from .sink import Resume, Sink, open_output, recover
 
 MANIFEST_NAME = "mergepipe.manifest.json"
 LOOKAHEAD = 3  # jobs whose byte ranges are announced to the kernel (WILLNEED) before they are read
@@ -125,7 +128,7 @@ def build_jobs(m: Manifest, base: Model, experts: list[Model]) -> list[tuple[Out
     return files
 
 
-def plan_key(m: Manifest, dev: torch.device) -> str:
+def plan_key(m: Manifest, dev) -> str:
     """What fixes the output bytes: the plan, the device and the tool version. Names the staging
     folder, so that only a rerun of the same merge resumes from it."""
     doc = dataclasses.asdict(m)
@@ -146,6 +149,7 @@ def execute(m: Manifest, out: str | Path, device: str = "cpu", force: bool = Fal
         return execute_calibrated(m, out, device, force, root, allow_pickle, progress, allow_nonfinite)
     t0 = time.perf_counter()
     io0 = _os_read_bytes()
+    _keep_freed_memory()
     dev = _device(device)
     out = Path(out).resolve()
     root = Path(root) if root else None
@@ -176,9 +180,10 @@ def execute(m: Manifest, out: str | Path, device: str = "cpu", force: bool = Fal
 
 
 def _run(m: Manifest, out: Path, staging: Staging, key: str, files, base: Model, experts: list[Model], op,
-         reader: Reader, want: dict, dev: torch.device, progress, allow_nonfinite: bool, t0: float,
+         reader: Reader, want: dict, dev: str, progress, allow_nonfinite: bool, t0: float,
          io0: int | None) -> Manifest:
-    if dev.type == "cuda":
+    if dev != "cpu":
+        import torch
         torch.cuda.reset_peak_memory_stats(dev)
     try:
         resumes, kept = _resume(staging, files, read_records(staging.journal, key))
@@ -187,7 +192,7 @@ def _run(m: Manifest, out: Path, staging: Staging, key: str, files, base: Model,
         journal = Journal(staging.journal, key, kept)
         try:
             outputs, diagnostics = {}, {}
-            with B.single_threaded_torch():
+            with _single_threaded():
                 for ofile, jobs in files:
                     outputs[ofile.name], meta = _write_file(staging.folder, ofile, jobs, m, op, reader, want, dev,
                                                             progress, journal, resumes[ofile.name], allow_nonfinite)
@@ -264,45 +269,106 @@ def _cuts(ofile: OutFile, jobs: list[TensorJob]) -> dict[str, set[int]]:
             for ot, job in zip(ofile.tensors, jobs) if job.trim is None and not job.whole}
 
 
-def _device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise MergepipeError(f"device {device!r} is not valid (expected cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergepipeError(f"device {device!r} requested but no CUDA GPU is available")
-    if dev.type not in ("cpu", "cuda"):
+def _device(device: str) -> str:
+    """The device's name, checked; torch is imported only for a GPU."""
+    if device == "cpu":
+        return device
+    if not re.fullmatch(r"cuda(:\d+)?", device):
         raise MergepipeError(f"device {device!r} is not supported (expected cpu, cuda or cuda:N)")
-    return dev
+    import torch
+    if not torch.cuda.is_available():
+        raise MergepipeError(f"device {device!r} requested but no CUDA GPU is available")
+    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise MergepipeError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return device
+
+
+def _keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the kernel. Every block
+    allocates and frees a few MiB on several threads; returned and re-faulted, those pages cost a
+    third of a task-arithmetic run's time on this project's VMs (measured 1.2 s of 3.3 s)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: block buffers come from the heap
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+@contextlib.contextmanager
+def _single_threaded():
+    """torch (where a path imported it) single-threaded, see tensors.single_threaded_torch; and no
+    cyclic garbage collection: the stream allocates many short-lived containers per block, and each
+    collection walks every object the imports left (0.3 s a run with torch loaded). The stream makes
+    no cycles worth collecting before the run ends."""
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        if "torch" in sys.modules:
+            from .tensors import single_threaded_torch
+            with single_threaded_torch():
+                yield
+        else:
+            yield
+    finally:
+        if gc_was:
+            gc.enable()
+
+
+def _torch_device(dev: str):
+    import torch
+    return torch.device(dev)
 
 
 def _write_file(staging: Path, ofile: OutFile, jobs: list[TensorJob], m: Manifest, op, reader: Reader,
-                want: dict, dev: torch.device, progress, journal: Journal, resume: Resume,
+                want: dict, dev: str, progress, journal: Journal, resume: Resume,
                 allow_nonfinite: bool) -> OutputFile:
     path = staging / ofile.name
     path.parent.mkdir(parents=True, exist_ok=True)
     slow = float(os.environ.get(SLOW_ENV) or 0) / 1000
-    with open(path, "r+b" if resume.prefix else "w+b", buffering=0) as f:
-        f.truncate(resume.prefix)  # drop whatever the previous run wrote past its last good record
-        f.seek(resume.prefix)
+    inputs = _Inputs(reader, want, allow_nonfinite)
+    # truncated to the resumed prefix: drops whatever the previous run wrote past its last good record
+    with open_output(path, resume.prefix, direct=all(j.trim is None for j in jobs)) as f:
         sink = Sink(f, ofile.name, journal, resume)
+
+        def done(job: TensorJob, ot) -> None:
+            if sink._end != ot.offset + ot.nbytes:
+                raise RuntimeError(f"internal: {job.name} ends at {sink._end}, expected {ot.offset + ot.nbytes}")
+            if slow:
+                sink.flush()
+                time.sleep(slow)
+
         try:
             if not resume.prefix:
                 sink.write(np.frombuffer(ofile.header, np.uint8))
                 sink.checkpoint("")
+            todo = []  # (job, output tensor, first block) still to write, in file order
             for job, ot in zip(jobs, ofile.tensors):
+                if op.name == "ties" and job.trim is None and job.experts:
+                    raise MergepipeError(f"manifest: plan.tensors.{job.name} lacks the trim thresholds {op.name} needs")
                 if ot.name in resume.tensor_hashes:
                     continue
                 first = 0
                 if resume.partial is not None and resume.partial[0] == ot.name:
                     first = _block_at(ot, resume.prefix)
-                sink.begin(ot.name, ot.offset)
-                _run_job(job, m, op, reader, want, dev, sink, staging, progress, first, allow_nonfinite)
-                if sink._end != ot.offset + ot.nbytes:
-                    raise RuntimeError(f"internal: {job.name} ends at {sink._end}, expected {ot.offset + ot.nbytes}")
-                if slow:
-                    sink.flush()
-                    time.sleep(slow)
+                todo.append((job, ot, first))
+            for blockwise, group in itertools.groupby(todo, key=lambda t: t[0].trim is None and not t[0].whole):
+                if blockwise:  # one pipeline across tensors: no drain at each (mostly one-block) tensor
+                    _write_blocks(list(group), m, op is ta.TA, dev, inputs, sink, progress, done)
+                    continue
+                for job, ot, first in group:
+                    sink.begin(ot.name, ot.offset)
+                    stream = inputs.stream(_read_plan(job, first), verify=True)
+                    guard = functools.partial(inputs.guard, job)
+                    if job.trim is not None:
+                        from .ties_stream import ties_tensor
+                        ties_tensor(job, m.operator, stream, _torch_device(dev), sink, staging / ".deferred",
+                                    progress, guard)
+                    else:
+                        from .gcwm_stream import gcwm_tensor
+                        gcwm_tensor(job, m.operator, stream, _torch_device(dev), sink, progress, guard)
+                    done(job, ot)
         finally:
             size = sink.close()
     assert size == ofile.size
@@ -320,77 +386,120 @@ def _read_plan(job: TensorJob, first: int = 0) -> list[tuple[int, list[tuple[int
     return plan
 
 
-def _run_job(job: TensorJob, m: Manifest, op, reader: Reader, want: dict, dev: torch.device,
-             sink: Sink, staging: Path, progress, first: int = 0, allow_nonfinite: bool = False) -> None:
-    plan = _read_plan(job, first)
+class _Inputs:
+    """The planned input blocks: read ahead of use, checked against the manifest's hashes, and the
+    guard that turns a non-finite result into a clear error."""
 
-    def hint(i: int) -> None:
-        if i < len(plan):
-            for _, info, blk in plan[i][1]:
-                reader.prefetch(info.file, blk.start, blk.end)
+    def __init__(self, reader: Reader, want: dict, allow_nonfinite: bool) -> None:
+        self.reader, self.want, self.allow_nonfinite = reader, want, allow_nonfinite
 
-    for i in range(min(LOOKAHEAD, len(plan))):
-        hint(i)
-
-    def load(item):
-        b, reads = item
-        hint(b - first + LOOKAHEAD)
-        raws = []
-        for k, info, blk in reads:
-            raw = reader.read(info.file, blk.start, blk.end)
-            exp = want.get((str(info.file), info.name))
+    def check(self, b: int, reads, raws) -> None:
+        for (_, info, _), raw in zip(reads, raws):
+            exp = self.want.get((str(info.file), info.name))
             if exp is None or xxhash.xxh3_64_intdigest(raw) != int(exp[b]):
                 raise InputChangedError(f"{info.file}: changed since planning (block {b} of tensor {info.name!r} "
                                         "does not match its recorded hash)")
-            raws.append(raw)
-        return raws
 
-    def guard(b: int, reads, raws, merged: torch.Tensor) -> None:
-        """A NaN or Inf in any input of a merged block reaches the result, so one float pass over the
-        result (its sum) replaces a scan of every input; only a hit looks at the inputs."""
-        if allow_nonfinite or bool(torch.isfinite(torch.sum(merged, dtype=torch.float32))):
+    def stream(self, plan: list, verify: bool):
+        """read_ahead over plan items (..., b, reads), hinting the kernel LOOKAHEAD items ahead;
+        verify: check hashes on the reader thread (else the consumer calls check)."""
+        def hint(i: int) -> None:
+            if i < len(plan):
+                for _, info, blk in plan[i][-1]:
+                    self.reader.prefetch(info.file, blk.start, blk.end)
+
+        for i in range(min(LOOKAHEAD, len(plan))):
+            hint(i)
+
+        def load(i: int):
+            *_, b, reads = plan[i]
+            hint(i + LOOKAHEAD)
+            raws = [self.reader.read(info.file, blk.start, blk.end) for _, info, blk in reads]
+            if verify:
+                self.check(b, reads, raws)
+            return raws
+
+        for i, raws in B.read_ahead(range(len(plan)), load):
+            yield plan[i], raws
+
+    def guard(self, job: TensorJob, b: int, reads, raws, finite: bool) -> None:
+        """A NaN or Inf in any input of a merged block reaches the result, so one check of the result
+        replaces a scan of every input; only a hit looks at the inputs."""
+        if self.allow_nonfinite or finite:
             return
         for (_, info, _), raw in zip(reads, raws):
             if info.is_float and nonfinite(raw, info.dtype):
                 raise MergepipeError(f"{info.file}: block {b} of tensor {info.name!r} holds NaN or Inf "
                                      "(pass --allow-nonfinite to merge it anyway)")
-        if not bool(torch.isfinite(merged).all()):
-            raise MergepipeError(f"tensor {job.name!r}: block {b} of the merge overflows {job.out_dtype} "
-                                 "(check the weights; pass --allow-nonfinite to write it anyway)")
+        raise MergepipeError(f"tensor {job.name!r}: block {b} of the merge overflows {job.out_dtype} "
+                             "(check the weights; pass --allow-nonfinite to write it anyway)")
 
-    stream = B.read_ahead(plan, load, depth=4)
-    if op is ties.TIES and job.trim is None and job.experts:
-        raise MergepipeError(f"manifest: plan.tensors.{job.name} lacks the trim thresholds {op.name} needs")
-    if job.trim is not None:
-        ties_tensor(job, m.operator, stream, dev, sink, staging / ".deferred", progress, guard)
-        return
-    if job.whole:
-        gcwm_tensor(job, m.operator, stream, dev, sink, progress, guard)
-        return
-    params = m.operator.params
-    weights = [p["weight"] for p in m.operator.expert_params]
-    out_t = DTYPES[job.out_dtype][0]
 
-    def compute(b: int, reads, raws) -> np.ndarray:
-        if len(raws) == 1 and job.out_dtype == job.base.dtype:  # no expert here: the base block
-            return raws[0]
-        base_v = raw_view(raws[0], job.base.dtype, (-1,), dev)
-        if op is not ta.TA:  # a tensor the operator leaves as it is (GCWM's non-targets): cast only
-            return to_bytes(base_v.to(out_t))
-        out = torch.empty(base_v.numel(), dtype=out_t, device=dev)
-        experts = [raw_view(raw, info.dtype, (-1,), dev) for (_, info, _), raw in zip(reads[1:], raws[1:])]
-        ta.merge_into(out, base_v, experts, [weights[k] for k, _, _ in reads[1:]], weights,
-                      params["lambda"], params["normalize"])
-        guard(b, reads, raws, out)
-        return to_bytes(out)
+def _write_blocks(group: list, m: Manifest, merge: bool, dev: str, inputs: _Inputs, sink: Sink, progress,
+                  done: Callable) -> None:
+    """Tensors merged block by block, (job, output tensor, first block) in file order: blocks are
+    independent, so they are computed on a small pool and written in order."""
+    kernels = [_block_kernel(job, m, merge, dev, functools.partial(inputs.guard, job)) for job, _, _ in group]
 
-    # Blocks are independent: compute them on a small pool, write them in order.
-    for (_, raws), data in B.in_order(dev, compute, stream):
+    def compute(i: int, b: int, reads, raws) -> np.ndarray:
+        inputs.check(b, reads, raws)  # here, not in the reader: the pool's threads share the hashing
+        return kernels[i](b, reads, raws)
+
+    plan = [(i, b, reads) for i, (job, _, first) in enumerate(group) for b, reads in _read_plan(job, first)]
+    current = -1
+    for ((i, _, _), raws), data in B.in_order(dev, compute, inputs.stream(plan, verify=False)):
+        job, ot, _ = group[i]
+        if i != current:
+            if current >= 0:
+                sink.end(group[current][0].name)
+                done(*group[current][:2])
+            sink.begin(ot.name, ot.offset)
+            current = i
         sink.write(data)
         sink.block_done(job.name)
         if progress:
             progress(sum(len(r) for r in raws))
-    sink.end(job.name)
+    if current >= 0:
+        sink.end(group[current][0].name)
+        done(*group[current][:2])
+
+
+def _block_kernel(job: TensorJob, m: Manifest, merge: bool, dev: str, guard) -> Callable:
+    """compute(b, reads, raws) -> output bytes of one block: task arithmetic, or with merge False
+    (GCWM's non-target tensors) a cast of the base. numpy on the CPU; torch on a GPU or for dtypes
+    numpy lacks (float64, float8)."""
+    weights = [p["weight"] for p in m.operator.expert_params]
+    lam, normalize = m.operator.params.get("lambda", 1.0), m.operator.params.get("normalize", False)
+    dtypes = {job.base.dtype, job.out_dtype, *(e.dtype for e in job.experts)}
+    if dev == "cpu" and dtypes <= floats.ITEMSIZE.keys():
+        def compute(b: int, reads, raws) -> np.ndarray:
+            if len(raws) == 1 and job.out_dtype == job.base.dtype:  # no expert here: the base block
+                return raws[0]
+            if not merge:
+                return floats.cast(raws[0], job.base.dtype, job.out_dtype)
+            out, finite = ta.merge_numpy(raws[0], job.base.dtype,
+                                         [(raw, info.dtype) for (_, info, _), raw in zip(reads[1:], raws[1:])],
+                                         [weights[k] for k, _, _ in reads[1:]], weights, lam, normalize, job.out_dtype)
+            guard(b, reads, raws, finite)
+            return out
+        return compute
+
+    import torch
+    from .tensors import all_finite, raw_view, to_bytes, torch_dtype
+    tdev, out_t = _torch_device(dev), torch_dtype(job.out_dtype)
+
+    def compute_torch(b: int, reads, raws) -> np.ndarray:
+        if len(raws) == 1 and job.out_dtype == job.base.dtype:
+            return raws[0]
+        base_v = raw_view(raws[0], job.base.dtype, (-1,), tdev)
+        if not merge:
+            return to_bytes(base_v.to(out_t))
+        out = torch.empty(base_v.numel(), dtype=out_t, device=tdev)
+        experts = [raw_view(raw, info.dtype, (-1,), tdev) for (_, info, _), raw in zip(reads[1:], raws[1:])]
+        ta.merge_into(out, base_v, experts, [weights[k] for k, _, _ in reads[1:]], weights, lam, normalize)
+        guard(b, reads, raws, all_finite(out))
+        return to_bytes(out)
+    return compute_torch
 
 
 def _copy_sidecars(src: Path, staging: Path, out_dtype: str | None) -> None:
@@ -403,10 +512,9 @@ def _copy_sidecars(src: Path, staging: Path, out_dtype: str | None) -> None:
         if name == "config.json" and out_dtype:
             try:
                 cfg = json.loads(p.read_text())
-                torch_name = str(DTYPES[out_dtype][0]).split(".")[-1]
                 for key in ("torch_dtype", "dtype"):
                     if key in cfg:
-                        cfg[key] = torch_name
+                        cfg[key] = DTYPES[out_dtype][0]
                 (staging / name).write_text(json.dumps(cfg, indent=2))
                 continue
             except (json.JSONDecodeError, AttributeError):
@@ -448,14 +556,17 @@ def root_hash(outputs: dict[str, OutputFile]) -> str:
 
 
 def _complete(m: Manifest, outputs: dict[str, OutputFile], base: Model, experts: list[Model],
-              reader: Reader, dev: torch.device, wall: float, io0: int | None, resumed: int = 0,
+              reader: Reader, dev: str, wall: float, io0: int | None, resumed: int = 0,
               diagnostics: dict | None = None) -> Manifest:
     base_files = {str(fh.path) for fh in base.files}
     read = dict(sorted(reader.bytes_read.items()))
     io1 = _os_read_bytes()
-    peak_dev = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
+    peak_dev, device = 0, dev
+    if dev != "cpu":
+        import torch
+        peak_dev, device = torch.cuda.max_memory_allocated(dev), f"{dev} ({torch.cuda.get_device_name(dev)})"
     execution = Execution(
-        device=str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+        device=device,
         wall_s=round(wall, 4),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         peak_device_bytes=int(peak_dev),

@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from .checkpoint import DTYPES, raw_view, to_bytes
 from .errors import MergepipeError
 from .manifest import OperatorSpec
 from .operators import gcwm
+from .tensors import all_finite, raw_view, to_bytes, torch_dtype
 
 PARALLEL_NUMEL = 1 << 18  # from this many elements a tensor's GCWM uses every CPU core
 WRITE_ROWS_BYTES = 16 << 20  # output written in slices of about this size, so the writer overlaps the cast
@@ -73,8 +73,8 @@ def gcwm_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, progress
     del deltas, total
     merged = base.add_(delta, alpha=op.params["lambda"])
     del delta
-    guard(0, [], [], merged)
-    out = merged.to(DTYPES[job.out_dtype][0])
+    guard(0, [], [], all_finite(merged))
+    out = merged.to(torch_dtype(job.out_dtype))
     step = max(1, WRITE_ROWS_BYTES // max(1, out[0].numel() * out.element_size()))
     for r in range(0, shape[0], step):
         sink.write(to_bytes(out[r:r + step].contiguous()))

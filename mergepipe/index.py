@@ -24,10 +24,11 @@ import torch
 import xxhash
 
 from . import blocks as B
-from .checkpoint import FileHeader, Model, Reader, raw_view
+from .checkpoint import FileHeader, Model, Reader, check_family
 from .errors import MergepipeError
 from .lock import exclusive
 from .paths import cache_dir
+from .tensors import raw_view, single_threaded_torch
 
 log = logging.getLogger("mergepipe")
 
@@ -199,21 +200,6 @@ def delta_stats(d: torch.Tensor) -> tuple[float, float, np.ndarray, np.ndarray, 
     return l2, mx, count, sumsq, fine
 
 
-def check_family(base: Model, experts: list[Model]) -> None:
-    """Every floating tensor of the base must exist in every expert with the same shape."""
-    for e in experts:
-        for name, info in base.tensors.items():
-            if not info.is_float:
-                continue
-            other = e.tensors.get(name)
-            if other is None:
-                raise MergepipeError(f"{e.ref}: tensor {name!r} is missing (the base has it, shape {list(info.shape)})")
-            if other.shape != info.shape:
-                raise MergepipeError(f"{e.ref}: tensor {name!r} has shape {list(other.shape)}, expected {list(info.shape)} as in the base")
-            if not other.is_float:
-                raise MergepipeError(f"{e.ref}: tensor {name!r} is {other.dtype}, expected a floating dtype as in the base")
-
-
 @dataclass
 class FamilyIndex:
     files: dict[str, FileIndex]  # resolved path -> index
@@ -291,7 +277,7 @@ def _scan(base: Model, experts: list[Model], todo: list[int], unhashed: list[Mod
         return out
 
     try:
-        with B.single_threaded_torch():
+        with single_threaded_torch():
             for (name, b, involved), loaded in B.read_ahead(jobs, load):
                 base_f = None
                 for k, info, blk, raw, h in loaded:

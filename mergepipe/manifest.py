@@ -6,6 +6,7 @@ load, like safetensors' header: anything off the schema is refused with the path
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import typing
@@ -153,6 +154,13 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
+@functools.lru_cache(maxsize=None)
+def _schema(tp: type) -> tuple[dict, dict]:
+    """A dataclass's resolved field types and fields (resolving string annotations is slow: done
+    once per class, not once per object of a manifest that has thousands)."""
+    return typing.get_type_hints(tp), {f.name: f for f in dataclasses.fields(tp)}
+
+
 def _load(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -163,8 +171,7 @@ def _load(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise MergepipeError(f"manifest: {where} must be an object")
-        hints = typing.get_type_hints(tp)
-        fields = {f.name: f for f in dataclasses.fields(tp)}
+        hints, fields = _schema(tp)
         extra = set(value) - set(fields)
         if extra:
             raise MergepipeError(f"manifest: {where} has unknown field {sorted(extra)[0]!r}")

@@ -4,9 +4,14 @@ rebuilds the running file and tensor hashes) and writing continues after it."""
 
 from __future__ import annotations
 
+import collections
+import errno
+import fcntl
+import mmap
 import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,6 +27,132 @@ from .publish import OutFile
 GROUP_BYTES = 64 << 20
 CHUNK = 16 << 20
 EMPTY = xxhash.xxh3_64_hexdigest(b"")
+ALIGN = 4096  # O_DIRECT: offsets, lengths and buffer addresses in multiples of the device block
+STAGE = 8 << 20
+STAGED = 4  # staging buffers per direct output file: one filling, up to three on their way to disk
+
+
+class DirectFile:
+    """An output file written front to back with O_DIRECT, through aligned staging buffers.
+
+    Written through the page cache, the output costs the kernel a copy into pages it must first
+    allocate: 3 s per GB measured on this project's VMs (whose host takes back free memory), more than
+    the merge itself; and the cached output would evict the inputs. Full buffers go to disk on two
+    I/O threads while the next fills (two writes in flight: 1.5x the throughput of one, measured).
+    sync() puts everything staged in the file (a partial last block padded, then rewritten whole by
+    the next sync). The sink syncs every GROUP_BYTES of journal records, not at each: a record may
+    name bytes still staged, which a killed run loses, and resuming then re-verifies and redoes them.
+    Falls back to the page cache where the file system refuses O_DIRECT."""
+
+    def __init__(self, path: Path, prefix: int) -> None:
+        self.name = str(path)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
+        self._spare = [mmap.mmap(-1, STAGE) for _ in range(STAGED - 1)]  # page-aligned
+        self._buf = mmap.mmap(-1, STAGE)
+        self._inflight: collections.deque = collections.deque()  # (future, buffer), oldest first
+        self._pos = prefix - prefix % ALIGN  # file offset of the buffer's first byte
+        self._fill = prefix - self._pos
+        try:
+            os.ftruncate(self._fd, prefix)
+            if self._fill:  # the partial block before prefix is staged again, to be rewritten whole
+                with open(path, "rb") as f:
+                    f.seek(self._pos)
+                    self._buf[:self._fill] = f.read(self._fill)
+        except BaseException:
+            self.close(write=False)
+            raise
+
+    def write(self, view: memoryview) -> int:
+        n = min(len(view), STAGE - self._fill)
+        self._buf[self._fill:self._fill + n] = view[:n]
+        self._fill += n
+        if self._fill == STAGE:
+            if not self._spare:  # every buffer is in flight: wait for the oldest, and reuse it
+                done, buf = self._inflight.popleft()
+                done.result()
+                self._spare.append(buf)
+            self._inflight.append((_io_pool().submit(self._write_out, self._buf, STAGE, self._pos), self._buf))
+            self._buf, self._pos, self._fill = self._spare.pop(), self._pos + STAGE, 0
+        return n
+
+    def sync(self) -> None:
+        self._drain()
+        if not self._fill:
+            return
+        self._write_out(self._buf, -(-self._fill // ALIGN) * ALIGN, self._pos)
+        whole = self._fill - self._fill % ALIGN
+        if whole:
+            self._buf.move(0, whole, self._fill - whole)
+            self._pos, self._fill = self._pos + whole, self._fill - whole
+
+    def _drain(self) -> None:
+        while self._inflight:
+            done, buf = self._inflight.popleft()
+            self._spare.append(buf)
+            done.result()
+
+    def _write_out(self, buf: mmap.mmap, n: int, off: int) -> None:
+        view = memoryview(buf)[:n]
+        try:
+            while view:
+                try:
+                    k = os.pwrite(self._fd, view, off)
+                except OSError as e:
+                    flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                    if e.errno != errno.EINVAL or not flags & os.O_DIRECT:
+                        raise
+                    # the file system refuses O_DIRECT writes: continue through the page cache
+                    fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                    continue
+                view, off = view[k:], off + k
+        finally:
+            view.release()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self, write: bool = True) -> None:
+        if self._fd < 0:
+            return
+        try:
+            if write:
+                self.sync()
+                os.ftruncate(self._fd, self._pos + self._fill)  # drop the padding of the last block
+        finally:
+            for done, _ in self._inflight:  # after a failure: let the writes end before the fd does
+                done.exception()
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "DirectFile":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.close(write=exc_type is None)  # after a failure, what is staged is not worth a write
+
+
+_IO_POOL: list[ThreadPoolExecutor] = []
+
+
+def _io_pool() -> ThreadPoolExecutor:
+    if not _IO_POOL:
+        _IO_POOL.append(ThreadPoolExecutor(2, thread_name_prefix="mergepipe-io"))
+    return _IO_POOL[0]
+
+
+def open_output(path: Path, prefix: int, direct: bool):
+    """The output file cut to `prefix` and positioned there: direct (see DirectFile) for files written
+    strictly front to back, the page cache for those patched in place (TIES)."""
+    if direct:
+        try:
+            return DirectFile(path, prefix)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # tmpfs and some others refuse O_DIRECT at open
+                raise
+    f = open(path, "r+b" if prefix else "w+b", buffering=0)
+    f.truncate(prefix)
+    f.seek(prefix)
+    return f
 
 
 @dataclass
@@ -93,6 +224,8 @@ class Sink:
     def __init__(self, f, name: str, journal: Journal | None = None, resume: Resume | None = None) -> None:
         resume = resume or Resume()
         self.f = f
+        self._sync = getattr(f, "sync", None)  # a DirectFile's; None for the page cache
+        self._synced = resume.prefix
         self.name = name
         self.journal = journal
         self.file_hash = resume.file_hash
@@ -131,6 +264,9 @@ class Sink:
         elif kind == "tensor":  # end of a tensor: its hash is complete
             self.tensor_hashes[payload] = tensor_hash.hexdigest()
         elif self.journal is not None:  # "record": the range is written, say so
+            if self._sync is not None and payload.end - self._synced >= GROUP_BYTES:
+                self._sync()  # not at every record: each sync waits for the writes in flight
+                self._synced = payload.end
             self.journal.append(replace(payload, xxh3=record_hash.hexdigest()))
 
     def _put(self, view: memoryview) -> None:
@@ -171,10 +307,14 @@ class Sink:
             self.checkpoint(tensor)
 
     def flush(self) -> None:
+        """Everything written so far is in the file."""
         self._q.join()
         self._check()
+        if self._sync is not None:  # the writer thread is idle now
+            self._sync()
 
     def pread(self, offset: int, n: int) -> np.ndarray:
+        assert self._sync is None, "patching needs a page-cache output (open_output direct=False)"
         self.flush()
         buf = np.empty(n, np.uint8)
         got = os.preadv(self.f.fileno(), [memoryview(buf)], self._start + offset)

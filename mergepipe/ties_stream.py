@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from . import blocks as B
-from .checkpoint import DTYPES, raw_view, to_bytes
+from .checkpoint import DTYPES
 from .manifest import OperatorSpec
 from .operators import ties
+from .tensors import all_finite, raw_view, to_bytes, torch_dtype
 
 LOW = 1 << 16
 CHUNK = 1 << 19  # elements per step: large enough that per-step overhead stays small (measured)
@@ -54,7 +55,7 @@ def _block(job, trims: list[ties.Trim], weights: list[float], lam: float, normal
     """One block, independent of every other (so blocks run in parallel): its provisional output
     bytes per chunk, the low-bit counts of its threshold-bin entries per expert, and the raw inputs
     at the positions that wait for the exact thresholds."""
-    out_t = DTYPES[job.out_dtype][0]
+    out_t = torch_dtype(job.out_dtype)
     base_all = raw_view(raws[0], job.base.dtype, (-1,), dev)
     experts = [(k, raw_view(raw, info.dtype, (-1,), dev)) for (k, info, _), raw in zip(reads[1:], raws[1:])]
     # entries below lo are dropped, at or above hi kept, in between (the threshold bin) wait;
@@ -85,7 +86,7 @@ def _block(job, trims: list[ties.Trim], weights: list[float], lam: float, normal
             spills.append([ix, _gather(base_all, ix), *(_gather(x, ix) for _, x in experts)])
         d.mul_(keep)
         merged = ties.elect_and_mean(d, [weights[k] for k, _ in experts], lam, normalize, base_f)
-        guard(b, reads, raws, merged)
+        guard(b, reads, raws, all_finite(merged))
         outs.append(to_bytes(merged.to(out_t)))
     return outs, lows, spills
 
@@ -94,7 +95,7 @@ def ties_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, spill_pa
                 guard) -> None:
     weights = [p["weight"] for p in op.expert_params]
     lam, normalize = op.params["lambda"], op.params["normalize"]
-    out_t = DTYPES[job.out_dtype][0]
+    out_t = torch_dtype(job.out_dtype)
     out_size = DTYPES[job.out_dtype][1]
     trims = [ties.Trim(*t) for t in job.trim]
     low = [torch.zeros(LOW, dtype=torch.int64, device=dev) for _ in job.experts]
@@ -139,6 +140,5 @@ def _gather(x: torch.Tensor, idx: np.ndarray) -> np.ndarray:
 
 
 def _read_values(f, dtype: str, n: int, dev: torch.device) -> torch.Tensor:
-    torch_dtype, size = DTYPES[dtype]
-    raw = np.fromfile(f, np.uint8, n * size)
-    return torch.from_numpy(raw).view(torch_dtype).to(dev).float()
+    raw = np.fromfile(f, np.uint8, n * DTYPES[dtype][1])
+    return torch.from_numpy(raw).view(torch_dtype(dtype)).to(dev).float()

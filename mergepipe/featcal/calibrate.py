@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import Model, Reader, raw_view
+from ..checkpoint import Model, Reader
+from ..tensors import raw_view
 from ..errors import MergepipeError
 from . import solve as S
 from .data import batches

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import xxhash
 
-from ..checkpoint import DTYPES, Model, Reader, open_model, to_bytes
+from ..checkpoint import Model, Reader, open_model
+from ..tensors import to_bytes, torch_dtype
 from ..config import CalibrateConfig
 from ..errors import InputChangedError, IOFailure, MergepipeError
 from .. import execute as merge_run
@@ -106,7 +107,7 @@ def execute_calibrated(m: Manifest, out: str | Path, device: str = "cpu", force:
                        allow_nonfinite: bool = False) -> Manifest:
     t0 = time.perf_counter()
     c = m.calibration
-    dev = _device(device)
+    dev = torch.device(_device(device))
     out = Path(out).resolve()
     root = Path(root) if root else None
     base, experts = open_inputs(m, root, allow_pickle)
@@ -160,11 +161,11 @@ def _calibrate_into(folder: Path, arch: Arch, base: Model, merged: Model, expert
     """Run FeatCal; each calibrated tensor overwrites its bytes in the copied merged files as soon as
     its layer is solved, so no layer outlives its solve."""
     fds: dict[str, int] = {}
-    store = {n: DTYPES[info.dtype][0] for n, info in merged.tensors.items()}  # each solution as it is stored
+    store = {n: torch_dtype(info.dtype) for n, info in merged.tensors.items()}  # each solution as it is stored
 
     def emit(name: str, t: torch.Tensor) -> None:
         info = merged.tensors[name]
-        data = to_bytes(t.to(DTYPES[info.dtype][0]))
+        data = to_bytes(t.to(torch_dtype(info.dtype)))
         assert data.nbytes == info.end - info.start, name
         path = str(folder / os.path.relpath(info.file, merged.root))
         if path not in fds:

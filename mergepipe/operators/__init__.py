@@ -4,6 +4,7 @@ values are errors (mergekit silently ignores the first two)."""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -81,18 +82,17 @@ class Operator:
         return shared_out, experts
 
 
-from .ta import TA  # noqa: E402
-from .ties import TIES  # noqa: E402
-from .gcwm import GCWM  # noqa: E402
-
-OPERATORS: dict[str, Operator] = {}
-for _op in (TA, TIES, GCWM):
-    for _n in (_op.name, *_op.aliases):
-        OPERATORS[_n] = _op
+# name or alias -> (module, attribute). Imported on first use: TIES and GCWM compute with torch,
+# and a CPU task-arithmetic run should not pay for importing it.
+OPERATORS: dict[str, tuple[str, str]] = {
+    "task_arithmetic": ("ta", "TA"), "ta": ("ta", "TA"),
+    "ties": ("ties", "TIES"),
+    "gcwm": ("gcwm", "GCWM"),
+}
 
 
 def get(name: str) -> Operator:
-    op = OPERATORS.get(name)
-    if op is None:
+    where = OPERATORS.get(name)
+    if where is None:
         raise MergepipeError(f"merge_method {name!r} is not supported (expected one of {', '.join(sorted(OPERATORS))})")
-    return op
+    return getattr(importlib.import_module(f".{where[0]}", __name__), where[1])

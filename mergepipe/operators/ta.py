@@ -1,14 +1,22 @@
 """Task arithmetic: W = W0 + lambda * sum_k w_k (W_k - W0) [/ sum_k w_k when normalize].
 
 The arithmetic mirrors mergekit 0.1.5's generalized task arithmetic step for step (delta, scale,
-stacked sum over experts, normalise, lambda, add base) so float32 results agree bit for bit.
+stacked sum over experts, normalise, lambda, add base) so float32 results agree bit for bit. Two
+kernels compute it: numpy on the CPU (no torch import), torch on a GPU or for dtypes numpy lacks.
 """
 
 from __future__ import annotations
 
-import torch
+import functools
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+from .. import floats
 from . import Operator, Param
+
+if TYPE_CHECKING:
+    import torch
 
 TA = Operator(
     name="task_arithmetic",
@@ -30,6 +38,67 @@ def coefficients(weights: list[float], lam: float, normalize: bool) -> list[floa
 
 
 CHUNK = 1 << 18  # elements per step: four experts' float32 scratch stays in the L2 cache
+NP_CHUNK = 1 << 18  # numpy makes a pass per operation: this step keeps its operands in cache
+SUM_GROUP = 16  # torch sums a stack over dim 0 in runs of 16 rows, then sums the runs' partials
+
+
+@functools.lru_cache(maxsize=8)
+def _divisor(all_weights: tuple[float, ...]) -> np.float32:
+    """mergekit's torch.tensor(weights).sum() in float32. torch sums a short vector in an order of its
+    own (several accumulators from 5 entries on); up to 4 that is a running sum, beyond it torch is
+    asked (imported only then: task arithmetic does not normalize by default)."""
+    if len(all_weights) > 4:
+        import torch
+        return np.float32(torch.tensor(all_weights, dtype=torch.float32).sum().item())
+    div = np.float32(0)
+    for w in all_weights:
+        div = np.float32(div + np.float32(w))
+    return div
+
+
+def merge_numpy(base: np.ndarray, base_dtype: str, experts: list[tuple[np.ndarray, str]], weights: list[float],
+                all_weights: list[float], lam: float, normalize: bool, out_dtype: str) -> tuple[np.ndarray, bool]:
+    """merge_into on the CPU in numpy, same operations in the same order, so the same bits. Raw
+    block bytes in (dtypes in floats.ITEMSIZE); (raw output bytes, whether all came out finite) out."""
+    isz = floats.ITEMSIZE
+    finite = True
+    n = base.nbytes // isz[base_dtype]
+    out = np.empty(n * isz[out_dtype], np.uint8)
+    step = min(NP_CHUNK, n)
+    b, x, total, acc = (np.empty(step, np.float32) for _ in range(4))
+    scratch = np.empty(step, np.uint32)
+    w = [np.float32(v) for v in weights]
+    div = _divisor(tuple(all_weights)) if normalize else None
+    scale = div if div is not None and abs(float(div)) >= 1e-8 else None
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        m = e - s
+        bv, xv, tv, av = b[:m], x[:m], total[:m], acc[:m]
+        pairs = floats.paired((base_dtype, out_dtype, *(d for _, d in experts)), m)
+        floats.to_f32(base[s * isz[base_dtype]:e * isz[base_dtype]], base_dtype, bv, pairs)
+        for g in range(0, len(experts), SUM_GROUP):
+            group = range(g, min(g + SUM_GROUP, len(experts)))
+            dst = tv if g == 0 else av
+            for i in group:
+                raw, dt = experts[i]
+                floats.to_f32(raw[s * isz[dt]:e * isz[dt]], dt, xv, pairs)
+                np.subtract(xv, bv, out=xv if i > group[0] else dst)
+                if i > group[0]:
+                    np.multiply(xv, w[i], out=xv)
+                    np.add(dst, xv, out=dst)
+                else:
+                    np.multiply(dst, w[i], out=dst)
+            if g:
+                np.add(tv, av, out=tv)
+        if not experts:
+            tv.fill(0)
+        if scale is not None:
+            np.divide(tv, scale, out=tv)
+        if lam != 1:
+            np.multiply(tv, np.float32(lam), out=tv)
+        np.add(tv, bv, out=tv)
+        finite &= floats.from_f32(tv, out_dtype, out[s * isz[out_dtype]:e * isz[out_dtype]], scratch[:m], pairs)
+    return out, finite
 
 
 def merge_into(out: torch.Tensor, base: torch.Tensor, experts: list[torch.Tensor], weights: list[float],
@@ -40,6 +109,8 @@ def merge_into(out: torch.Tensor, base: torch.Tensor, experts: list[torch.Tensor
 
     Chunked so that each element is converted, differenced and weighted while in cache; the
     operations and their order are mergekit's, so the float32 results are identical to it."""
+    import torch  # here, not at the top: the CPU path (merge_numpy) runs without it
+
     w = torch.tensor(weights, dtype=torch.float32, device=out.device).view(-1, 1)
     div = torch.tensor(all_weights, dtype=torch.float32).sum()  # a float32 sum, as in mergekit
     scratch = torch.empty((len(experts), min(CHUNK, out.numel())), dtype=torch.float32, device=out.device)
