@@ -268,6 +268,30 @@ def table(jobs: list[Job], summaries: dict[str, dict], dev_text: dict[str, str],
     return "\n".join(lines)
 
 
+def criteria(jobs: list[Job], summaries: dict[str, dict]) -> list[str]:
+    """The core issue's speed ratios, from this run's medians."""
+    def find(tool, method=None, budget=None, name=None):
+        for j in jobs:
+            if j.tool == tool and j.method == method and j.budget == budget and (name is None or j.name.startswith(name)) \
+                    and not j.error:
+                return summaries[j.slug]
+        return None
+    out = ["", "Ratios the core issue asks about (this run's medians, warm / cold):", ""]
+    ta100, ta20 = find("mergepipe", "ta", "100%"), find("mergepipe", "ta", "20%")
+    ties100 = find("mergepipe", "ties", "100%")
+    pairs = [("TA 100% / mergekit TA (<= 0.25)", ta100, find("mergekit", "ta")),
+             ("TA 100% / dd read once (<= 2)", ta100, find("cat", name="dd")),
+             ("TA 100% / cat read once", ta100, find("cat", name="cat")),
+             ("TIES 100% / mergekit TIES (<= 0.1)", ties100, find("mergekit", "ties")),
+             ("TA 20% / TA 100% (<= 0.5)", ta20, ta100)]
+    for label, a, b in pairs:
+        if a and b:
+            w = [a[f"wall_{m}_median_s"] / b[f"wall_{m}_median_s"] if a[f"wall_{m}_median_s"] and b[f"wall_{m}_median_s"]
+                 else None for m in ("warm", "cold")]
+            out.append(f"- {label}: " + " / ".join(f"{x:.2f}" if x is not None else "—" for x in w))
+    return out
+
+
 def plot(path: Path, jobs: list[Job], summaries: dict, devs: dict, floor_bytes: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -401,8 +425,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- jobs ---------------------------------------------------------------------------------------
     runs_dir = work / "runs"
+    # Two ways of reading the inputs once: cat (which may hand the bytes to /dev/null without copying
+    # them out of the kernel) and dd with 4 MiB reads into its own buffer, as a merge must.
     jobs: list[Job] = [Job("cat (read floor)", "cat", runs=args.runs,
-                           cmd=["sh", "-c", 'cat "$@" > /dev/null', "sh", *map(str, inputs)])]
+                           cmd=["sh", "-c", 'cat "$@" > /dev/null', "sh", *map(str, inputs)]),
+                       Job("dd, 4 MiB reads (read floor)", "cat", runs=args.runs,
+                           cmd=["sh", "-c", 'for f; do dd if="$f" of=/dev/null bs=4M status=none; done', "sh",
+                                *map(str, inputs)])]
     mk_exe = Path(sys.executable).with_name("mergekit-yaml")  # not the pyenv shim: one process, no bash
     mk_exe = str(mk_exe) if mk_exe.exists() else shutil.which("mergekit-yaml")
     if args.mergekit_shard_size == "input":
@@ -541,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- mergekit run as `mergekit-yaml CONFIG OUT --no-copy-tokenizer {' '.join(shard_args)}` "
         "(out shard size = the inputs' shard size, in parameters), CPU, otherwise defaults.",
     ]
+    notes += criteria(jobs, summaries)
     fracs = [s["other_cpu_frac_median"] for s in summaries.values() if s["other_cpu_frac_median"] is not None]
     if fracs:
         notes.append(f"- Contention: other processes used a median {statistics.median(fracs):.0%} "

@@ -329,7 +329,9 @@ def _write_file(staging: Path, ofile: OutFile, jobs: list[TensorJob], m: Manifes
     slow = float(os.environ.get(SLOW_ENV) or 0) / 1000
     inputs = _Inputs(reader, want, allow_nonfinite)
     # truncated to the resumed prefix: drops whatever the previous run wrote past its last good record
-    with open_output(path, resume.prefix, direct=all(j.trim is None for j in jobs)) as f:
+    # direct unless a TIES tensor too large to patch in memory needs patching in the file
+    direct = all(j.trim is None or _ties_in_memory(j) for j in jobs)
+    with open_output(path, resume.prefix, direct=direct) as f:
         sink = Sink(f, ofile.name, journal, resume)
 
         def done(job: TensorJob, ot) -> None:
@@ -374,6 +376,11 @@ def _write_file(staging: Path, ofile: OutFile, jobs: list[TensorJob], m: Manifes
     assert size == ofile.size
     out = OutputFile(ofile.size, sink.file_hash.hexdigest(), {t.name: sink.tensor_hashes[t.name] for t in ofile.tensors})
     return out, sink.meta
+
+
+def _ties_in_memory(job: TensorJob) -> bool:
+    from .ties_stream import patched_in_memory
+    return patched_in_memory(job)
 
 
 def _read_plan(job: TensorJob, first: int = 0) -> list[tuple[int, list[tuple[int, TensorInfo, B.Block]]]]:

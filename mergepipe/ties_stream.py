@@ -24,6 +24,7 @@ from .operators import ties
 from .tensors import all_finite, raw_view, to_bytes, torch_dtype
 
 LOW = 1 << 16
+IN_MEMORY_BYTES = 512 << 20  # a tensor's output up to this size is patched in memory
 CHUNK = 1 << 19  # elements per step: large enough that per-step overhead stays small (measured)
 
 
@@ -91,6 +92,12 @@ def _block(job, trims: list[ties.Trim], weights: list[float], lam: float, normal
     return outs, lows, spills
 
 
+def patched_in_memory(job) -> bool:
+    """Whether the tensor's provisional output is held in memory and patched there (then written
+    once, so its file can skip the page cache), rather than written and patched in the file."""
+    return job.base.numel * DTYPES[job.out_dtype][1] <= IN_MEMORY_BYTES
+
+
 def ties_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, spill_path: Path, progress,
                 guard) -> None:
     weights = [p["weight"] for p in op.expert_params]
@@ -101,10 +108,16 @@ def ties_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, spill_pa
     low = [torch.zeros(LOW, dtype=torch.int64, device=dev) for _ in job.experts]
     records = []  # (element offset in the tensor, count, experts) of spilled positions, in spill order
     block = functools.partial(_block, job, trims, weights, lam, normalize, dev, guard)
+    memory = np.empty(job.base.numel * out_size, np.uint8) if patched_in_memory(job) else None
+    filled = 0
     with open(spill_path, "w+b") as spill:
         for ((_, reads), raws), (outs, lows, spills) in B.in_order(dev, block, stream):
             for data in outs:
-                sink.write(data, hashed=False)
+                if memory is None:
+                    sink.write(data, hashed=False)
+                else:
+                    memory[filled:filled + data.nbytes] = data
+                    filled += data.nbytes
             for k, counts in lows.items():
                 low[k] += counts
             first = (reads[0][2].start - job.base.start) // job.base.itemsize
@@ -124,12 +137,17 @@ def ties_tensor(job, op: OperatorSpec, stream, dev: torch.device, sink, spill_pa
                 if trims[k].bin >= 0:
                     d[i].mul_(d[i].abs() >= tau[k])
             fixed = to_bytes(ties.elect_and_mean(d, [weights[k] for k, _ in experts], lam, normalize, base_v).to(out_t))
+            if memory is not None:
+                memory.reshape(-1, out_size)[first + idx] = fixed.reshape(-1, out_size)
+                continue
             lo_i, hi_i = int(idx[0]), int(idx[-1]) + 1  # patch the span these positions cover
             span = sink.pread((first + lo_i) * out_size, (hi_i - lo_i) * out_size).reshape(-1, out_size)
             span[idx - lo_i] = fixed.reshape(-1, out_size)
             sink.pwrite((first + lo_i) * out_size, span.reshape(-1))
     spill_path.unlink()
-    sink.end(job.name, rehash=True)
+    if memory is not None:
+        sink.write(memory)
+    sink.end(job.name, rehash=memory is None)
 
 
 def _gather(x: torch.Tensor, idx: np.ndarray) -> np.ndarray:

@@ -127,3 +127,13 @@ def test_ties_threshold_bin_and_skips(family, workdir):
         div[div == 0] = 1
         ref = (b.float() + (d * mask).sum(0) / div).to(torch.bfloat16)
         assert torch.equal(got[name], ref), name
+
+
+def test_ties_patched_in_the_file_equals_patched_in_memory(family, workdir, monkeypatch):
+    """Tensors too large to hold take the page-cache file path, patched in place: same bytes."""
+    import mergepipe.ties_stream as T
+    m = _plan(family, workdir, "100%", "ties", density=0.2)
+    in_memory = execute(m, workdir / "memory")
+    monkeypatch.setattr(T, "IN_MEMORY_BYTES", 0)
+    in_file = execute(m, workdir / "file")
+    assert in_file.execution.outputs == in_memory.execution.outputs

@@ -82,7 +82,7 @@ def elect_and_mean(trimmed: torch.Tensor, weights: list[float], lam: float, norm
     mixed = (trimmed * agree).sum(dim=0)
     if normalize:
         divisor = (w * agree).sum(dim=0)
-        divisor.masked_fill_(divisor == 0, 1)
+        divisor.add_(divisor == 0)  # 1 where 0 (x + 0 is x exactly): a vector pass, unlike masked_fill
         mixed /= divisor
     if lam != 1:
         mixed *= lam
