@@ -66,7 +66,7 @@ class Job:
 
     @property
     def slug(self) -> str:
-        s = f"{self.tool}-{self.method or 'read'}"
+        s = f"{self.tool}-{self.method or self.name.split()[0]}"  # the read floors: cat, dd
         return s + (f"-{self.budget.rstrip('%')}" if self.budget else "")
 
     @property
@@ -288,7 +288,7 @@ def criteria(jobs: list[Job], summaries: dict[str, dict]) -> list[str]:
         if a and b:
             w = [a[f"wall_{m}_median_s"] / b[f"wall_{m}_median_s"] if a[f"wall_{m}_median_s"] and b[f"wall_{m}_median_s"]
                  else None for m in ("warm", "cold")]
-            out.append(f"- {label}: " + " / ".join(f"{x:.2f}" if x is not None else "—" for x in w))
+            out.append(f"- {label}: " + " / ".join(f"{x:.3f}" if x is not None else "—" for x in w))
     return out
 
 
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     # them out of the kernel) and dd with 4 MiB reads into its own buffer, as a merge must.
     jobs: list[Job] = [Job("cat (read floor)", "cat", runs=args.runs,
                            cmd=["sh", "-c", 'cat "$@" > /dev/null', "sh", *map(str, inputs)]),
-                       Job("dd, 4 MiB reads (read floor)", "cat", runs=args.runs,
+                       Job("dd 4 MiB reads (read floor)", "cat", runs=args.runs,
                            cmd=["sh", "-c", 'for f; do dd if="$f" of=/dev/null bs=4M status=none; done', "sh",
                                 *map(str, inputs)])]
     mk_exe = Path(sys.executable).with_name("mergekit-yaml")  # not the pyenv shim: one process, no bash

@@ -15,8 +15,8 @@ import itertools
 import os
 import re
 import resource
-import sys
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -192,7 +192,7 @@ def _run(m: Manifest, out: Path, staging: Staging, key: str, files, base: Model,
         journal = Journal(staging.journal, key, kept)
         try:
             outputs, diagnostics = {}, {}
-            with _single_threaded():
+            with _streaming():
                 for ofile, jobs in files:
                     outputs[ofile.name], meta = _write_file(staging.folder, ofile, jobs, m, op, reader, want, dev,
                                                             progress, journal, resumes[ofile.name], allow_nonfinite)
@@ -285,8 +285,8 @@ def _device(device: str) -> str:
 
 def _keep_freed_memory() -> None:
     """Ask glibc to keep freed memory for reuse instead of returning it to the kernel. Every block
-    allocates and frees a few MiB on several threads; returned and re-faulted, those pages cost a
-    third of a task-arithmetic run's time on this project's VMs (measured 1.2 s of 3.3 s)."""
+    allocates and frees a few MiB on several threads; returned and faulted in again, those pages cost
+    a quarter of a task-arithmetic run on this project's VMs (0.5B family: 4.3 s without, 3.3 s with)."""
     try:
         import ctypes
         libc = ctypes.CDLL(None)
@@ -297,11 +297,11 @@ def _keep_freed_memory() -> None:
 
 
 @contextlib.contextmanager
-def _single_threaded():
-    """torch (where a path imported it) single-threaded, see tensors.single_threaded_torch; and no
-    cyclic garbage collection: the stream allocates many short-lived containers per block, and each
-    collection walks every object the imports left (0.3 s a run with torch loaded). The stream makes
-    no cycles worth collecting before the run ends."""
+def _streaming():
+    """How the stream runs best: torch (where a path imported it) single-threaded, see
+    tensors.single_threaded_torch; and no cyclic garbage collection, since the stream allocates many
+    short-lived containers per block and each collection walks every object the imports left (0.3 s
+    a run with torch loaded), while the stream makes no cycles worth collecting before it ends."""
     gc_was = gc.isenabled()
     gc.disable()
     try:

@@ -1,8 +1,10 @@
 """The execution journal: an append-only record of output byte ranges known to be written, kept
 beside the staging folder so that a killed `execute` resumes where it stopped.
 
-One line per record, `<xxh3_64 of the body> <JSON body>`, fsync'd after each append: a torn or
-edited last line fails its checksum and ends the journal there. The first record names the plan the
+One line per record, `<xxh3_64 of the body> <JSON body>`; a torn or edited last line fails its
+checksum and ends the journal there. The writer fsyncs it every so often, not at each append: an
+append survives a killed process anyway, and a power cut only costs a rerun the records since the
+last fsync. The first record names the plan the
 journal belongs to. A record claims nothing by itself: on resume the ranges are re-hashed from disk
 and only a prefix that matches is kept, so the data files need no fsync before the record is written.
 """
@@ -81,19 +83,20 @@ class Journal:
         except OSError as e:
             raise IOFailure(f"{path}: cannot write the journal ({e.strerror})") from None
 
-    def _append(self, line: bytes) -> None:
+    def _append(self, line: bytes, sync: bool = True) -> None:
         view = memoryview(line)
         while view:
             view = view[os.write(self.fd, view):]
-        os.fdatasync(self.fd)
+        if sync:
+            os.fdatasync(self.fd)
 
-    def append(self, rec: Record) -> None:
+    def append(self, rec: Record, sync: bool = True) -> None:
         body = asdict(rec)
         del body["offset"]
         if body["meta"] is None:
             del body["meta"]
         try:
-            self._append(_line(body))
+            self._append(_line(body), sync)
         except OSError as e:
             raise IOFailure(f"{self.path}: cannot write the journal ({e.strerror})") from None
 

@@ -11,6 +11,7 @@ import mmap
 import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,8 +24,10 @@ from .journal import Journal, Record
 from .publish import OutFile
 
 # Inside a long tensor, a journal record at least every GROUP_BYTES of output: a kill then loses at
-# most that much work, and a run pays one fdatasync per tensor or per GROUP_BYTES, not per block.
+# most that much work. Records become durable (data and journal synced) every GROUP_BYTES or
+# SYNC_SECONDS, whichever comes first.
 GROUP_BYTES = 64 << 20
+SYNC_SECONDS = 1.0
 CHUNK = 16 << 20
 EMPTY = xxhash.xxh3_64_hexdigest(b"")
 ALIGN = 4096  # O_DIRECT: offsets, lengths and buffer addresses in multiples of the device block
@@ -225,7 +228,7 @@ class Sink:
         resume = resume or Resume()
         self.f = f
         self._sync = getattr(f, "sync", None)  # a DirectFile's; None for the page cache
-        self._synced = resume.prefix
+        self._synced, self._synced_at = resume.prefix, time.monotonic()
         self.name = name
         self.journal = journal
         self.file_hash = resume.file_hash
@@ -264,10 +267,16 @@ class Sink:
         elif kind == "tensor":  # end of a tensor: its hash is complete
             self.tensor_hashes[payload] = tensor_hash.hexdigest()
         elif self.journal is not None:  # "record": the range is written, say so
-            if self._sync is not None and payload.end - self._synced >= GROUP_BYTES:
-                self._sync()  # not at every record: each sync waits for the writes in flight
-                self._synced = payload.end
-            self.journal.append(replace(payload, xxh3=record_hash.hexdigest()))
+            # Durable every GROUP_BYTES of output or SYNC_SECONDS, not at each record: a sync waits for
+            # the writes in flight, and each fsync makes the device flush its cache (0.1 s of a 1.4 s
+            # merge at one per tensor). A kill loses nothing journaled; a power cut, work since then.
+            now = time.monotonic()
+            durable = payload.end - self._synced >= GROUP_BYTES or now - self._synced_at >= SYNC_SECONDS
+            if durable:
+                if self._sync is not None:
+                    self._sync()
+                self._synced, self._synced_at = payload.end, now
+            self.journal.append(replace(payload, xxh3=record_hash.hexdigest()), sync=durable)
 
     def _put(self, view: memoryview) -> None:
         try:
