@@ -284,7 +284,8 @@ def _device(device: str) -> str:
 
 
 def _keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory for reuse instead of returning it to the kernel. Every block
+    """Ask glibc to keep freed memory for reuse instead of returning it to the kernel (for the rest of
+    the process: a library caller keeps that memory mapped, and reuses it). Every block
     allocates and frees a few MiB on several threads; returned and faulted in again, those pages cost
     a quarter of a task-arithmetic run on this project's VMs (0.5B family: 4.3 s without, 3.3 s with)."""
     try:
