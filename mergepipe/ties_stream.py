@@ -76,7 +76,7 @@ def _block(job, trims: list[ties.Trim], weights: list[float], lam: float, normal
         a = d.abs()
         keep = _at_least(a, hi)
         waiting = _at_least(a, lo).sub_(keep)  # 1.0 in the threshold bin
-        idx = waiting.sum(dim=0).nonzero().squeeze(1)
+        idx = waiting.amax(dim=0).nonzero().squeeze(1)  # waiting is 0 or 1: amax is the cheaper "any"
         if idx.numel():
             aw, ww = a[:, idx], waiting[:, idx]
             for i, (k, _) in enumerate(experts):
