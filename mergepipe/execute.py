@@ -451,6 +451,9 @@ def _write_blocks(group: list, m: Manifest, merge: bool, dev: str, inputs: _Inpu
 
     def compute(i: int, b: int, reads, raws) -> np.ndarray:
         inputs.check(b, reads, raws)  # here, not in the reader: the pool's threads share the hashing
+        job = group[i][0]
+        if len(raws) == 1 and job.out_dtype == job.base.dtype:  # no expert here: the base block as is
+            return raws[0]
         return kernels[i](b, reads, raws)
 
     plan = [(i, b, reads) for i, (job, _, first) in enumerate(group) for b, reads in _read_plan(job, first)]
@@ -473,16 +476,14 @@ def _write_blocks(group: list, m: Manifest, merge: bool, dev: str, inputs: _Inpu
 
 
 def _block_kernel(job: TensorJob, m: Manifest, merge: bool, dev: str, guard) -> Callable:
-    """compute(b, reads, raws) -> output bytes of one block: task arithmetic, or with merge False
-    (GCWM's non-target tensors) a cast of the base. numpy on the CPU; torch on a GPU or for dtypes
+    """compute(b, reads, raws) -> output bytes of one block that holds a read expert or needs a cast:
+    task arithmetic, or with merge False (GCWM's non-target tensors) a cast of the base. numpy on the CPU; torch on a GPU or for dtypes
     numpy lacks (float64, float8)."""
     weights = [p["weight"] for p in m.operator.expert_params]
     lam, normalize = m.operator.params.get("lambda", 1.0), m.operator.params.get("normalize", False)
     dtypes = {job.base.dtype, job.out_dtype, *(e.dtype for e in job.experts)}
     if dev == "cpu" and dtypes <= floats.ITEMSIZE.keys():
         def compute(b: int, reads, raws) -> np.ndarray:
-            if len(raws) == 1 and job.out_dtype == job.base.dtype:  # no expert here: the base block
-                return raws[0]
             if not merge:
                 return floats.cast(raws[0], job.base.dtype, job.out_dtype)
             out, finite = ta.merge_numpy(raws[0], job.base.dtype,
@@ -497,8 +498,6 @@ def _block_kernel(job: TensorJob, m: Manifest, merge: bool, dev: str, guard) -> 
     tdev, out_t = _torch_device(dev), torch_dtype(job.out_dtype)
 
     def compute_torch(b: int, reads, raws) -> np.ndarray:
-        if len(raws) == 1 and job.out_dtype == job.base.dtype:
-            return raws[0]
         base_v = raw_view(raws[0], job.base.dtype, (-1,), tdev)
         if not merge:
             return to_bytes(base_v.to(out_t))

@@ -70,11 +70,12 @@ def merge_numpy(base: np.ndarray, base_dtype: str, experts: list[tuple[np.ndarra
     w = [np.float32(v) for v in weights]
     div = _divisor(tuple(all_weights)) if normalize else None
     scale = div if div is not None and abs(float(div)) >= 1e-8 else None
+    dtypes = (base_dtype, out_dtype, *(d for _, d in experts))
     for s in range(0, n, step):
         e = min(s + step, n)
         m = e - s
         bv, xv, tv, av = b[:m], x[:m], total[:m], acc[:m]
-        pairs = floats.paired((base_dtype, out_dtype, *(d for _, d in experts)), m)
+        pairs = floats.paired(dtypes, m)
         floats.to_f32(base[s * isz[base_dtype]:e * isz[base_dtype]], base_dtype, bv, pairs)
         for g in range(0, len(experts), SUM_GROUP):
             group = range(g, min(g + SUM_GROUP, len(experts)))
