@@ -26,7 +26,8 @@ from pathlib import Path
 from mergepipe.config import load_config
 from mergepipe.demo import demo_config
 from mergepipe.errors import MergepipeError
-from mergepipe.execute import MANIFEST_NAME, SLOW_ENV, execute, pending_read_bytes, plan_key
+from mergepipe.execute import MANIFEST_NAME, execute, pending_read_bytes, plan_key
+from mergepipe.worker import SLOW_ENV
 from mergepipe.index import Catalog
 from mergepipe.manifest import load_manifest
 from mergepipe.plan import plan_merge
@@ -123,7 +124,7 @@ def run_trials(root: Path, kills: int, seed: int = 0, slow_ms: int = 25, log=Non
         remaining, total = pending_read_bytes(m, out)
         done = execute(m, out)
         ex = done.execution
-        trials.append(Trial(delay, n, False, partial, remaining, sum(ex.bytes_read.values()), total,
+        trials.append(Trial(delay, n, False, partial, remaining, ex.expert_bytes_read + ex.base_bytes_read, total,
                             ex.resumed_bytes, ex.root_hash == ref_hash))
         if log:
             t = trials[-1]

@@ -31,7 +31,7 @@ DTYPES: dict[str, tuple[str, int]] = {
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
                "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
-MAX_HEADER = 100 * 1024 * 1024  # the safetensors reference implementation's limit
+MAX_HEADER = 100_000_000  # the safetensors reference implementation's limit (MAX_HEADER_SIZE)
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
                 "added_tokens.json", "chat_template.jinja")
@@ -97,6 +97,26 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
+def _int(s: str) -> int:
+    """serde_json reads -0 as a float, which safetensors refuses where it expects a count."""
+    if s == "-0":
+        raise ValueError(s)
+    return int(s)
+
+
+def _strict_strings(v: object) -> None:
+    """Python's json decodes a lone surrogate escape (\\ud800), serde_json refuses it: so do we."""
+    if isinstance(v, str):
+        v.encode("utf-8")
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            k.encode("utf-8")
+            _strict_strings(x)
+    elif isinstance(v, list):
+        for x in v:
+            _strict_strings(x)
+
+
 def _entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     """One tensor's header entry, checked for types and ranges (not yet against the file)."""
     def count(v: object) -> bool:  # JSON true is a Python int: refuse it
@@ -122,20 +142,22 @@ def read_header(path: Path) -> FileHeader:
                 raise MergepipeError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
-                raise MergepipeError(f"{path}: not a safetensors file (header length {n} exceeds the file or 100 MiB)")
+                raise MergepipeError(f"{path}: not a safetensors file (header length {n} exceeds the file or 100,000,000 bytes)")
             raw = f.read(n)
     except OSError as e:
         raise MergepipeError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_int=_int)
+        _strict_strings(header)
     except _DuplicateKey as e:
         raise MergepipeError(f"{path}: not a safetensors file (header repeats the key {e.args[0]!r})") from None
-    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: bad JSON, or an int too long
+    except (UnicodeError, ValueError, RecursionError):  # ValueError: bad JSON, -0, or an int too long
         raise MergepipeError(f"{path}: not a safetensors file (header is not UTF-8 JSON)") from None
     if not isinstance(header, dict):
         raise MergepipeError(f"{path}: not a safetensors file (header is not a JSON object)")
     data_start = 8 + n
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # null is allowed; "", [], 0, false are not
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise MergepipeError(f"{path}: __metadata__ must map strings to strings")
     tensors: dict[str, TensorInfo] = {}
@@ -149,10 +171,21 @@ def read_header(path: Path) -> FileHeader:
             raise MergepipeError(f"{path}: truncated: tensor {name!r} ends at byte {info.end}, file has {size}")
         tensors[name] = info
         spans.append((info.start, info.end, name))
+    # As safetensors validates: sorted by offsets, the tensors tile the data exactly, with no gap
+    # before, between or after them (its header may be padded with spaces, its data not).
     spans.sort()
-    for (a0, b0, n0), (a1, b1, n1) in zip(spans, spans[1:]):
-        if a1 < b0:
-            raise MergepipeError(f"{path}: tensors {n0!r} and {n1!r} overlap")
+    end, prev = data_start, None
+    for start, stop, name in spans:
+        if start < end:
+            raise MergepipeError(f"{path}: tensors {prev!r} and {name!r} overlap")
+        if start > end:
+            where = f"where {prev!r} ends" if prev is not None else "where the data begins"
+            raise MergepipeError(f"{path}: gap before tensor {name!r}: its data starts at byte {start}, "
+                                 f"expected {end} {where}")
+        end, prev = stop, name
+    if end != size:
+        raise MergepipeError(f"{path}: {size - end} trailing bytes: expected the file to end at byte {end} "
+                             f"where the tensor data ends, it has {size}")
     digest = xxhash.xxh3_64_hexdigest(head + raw)
     return FileHeader(path, size, data_start, digest, metadata, tensors)
 

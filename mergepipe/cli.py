@@ -4,7 +4,9 @@ a failed verification exits 1."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import inspect
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -15,6 +17,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from .errors import MergepipeError
+from .options import PlanOptions, RunOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Merge LLM checkpoint families under an explicit I/O budget, with replayable manifests.")
@@ -55,6 +58,42 @@ def progress_bar(what: str, total: int, quiet: bool):
         yield lambda n: p.advance(task, n)
 
 
+# Every flag that reaches the library as an options field, declared once: commands name the fields
+# they take (see `flags`), so each flag has one spelling and one help text everywhere.
+FLAGS = {
+    "device": (str, typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")),
+    "force": (bool, typer.Option(False, "--force", help="Replace an existing output folder.")),
+    "root": (Optional[Path], typer.Option(None, "--root", help="Folder that relative model paths start from.")),
+    "allow_pickle": (bool, typer.Option(False, "--allow-pickle",
+                                        help="Load pickled .bin checkpoints (with weights_only=True).")),
+    "allow_nonfinite": (bool, typer.Option(False, "--allow-nonfinite",
+                                           help="Merge inputs that hold NaN or Inf (recorded in the manifest).")),
+    "planner": (str, typer.Option("score", "--planner", help="score (default) or random (a control).")),
+    "seed": (int, typer.Option(0, "--seed", help="Seed of the random planner.")),
+    "relative_to": (Optional[Path], typer.Option(None, "--relative-to",
+                                                 help="Record model paths relative to this folder.")),
+}
+JSON = typer.Option(False, "--json", help="Machine-readable output.")
+CATALOG = typer.Option(None, "--catalog", help="Catalog file (default: user cache).")
+
+
+def flags(options: type, *names: str):
+    """The command takes these fields of the `options` dataclass as flags (from FLAGS) and receives
+    them as one `opts` value."""
+    def wrap(fn):
+        sig = inspect.signature(fn)
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=FLAGS[n][1], annotation=FLAGS[n][0])
+                 for n in names]
+        kept = [p for p in sig.parameters.values() if p.name != "opts"]
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            return fn(*args, opts=options(**{n: kwargs.pop(n) for n in names}), **kwargs)
+        run.__signature__ = sig.replace(parameters=kept + added)
+        return run
+    return wrap
+
+
 def _catalog(path: Optional[Path]):
     from .index import Catalog
     return Catalog(path)
@@ -63,9 +102,8 @@ def _catalog(path: Optional[Path]):
 @command
 def index(models: List[str] = typer.Argument(..., help="Expert models: HF folders, .safetensors files or hub ids."),
           base: Optional[str] = typer.Option(None, "--base", help="Base model; without it MODELs are only hashed."),
-          catalog: Optional[Path] = typer.Option(None, "--catalog", help="Catalog file (default: user cache)."),
-          allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load pickled .bin checkpoints (weights_only)."),
-          as_json: bool = typer.Option(False, "--json")):
+          catalog: Optional[Path] = CATALOG, allow_pickle: bool = FLAGS["allow_pickle"][1],
+          as_json: bool = JSON):
     """Hash every block and record expert delta statistics in the catalog."""
     import time
     from .checkpoint import open_model
@@ -86,23 +124,17 @@ def index(models: List[str] = typer.Argument(..., help="Expert models: HF folder
 
 
 @command
+@flags(PlanOptions, "planner", "seed", "relative_to", "allow_pickle", "allow_nonfinite")
 def plan(config: Path = typer.Argument(..., help="mergekit YAML (task_arithmetic, ties or gcwm)."),
          budget: str = typer.Option("100%", "--budget", "-b", help="Expert bytes to read: 20% or 3GiB or 500MB."),
          output: Path = typer.Option(..., "-o", "--output", help="Manifest to write."),
-         catalog: Optional[Path] = typer.Option(None, "--catalog"),
-         planner: str = typer.Option("score", "--planner", help="score (default) or random (a control)."),
-         seed: int = typer.Option(0, "--seed", help="Seed of the random planner."),
-         relative_to: Optional[Path] = typer.Option(None, "--relative-to", help="Record model paths relative to this folder."),
-         allow_pickle: bool = typer.Option(False, "--allow-pickle"),
-         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs that hold NaN or Inf."),
-         as_json: bool = typer.Option(False, "--json")):
+         catalog: Optional[Path] = CATALOG, as_json: bool = JSON, opts: PlanOptions = None):
     """Choose what to read under the budget; write a replayable manifest."""
     from .config import load_config
     from .plan import plan_merge
     cfg = load_config(config)
-    with progress_bar("index", _unindexed_bytes(cfg, catalog), as_json) as cb:
-        m = plan_merge(cfg, budget, _catalog(catalog), planner, seed, allow_pickle, relative_to, cb,
-                       allow_nonfinite=allow_nonfinite)
+    with progress_bar("index", _unindexed_bytes(cfg), as_json) as cb:
+        m = plan_merge(cfg, budget, _catalog(catalog), dataclasses.replace(opts, progress=cb))
     output.parent.mkdir(parents=True, exist_ok=True)
     m.save(output)
     summary = {"manifest": str(output), "operator": m.operator.name, "budget_bytes": m.budget.bytes,
@@ -118,23 +150,18 @@ def plan(config: Path = typer.Argument(..., help="mergekit YAML (task_arithmetic
 
 
 @command
+@flags(RunOptions, "device", "force", "root", "allow_pickle", "allow_nonfinite")
 def execute(manifest: Path = typer.Argument(...),
             output: Path = typer.Option(..., "-o", "--output", "--out", help="Output folder (published atomically)."),
-            device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
-            force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
-            root: Optional[Path] = typer.Option(None, "--root", help="Folder that relative model paths start from."),
-            allow_pickle: bool = typer.Option(False, "--allow-pickle"),
-            allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs that hold NaN or Inf."),
-            as_json: bool = typer.Option(False, "--json")):
+            as_json: bool = JSON, opts: RunOptions = None):
     """Stream the planned blocks, merge, and publish OUT with its completed manifest. A run that was
     killed or hit a disk error resumes from its journaled work when run again."""
     from .execute import execute as run
     from .manifest import load_manifest
-    import dataclasses
     m = load_manifest(manifest)
     total = m.plan.planned_expert_bytes + sum(f.size for f in m.base.files)
     with progress_bar("merge", total, as_json) as cb:
-        done = run(m, output, device, force, root, allow_pickle, cb, allow_nonfinite=allow_nonfinite)
+        done = run(m, output, dataclasses.replace(opts, progress=cb))
     ex = done.execution
     if as_json:
         out.print_json(data=dataclasses.asdict(ex))
@@ -145,19 +172,17 @@ def execute(manifest: Path = typer.Argument(...),
 
 
 @command
+@flags(RunOptions, "device", "force")
 def continual(config: Path = typer.Argument(..., help="mergekit YAML with merge_method gcwm; models in arrival order."),
               output: Path = typer.Option(..., "-o", "--output", help="Folder for step-01, step-02, ... (and anchors/)."),
               mode: str = typer.Option("all_history", "--mode", help="all_history or current_anchor."),
               budget: str = typer.Option("100%", "--budget", "-b", help="Expert bytes each step may read."),
               anchor_weight: float = typer.Option(1.0, "--anchor-weight", help="current_anchor: the previous merge's weight."),
-              catalog: Optional[Path] = typer.Option(None, "--catalog"),
-              device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
-              force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
-              as_json: bool = typer.Option(False, "--json")):
+              catalog: Optional[Path] = CATALOG, as_json: bool = JSON, opts: RunOptions = None):
     """Merge experts one at a time with GCWM; publish every step with its own manifest."""
     from .config import load_config
     from .continual import continual as run
-    steps = run(load_config(config), output, mode, budget, _catalog(catalog), device, force, anchor_weight,
+    steps = run(load_config(config), output, mode, budget, _catalog(catalog), anchor_weight, opts,
                 log=None if as_json else out.print)
     if as_json:
         out.print_json(data=[{"step": s.step, "output": str(s.output), "root_hash": s.manifest.execution.root_hash,
@@ -166,16 +191,14 @@ def continual(config: Path = typer.Argument(..., help="mergekit YAML with merge_
 
 
 @command
+@flags(RunOptions, "device", "root", "allow_pickle")
 def verify(manifest: Path = typer.Argument(...),
            output: Optional[Path] = typer.Option(None, "--output", "-o", help="Check this folder instead of re-executing."),
-           device: str = typer.Option("cpu", "--device"),
-           root: Optional[Path] = typer.Option(None, "--root"),
-           allow_pickle: bool = typer.Option(False, "--allow-pickle"),
-           as_json: bool = typer.Option(False, "--json")):
+           as_json: bool = JSON, opts: RunOptions = None):
     """Re-check input hashes and the output (given, or re-executed); exit 1 on any mismatch."""
     from .manifest import load_manifest
     from .verify import verify as run
-    r = run(load_manifest(manifest), output, root, device, allow_pickle)
+    r = run(load_manifest(manifest), output, opts)
     if as_json:
         out.print_json(data={"ok": r.ok, "problems": r.problems, "inputs_checked": r.inputs_checked,
                              "outputs_checked": r.outputs_checked, "reexecuted": r.reexecuted})
@@ -190,7 +213,7 @@ def verify(manifest: Path = typer.Argument(...),
 
 
 @command
-def explain(manifest: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json"),
+def explain(manifest: Path = typer.Argument(...), as_json: bool = JSON,
             top: int = typer.Option(0, "--top", help="Show only the N tensors with the most bytes planned.")):
     """What the plan reads and why: per tensor, blocks selected per expert, bytes, omitted-norm bound;
     for an executed GCWM manifest also the active experts, conflict, gate and union rank."""
@@ -204,7 +227,7 @@ def explain(manifest: Path = typer.Argument(...), as_json: bool = typer.Option(F
     if as_json:
         out.print_json(data={"operator": m.operator.name, "budget": m.budget.spec, "planner": m.plan.planner,
                              "certificate": m.plan.certificate.bound, "tensors": rows,
-                             "calibration": dataclasses.asdict(m.calibration) if m.calibration else None})
+                             "stages": [dataclasses.asdict(st) for st in m.stages]})
         return
     t = Table(title=f"{m.operator.name} at budget {m.budget.spec} ({m.plan.planner} planner): "
                     f"{_size(m.plan.planned_expert_bytes)} of {_size(m.budget.expert_bytes_total)} expert bytes")
@@ -231,18 +254,16 @@ def explain(manifest: Path = typer.Argument(...), as_json: bool = typer.Option(F
     out.print(t)
     c = m.plan.certificate
     out.print(f"certificate ({c.kind}): {'n/a' if c.bound is None else format(c.bound, '.4g')}: {c.note}")
-    if m.calibration is not None:
-        cal = m.calibration
-        out.print(f"calibration ({cal.method}): layer prefixes per expert {cal.prefixes}, "
-                  f"{_size(cal.budget.bytes)} of {_size(cal.budget.expert_bytes_total)} expert bytes; "
-                  f"sequences {cal.sequences}, tokens {cal.tokens}; data {', '.join(f.path for f in cal.data)}")
+    for st in m.stages:
+        from . import stages
+        module = stages.get(st.kind)
+        out.print(f"stage {st.kind}: {module.describe(module.load(st.record, st.kind, len(m.experts)))}")
 
 
 @command
 def demo(folder: Optional[Path] = typer.Option(None, "--dir", help="Where to build the demo family (default: cache)."),
          budgets: str = typer.Option("100,50,20,10,5", "--budgets", help="Comma-separated budget percentages."),
-         device: str = typer.Option("cpu", "--device"),
-         as_json: bool = typer.Option(False, "--json")):
+         device: str = FLAGS["device"][1], as_json: bool = JSON):
     """Build a small family, then plan -> execute -> verify at several budgets and print a table."""
     from .demo import run_demo
     rows = run_demo(folder, [float(b) for b in budgets.split(",")], device, log=None if as_json else out.print)
@@ -258,7 +279,7 @@ def demo(folder: Optional[Path] = typer.Option(None, "--dir", help="Where to bui
     out.print(t)
 
 
-def _unindexed_bytes(cfg, catalog) -> int:
+def _unindexed_bytes(cfg) -> int:
     """An upper bound for the progress bar: what indexing would read if nothing were cached."""
     from .checkpoint import open_model
     try:

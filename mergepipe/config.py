@@ -3,27 +3,17 @@ and a key mergepipe would not honour is an error rather than silently ignored.""
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from . import operators
+from . import operators, stages
 from .checkpoint import DTYPE_NAMES
 from .errors import MergepipeError
 
-TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "calibrate"}
-CALIBRATE_KEYS = {"method", "data", "tasks", "budget", "parameters"}
-
-
-@dataclass
-class CalibrateConfig:
-    """A `calibrate:` section: FeatCal applied to the merge (mergepipe's own key, not mergekit's)."""
-    data: list[str]  # one JSONL file shared by all experts, or one per expert in models order
-    tasks: list[str] | None  # per expert: the `task` value of its records in a shared file
-    budget: str  # expert bytes FeatCal may read, as for --budget
-    params: dict  # FeatCalParams fields, validated
+TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+            *stages.CONFIG_KEYS}
 
 
 @dataclass
@@ -35,7 +25,7 @@ class MergeConfig:
     expert_params: list[dict] = field(default_factory=list)
     out_dtype: str | None = None  # safetensors dtype name; None: each tensor keeps the base's dtype
     source: str = "<config>"
-    calibrate: CalibrateConfig | None = None
+    stages: list[tuple[str, object]] = field(default_factory=list)  # (kind, its parsed section), in order
 
     @property
     def operator(self) -> operators.Operator:
@@ -91,41 +81,9 @@ def parse_config(doc: object, where: str = "<config>") -> MergeConfig:
     out_dtype = _dtype(out, "out_dtype" if "out_dtype" in doc else "dtype", where) if out is not None else None
     if "dtype" in doc:
         _dtype(doc["dtype"], "dtype", where)
-    calibrate = _calibrate(doc["calibrate"], len(experts), where) if "calibrate" in doc else None
-    return MergeConfig(op.name, base, experts, params, expert_params, out_dtype, where, calibrate)
-
-
-def _calibrate(doc: object, experts: int, where: str) -> CalibrateConfig:
-    where = f"{where}: calibrate"
-    if importlib.util.find_spec("transformers") is None:  # FeatCal builds each layer from its classes
-        raise MergepipeError(f"{where}: FeatCal needs transformers (pip install 'mergepipe[featcal]')")
-    from .featcal.calibrate import FeatCalParams
-    if not isinstance(doc, dict):
-        raise MergepipeError(f"{where} must be a mapping with data and optional tasks, budget, parameters")
-    unknown = sorted(set(doc) - CALIBRATE_KEYS)
-    if unknown:
-        raise MergepipeError(f"{where}: unknown key {unknown[0]!r} (expected {', '.join(sorted(CALIBRATE_KEYS))})")
-    if doc.get("method", "featcal") != "featcal":
-        raise MergepipeError(f"{where}: method {doc['method']!r} is not supported (expected featcal)")
-    data = doc.get("data")
-    data = [data] if isinstance(data, str) else data
-    if not isinstance(data, list) or not data or not all(isinstance(d, str) for d in data) or len(data) not in (1, experts):
-        raise MergepipeError(f"{where}: data must be one JSONL path shared by the experts or a list of "
-                             f"{experts} paths, one per expert")
-    tasks = doc.get("tasks")
-    if tasks is not None and (not isinstance(tasks, list) or len(tasks) != experts
-                              or not all(isinstance(t, str) for t in tasks)):
-        raise MergepipeError(f"{where}: tasks must list one task name per expert ({experts})")
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise MergepipeError(f"{where}: parameters must be a mapping")
-    try:
-        checked = FeatCalParams.from_dict(params).to_dict()
-    except TypeError as e:  # a wrongly typed value the dataclass refuses
-        raise MergepipeError(f"{where}: {e}") from None
-    except MergepipeError as e:
-        raise MergepipeError(f"{where}: {e}") from None
-    return CalibrateConfig(data, tasks, str(doc.get("budget", "100%")), checked)
+    steps = [(kind, stages.get(kind).parse(doc[key], len(experts), f"{where}: {key}"))
+             for key, kind in stages.CONFIG_KEYS.items() if key in doc]
+    return MergeConfig(op.name, base, experts, params, expert_params, out_dtype, where, steps)
 
 
 def load_config(path: str | Path) -> MergeConfig:

@@ -22,7 +22,7 @@ from .errors import MergepipeError
 from .execute import execute
 from .index import Catalog
 from .manifest import Manifest
-from .operators import gcwm, ta
+from .options import RunOptions
 from .plan import plan_merge
 
 MODES = ("all_history", "current_anchor")
@@ -37,9 +37,11 @@ class Step:
 
 
 def continual(config: MergeConfig, out: str | Path, mode: str = "all_history", budget: str = "100%",
-              catalog: Catalog | None = None, device: str = "cpu", force: bool = False,
-              anchor_weight: float = 1.0, log: Callable[[str], None] | None = None) -> list[Step]:
-    if config.operator is not gcwm.GCWM:
+              catalog: Catalog | None = None, anchor_weight: float = 1.0, options: RunOptions | None = None,
+              log: Callable[[str], None] | None = None) -> list[Step]:
+    """Options (device, force) as a RunOptions; each step is executed with force."""
+    opts = options or RunOptions()
+    if not config.operator.continual:
         raise MergepipeError(f"{config.source}: continual mode merges with gcwm (merge_method is {config.method!r})")
     if mode not in MODES:
         raise MergepipeError(f"continual mode {mode!r} is not known (expected {' or '.join(MODES)})")
@@ -49,9 +51,10 @@ def continual(config: MergeConfig, out: str | Path, mode: str = "all_history", b
     if not (anchor_weight >= 0 and anchor_weight != float("inf")):
         raise MergepipeError(f"anchor weight {anchor_weight!r} must be a finite number >= 0")
     out = Path(out).resolve()
-    if out.exists() and not force:
+    if out.exists() and not opts.force:
         raise MergepipeError(f"{out}: output folder exists (pass --force to replace it)")
     catalog = catalog or Catalog()
+    run = dataclasses.replace(opts, force=True)
     say = log or (lambda _: None)
     steps = []
     for t in range(1, len(config.experts) + 1):
@@ -59,7 +62,7 @@ def continual(config: MergeConfig, out: str | Path, mode: str = "all_history", b
         if mode == "all_history" or t == 1:
             # step 1 of current_anchor is the same one-task merge: gamma * Delta_1
             cfg = dataclasses.replace(config, experts=config.experts[:t], expert_params=config.expert_params[:t])
-            done = execute(plan_merge(cfg, budget, catalog), folder, device, force=True)
+            done = execute(plan_merge(cfg, budget, catalog), folder, run)
             steps.append(Step(t, folder, done))
         else:
             prev = config.experts[0] if t == 2 else str(out / "anchors" / f"step-{t - 1:02d}")
@@ -68,10 +71,10 @@ def continual(config: MergeConfig, out: str | Path, mode: str = "all_history", b
                 params={**config.params, "lambda": 1.0},
                 expert_params=[{"weight": anchor_weight}, config.expert_params[t - 1]])
             anchor_dir = out / "anchors" / f"step-{t:02d}"
-            anchor = execute(plan_merge(anchor_cfg, budget, catalog), anchor_dir, device, force=True)
-            scale_cfg = MergeConfig(ta.TA.name, config.base, [str(anchor_dir)], {"lambda": 1.0, "normalize": False},
+            anchor = execute(plan_merge(anchor_cfg, budget, catalog), anchor_dir, run)
+            scale_cfg = MergeConfig("task_arithmetic", config.base, [str(anchor_dir)], {"lambda": 1.0, "normalize": False},
                                     [{"weight": config.params["lambda"]}], config.out_dtype, config.source)
-            done = execute(plan_merge(scale_cfg, "100%", catalog), folder, device, force=True)
+            done = execute(plan_merge(scale_cfg, "100%", catalog), folder, run)
             steps.append(Step(t, folder, done, anchor))
         say(f"step {t}: {folder} (root hash {steps[-1].manifest.execution.root_hash})")
     return steps

@@ -40,6 +40,7 @@ COARSE_BINS = EXP_HI - EXP_LO
 # Fine per-tensor histogram over the top 16 bits of |delta| as float32 (8 exponent + 7 mantissa bits):
 # it pins the TIES trim threshold to a 1/128-relative bin before any expert byte is read.
 FINE_BINS = 1 << 15
+FINITE_BINS = 0x7F80  # fine bins of finite |delta| (top 16 bits of a float32 below Inf)
 
 
 @dataclass
@@ -204,12 +205,6 @@ def delta_stats(d: torch.Tensor) -> tuple[float, float, np.ndarray, np.ndarray, 
 class FamilyIndex:
     files: dict[str, FileIndex]  # resolved path -> index
     deltas: list[dict[str, TensorDelta]]  # per expert
-
-    def model_hashes(self, model: Model) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        for fh in model.files:
-            out.update(self.files[str(fh.path)].hashes)
-        return out
 
 
 Progress = Callable[[int], None]  # bytes just processed

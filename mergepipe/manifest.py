@@ -9,16 +9,18 @@ import dataclasses
 import functools
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from . import operators, stages
 from .errors import MergepipeError
+from .operators import Certificate
 
-SCHEMA = "mergepipe.manifest/1"
+SCHEMA = "mergepipe.manifest/2"
 Int = typing.NewType("Int", int)  # any integer; a plain int field must be non-negative
-FINITE_BINS = 0x7F80  # fine-histogram bins of finite |delta| (top 16 bits of a float32 below Inf)
 
 
 @dataclass
@@ -58,14 +60,9 @@ class TensorPlan:
     candidates: list[list[list[int]]]  # per expert: block runs that can contribute at all
     planned_bytes: int
     bound: Optional[float]  # certificate share for additive operators
-    trim: Optional[list[list[Int]]] = None  # TIES: per expert [bin, above, need]; bin -1 keeps all
-
-
-@dataclass
-class Certificate:
-    kind: str  # "frobenius": ||M - M_A||_F <= bound; "none": not available for this operator
-    bound: Optional[float]
-    note: str
+    params: dict[str, Any]  # the operator's shared parameters, resolved for this tensor
+    expert_params: list[dict[str, Any]]  # and per expert
+    data: Optional[dict[str, Any]] = None  # what the operator's kernel needs to know beforehand (TIES: trims)
 
 
 @dataclass
@@ -75,28 +72,15 @@ class Plan:
     planned_expert_bytes: int
     tensors: dict[str, TensorPlan]
     certificate: Certificate
+    allow_nonfinite: bool = False  # NaN/Inf inputs were allowed at planning: execution allows them too
 
 
 @dataclass
-class CalibrationFile:
-    path: str
-    hash: str  # xxh3_128 of its bytes
-
-
-@dataclass
-class Calibration:
-    """FeatCal after the merge: the data it reads (with hashes, so a replay refuses changed data), its
-    parameters, and which layers each expert calibrates under the calibration budget."""
-    method: str  # "featcal"
-    params: dict[str, Any]
-    data: list[CalibrationFile]  # one shared by the experts, or one per expert in order
-    tasks: Optional[list[str]]
-    tokenizer: dict[str, str]  # tokenizer file -> xxh3_128 (only when text records were tokenized)
-    sequences: list[int]  # per expert: calibration sequences used
-    tokens: list[int]  # per expert: real tokens in them
-    budget: Budget
-    prefixes: list[int]  # per expert: layers 0 .. prefix-1 are calibrated with it
-    statistics: dict[str, list[int]]  # module (relative to a layer) -> shape of its statistics
+class Stage:
+    """A step after the merge, run into the same output (FeatCal): its kind and the record its own
+    module planned, validated by that module on load."""
+    kind: str
+    record: dict[str, Any]
 
 
 @dataclass
@@ -112,7 +96,7 @@ class Execution:
     wall_s: float
     peak_rss_bytes: int
     peak_device_bytes: int
-    bytes_read: dict[str, int]
+    bytes_read: dict[str, dict[str, int]]  # model ref as recorded -> file as recorded -> bytes
     expert_bytes_read: int
     base_bytes_read: int
     os_read_bytes: Optional[int]
@@ -134,13 +118,11 @@ class Manifest:
     operator: OperatorSpec
     budget: Budget
     plan: Plan
+    stages: list[Stage] = dataclasses.field(default_factory=list)
     execution: Optional[Execution] = None
-    calibration: Optional[Calibration] = None
 
     def to_json(self) -> str:
         doc = dataclasses.asdict(self)
-        if doc["calibration"] is None:
-            del doc["calibration"]
         for key, empty in (("resumed_bytes", 0), ("diagnostics", None)):
             if doc["execution"] and doc["execution"][key] == empty:
                 del doc["execution"][key]  # absent unless used: older manifests stay canonical
@@ -164,7 +146,7 @@ def _schema(tp: type) -> tuple[dict, dict]:
 def _load(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         return _load(next(a for a in args if a is not type(None)), value, where)
@@ -193,6 +175,10 @@ def _load(tp: Any, value: Any, where: str) -> Any:
         return {k: _load(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise MergepipeError(f"manifest: {where} must be true or false")
+        return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise MergepipeError(f"manifest: {where} must be a finite number")
@@ -212,14 +198,21 @@ def _load(tp: Any, value: Any, where: str) -> Any:
     raise TypeError(tp)  # a schema bug, not bad input
 
 
+def load_record(tp: type, value: Any, where: str) -> Any:
+    """A value of dataclass `tp` from its JSON form, validated field by field (for records that
+    modules outside this one define, such as a stage's)."""
+    return _load(tp, value, where)
+
+
 def _check(m: Manifest) -> None:
     """Cross-field rules the types cannot express."""
     if m.schema != SCHEMA:
         raise MergepipeError(f"manifest: schema {m.schema!r} is not supported (expected {SCHEMA!r})")
     k = len(m.experts)
+    op = operators.get(m.operator.name)
     if len(m.operator.expert_params) != k:
         raise MergepipeError(f"manifest: operator.expert_params has {len(m.operator.expert_params)} entries for {k} experts")
-    _check_operator(m)
+    _check_params(op, m.operator.params, m.operator.expert_params, "operator")
     for name, tp in m.plan.tensors.items():
         for field_name in ("selected", "candidates"):
             runs_per_expert = getattr(tp, field_name)
@@ -232,17 +225,15 @@ def _check(m: Manifest) -> None:
                         raise MergepipeError(f"manifest: plan.tensors.{name}.{field_name}[{e}] has run {run} "
                                              f"outside the tensor's {tp.blocks} blocks or out of order")
                     end = run[1]
-        if m.operator.name == "gcwm" and any(r not in ([], [[0, tp.blocks]]) for r in tp.selected + tp.candidates):
-            raise MergepipeError(f"manifest: plan.tensors.{name}: gcwm reads whole tensors, so each expert's "
-                                 f"runs must be [] or [[0, {tp.blocks}]]")
-        if tp.trim is not None and (len(tp.trim) != k or any(len(t) != 3 for t in tp.trim)):
-            raise MergepipeError(f"manifest: plan.tensors.{name}.trim must be one [bin, above, need] per expert")
-        for t in tp.trim or ():
-            if not (-1 <= t[0] < FINITE_BINS and t[1] >= 0 and t[2] >= 0) or (t[0] < 0 and t[1:] != [0, 0]):
-                raise MergepipeError(f"manifest: plan.tensors.{name}.trim has {t}, expected [bin, above, need] "
-                                     f"with -1 <= bin < {FINITE_BINS} (-1: keep all, with above = need = 0)")
-    if m.calibration is not None:
-        _check_calibration(m.calibration, k)
+        if len(tp.expert_params) != k:
+            raise MergepipeError(f"manifest: plan.tensors.{name}.expert_params must have one entry per expert ({k})")
+        _check_params(op, tp.params, tp.expert_params, f"plan.tensors.{name}")
+        try:
+            op.check_plan(name, tp, k)
+        except MergepipeError as e:
+            raise MergepipeError(f"manifest: {e}") from None
+    for i, st in enumerate(m.stages):
+        stages.get(st.kind, f"manifest: stages[{i}]").load(st.record, f"manifest: stages[{i}].record", k)
     for rec in [m.base, *m.experts]:
         for f in rec.files:
             for tensor, hx in f.blocks.items():
@@ -250,27 +241,12 @@ def _check(m: Manifest) -> None:
                     raise MergepipeError(f"manifest: block hashes of {tensor!r} in {f.name} must be 16 hex digits each")
 
 
-def _check_operator(m: Manifest) -> None:
-    """The operator and its parameters as the planner wrote them: complete, known and in range."""
-    from .operators import get
-    op = get(m.operator.name)
-    params, per_expert = op.resolve(m.operator.params, m.operator.expert_params, "manifest: operator")
-    if params != m.operator.params or per_expert != m.operator.expert_params:
-        raise MergepipeError("manifest: operator.params and operator.expert_params must list exactly the "
-                             f"parameters {op.name} takes, per expert and shared")
-
-
-def _check_calibration(c: Calibration, k: int) -> None:
-    from .featcal.calibrate import FeatCalParams
-    if c.method != "featcal":
-        raise MergepipeError(f"manifest: calibration.method {c.method!r} is not supported (expected 'featcal')")
-    if FeatCalParams.from_dict(c.params).to_dict() != c.params:
-        raise MergepipeError("manifest: calibration.params must list exactly FeatCal's parameters")
-    if len(c.data) not in (1, k) or (c.tasks is not None and len(c.tasks) != k):
-        raise MergepipeError(f"manifest: calibration.data needs one shared file or {k}, and tasks one per expert")
-    for field_name in ("sequences", "tokens", "prefixes"):
-        if len(getattr(c, field_name)) != k:
-            raise MergepipeError(f"manifest: calibration.{field_name} must have one entry per expert ({k})")
+def _check_params(op, shared: dict, per_expert: list[dict], where: str) -> None:
+    """Parameters as the planner wrote them: complete, known and in range."""
+    params, experts = op.resolve(shared, per_expert, f"manifest: {where}")
+    if params != shared or experts != per_expert:
+        raise MergepipeError(f"manifest: {where}: params and expert_params must list exactly the parameters "
+                             f"{op.name} takes, per expert and shared")
 
 
 def run_count(runs: list[list[int]]) -> int:

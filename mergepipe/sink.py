@@ -354,3 +354,21 @@ class Sink:
         self._thread.join()
         self._check()
         return self._end
+
+
+def hash_file(path: Path, ofile: OutFile | None = None) -> tuple[str, dict[str, str]]:
+    """The hashes a Sink computes while writing, from the bytes on disk: the file's xxh3_128 and,
+    given its layout, each tensor's xxh3_64. Used by verify and after a stage rewrites tensors in
+    place, so that every root hash comes from one definition."""
+    fh, tensors = xxhash.xxh3_128(), {}
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            fh.update(chunk)
+        for t in ofile.tensors if ofile else ():
+            th, left = xxhash.xxh3_64(), t.nbytes
+            f.seek(t.offset)
+            while left and (chunk := f.read(min(CHUNK, left))):
+                th.update(chunk)
+                left -= len(chunk)
+            tensors[t.name] = th.hexdigest()
+    return fh.hexdigest(), tensors

@@ -8,15 +8,15 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import xxhash
-
 from . import blocks as B
+from . import stages
 from .checkpoint import Reader
 from .errors import MergepipeError
-from .execute import execute, expected_hashes, open_inputs, root_hash
+from .execute import execute, root_hash
 from .manifest import Manifest
-
-CHUNK = 16 << 20
+from .options import RunOptions
+from .sink import hash_file
+from .sources import Exact, open_recorded
 
 
 @dataclass
@@ -31,38 +31,30 @@ class VerifyResult:
         return not self.problems
 
 
-def file_hash(path: Path) -> str:
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def check_inputs(m: Manifest, root: Path | None, allow_pickle: bool, result: VerifyResult) -> None:
+def check_inputs(m: Manifest, opts: RunOptions, result: VerifyResult) -> None:
     try:
-        base, experts = open_inputs(m, root, allow_pickle)
+        opened = open_recorded([m.base, *m.experts], opts.root_path, opts.allow_pickle)
     except MergepipeError as e:
         result.problems.append(str(e))
         return
     reader = Reader()
     try:
-        for rec, model in zip([m.base, *m.experts], [base, *experts]):
-            want = expected_hashes(rec, model)
-            for info in model.tensors.values():
-                hashes = want.get((str(info.file), info.name))
-                if hashes is None:
+        for o, rec in zip(opened, [m.base, *m.experts]):
+            for name, info in o.model.tensors.items():
+                if not any((f.name, name) in o.hashes for f in rec.files):
                     continue
+                stored = o.stored(0, name)
                 for blk in B.blocks(info):
-                    if xxhash.xxh3_64_intdigest(reader.read(info.file, blk.start, blk.end)) != int(hashes[blk.index]):
-                        result.problems.append(f"{info.file}: block {blk.index} of tensor {info.name!r} "
-                                               "does not match its recorded hash (input changed)")
+                    try:
+                        Exact(stored, blk).check(reader.read(info.file, blk.start, blk.end), name)
+                    except MergepipeError as e:
+                        result.problems.append(f"{e} (input changed)")
                         break
             result.inputs_checked += len(rec.files)
-        if m.calibration is not None:
-            from .featcal.stage import calibration_problems
-            result.problems += calibration_problems(m.calibration, base.root, root)
-            result.inputs_checked += len(m.calibration.data) + len(m.calibration.tokenizer)
+        for st in m.stages:
+            module = stages.get(st.kind)
+            record = module.load(st.record, f"manifest: stage {st.kind}", len(m.experts))
+            result.problems += module.input_problems(record, opened[0].model.root, opts.root_path)
     finally:
         reader.close()
 
@@ -75,20 +67,20 @@ def check_output(m: Manifest, out: Path, result: VerifyResult) -> None:
             result.problems.append(f"{p}: output file recorded in the manifest is missing")
         elif p.stat().st_size != rec.size:
             result.problems.append(f"{p}: output has {p.stat().st_size} bytes, expected {rec.size}")
-        elif file_hash(p) != rec.hash:
+        elif hash_file(p)[0] != rec.hash:
             result.problems.append(f"{p}: output does not match its recorded hash")
         result.outputs_checked += 1
 
 
-def verify(m: Manifest, output: str | Path | None = None, root: str | Path | None = None,
-           device: str = "cpu", allow_pickle: bool = False, check_input_blocks: bool = True) -> VerifyResult:
+def verify(m: Manifest, output: str | Path | None = None, options: RunOptions | None = None,
+           check_input_blocks: bool = True, **flags) -> VerifyResult:
     if m.execution is None:
         raise MergepipeError("manifest has no execution record: verify a manifest written by execute "
                              "(OUT/mergepipe.manifest.json)")
-    root_p = Path(root) if root else None
+    opts = options or RunOptions(**flags)
     result = VerifyResult()
     if check_input_blocks:
-        check_inputs(m, root_p, allow_pickle, result)
+        check_inputs(m, opts, result)
     if output is not None:
         check_output(m, Path(output), result)
         return result
@@ -96,9 +88,8 @@ def verify(m: Manifest, output: str | Path | None = None, root: str | Path | Non
         return result  # re-executing over changed inputs would only fail again
     tmp = Path(tempfile.mkdtemp(prefix="mergepipe-verify-"))
     try:
-        again = execute(m, tmp / "out", device=device, root=root_p, allow_pickle=allow_pickle)
+        again = execute(m, tmp / "out", RunOptions(opts.device, root=opts.root, allow_pickle=opts.allow_pickle))
         result.reexecuted = True
-        assert again.execution is not None
         if root_hash(again.execution.outputs) != m.execution.root_hash:
             for name, rec in sorted(m.execution.outputs.items()):
                 got = again.execution.outputs.get(name)

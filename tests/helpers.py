@@ -24,3 +24,10 @@ def reference_ta(family: dict[str, Path], weights: list[float], out_dtype=torch.
         d *= torch.tensor(weights).view(-1, *([1] * b.dim()))
         out[name] = (b.float() + d.sum(0)).to(out_dtype)
     return out
+
+
+def calibration(m):
+    """The FeatCal stage's record of a manifest."""
+    from mergepipe.featcal import stage
+    (st,) = [s for s in m.stages if s.kind == "featcal"]
+    return stage.load(st.record, "stage", len(m.experts))

@@ -61,6 +61,95 @@ def test_bad_headers_are_refused(tmp_path, header, data, expect):
         read_header(p)
 
 
+def _safetensors_accepts(path) -> bool:
+    """The reference: safetensors' own (Rust) validation, as safe_open runs it."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "np"):
+            return True
+    except Exception:  # noqa: BLE001 - SafetensorError, or an OSError for a bad length
+        return False
+
+
+def _f32(start: int, end: int, n: int = 2) -> dict:
+    return {"dtype": "F32", "shape": [n], "data_offsets": [start, end]}
+
+
+def _write_js(path, js: bytes, data: bytes = b"") -> None:
+    path.write_bytes(struct.pack("<Q", len(js)) + js + data)
+
+
+# (header, data bytes, error): safetensors requires the tensors, sorted by offsets, to tile the data
+# exactly: the first at offset 0, each where the previous ends, the last at the end of the file
+@pytest.mark.parametrize("header, data, expect", [
+    ({"a": _f32(0, 8), "b": _f32(12, 20)}, 20, r"gap before tensor 'b': its data starts at byte \d+, expected \d+ where 'a' ends"),
+    ({"a": _f32(4, 12)}, 12, r"gap before tensor 'a': its data starts at byte \d+, expected \d+ where the data begins"),
+    ({"b": _f32(8, 16), "a": _f32(0, 8), "z": _f32(20, 20, 0)}, 20, "gap before tensor 'z'"),
+    ({"a": _f32(0, 8)}, 9, r"1 trailing bytes: expected the file to end at byte \d+ where the tensor data ends, it has \d+"),
+    ({"a": _f32(0, 8), "b": _f32(8, 16)}, 4096, "4080 trailing bytes"),
+    ({}, 3, "3 trailing bytes"),
+], ids=["gap-between", "gap-first", "gap-before-empty", "trailing-1", "trailing-page", "no-tensors-trailing"])
+def test_gaps_and_trailing_bytes_refused_as_safetensors_does(tmp_path, header, data, expect):
+    p = tmp_path / "gappy.safetensors"
+    _write_raw(p, header, b"\0" * data)
+    assert not _safetensors_accepts(p)
+    with pytest.raises(MergepipeError, match=expect) as e:
+        read_header(p)
+    assert str(e.value).startswith(f"{p}: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("js, data", [
+    (json.dumps({"a": _f32(0, 8), "b": _f32(8, 16)}).encode() + b" " * 5, 16),  # header padded with spaces
+    (json.dumps({"a": _f32(0, 8)}).encode() + b" \t\r\n", 8),  # any JSON whitespace
+    (json.dumps({"b": _f32(8, 16), "a": _f32(0, 8)}).encode(), 16),  # names out of offset order
+    (json.dumps({"e": _f32(0, 0, 0), "a": _f32(0, 8), "m": _f32(8, 8, 0), "z": _f32(8, 8, 0)}).encode(), 8),
+    (json.dumps({"__metadata__": None, "a": _f32(0, 8)}).encode(), 8),
+    (b"{}", 0),
+], ids=["space-padded", "whitespace", "unordered", "empty-tensors", "null-metadata", "no-tensors"])
+def test_what_safetensors_accepts_is_accepted(tmp_path, js, data):
+    p = tmp_path / "ok.safetensors"
+    _write_js(p, js, b"\0" * data)
+    assert _safetensors_accepts(p)
+    fh = read_header(p)
+    assert fh.data_start == 8 + len(js) and sum(t.end - t.start for t in fh.tensors.values()) == data
+
+
+@pytest.mark.parametrize("js, expect", [
+    (b'{"__metadata__": "", "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', "__metadata__"),
+    (b'{"__metadata__": [], "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', "__metadata__"),
+    (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [-0, 8]}}', "not UTF-8 JSON"),
+    (b'{"\\ud800": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', "not UTF-8 JSON"),
+    (b'{"__metadata__": {"k": "\\udc00"}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}',
+     "not UTF-8 JSON"),
+], ids=["metadata-string", "metadata-list", "minus-zero", "lone-surrogate-name", "lone-surrogate-metadata"])
+def test_json_that_safetensors_refuses_is_refused(tmp_path, js, expect):
+    """Python's json is laxer than serde_json: a falsy __metadata__, -0 and lone surrogates."""
+    p = tmp_path / "lax.safetensors"
+    _write_js(p, js, b"\0" * 8)
+    assert not _safetensors_accepts(p)
+    with pytest.raises(MergepipeError, match=expect):
+        read_header(p)
+
+
+def test_header_length_limit_is_safetensors(tmp_path):
+    """safetensors refuses a header over 100,000,000 bytes (not 100 MiB)."""
+    p = tmp_path / "big.safetensors"
+    n = 100_000_001
+    with open(p, "wb") as f:
+        f.write(struct.pack("<Q", n) + b"{}")
+        f.truncate(8 + n)  # sparse
+    assert not _safetensors_accepts(p)
+    with pytest.raises(MergepipeError, match="header length 100000001 exceeds"):
+        read_header(p)
+
+
+def test_family_files_pass_both_validations(family):
+    for m in family.values():
+        for f in sorted(m.glob("*.safetensors")):
+            assert _safetensors_accepts(f)
+            read_header(f)
+
+
 def test_not_safetensors(tmp_path):
     p = tmp_path / "x.safetensors"
     p.write_bytes(b"hello world, not a tensor file")

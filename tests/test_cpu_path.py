@@ -13,6 +13,7 @@ import torch
 from mergepipe import floats, sink as S
 from mergepipe.errors import MergepipeError
 from mergepipe.operators import get
+from mergepipe.sources import BlockInputs
 from mergepipe.operators.ta import merge_into, merge_numpy
 
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -83,9 +84,9 @@ def test_numpy_kernel_is_the_torch_kernel_bit_for_bit(K, base, expert, out, norm
     weights = (torch.rand(K, generator=g) * 2 - 1).tolist()
     all_weights = weights + [0.25]  # an expert the plan did not read here still counts in the divisor
     ref = torch.empty(n, dtype=TORCH[out])
-    merge_into(ref, b, experts, weights, all_weights, lam, normalize)
-    ours, finite = merge_numpy(raw(b), base, [(raw(e), expert) for e in experts], weights, all_weights, lam,
-                               normalize, out)
+    block = BlockInputs.of((raw(b), base), [(raw(e), expert) for e in experts], out)
+    merge_into(ref, block.base, [x for _, x in block.experts], weights, all_weights, lam, normalize, torch.device("cpu"))
+    ours, finite = merge_numpy(block, weights, all_weights, lam, normalize)
     assert finite
     assert np.array_equal(ours, raw(ref))
 

@@ -296,7 +296,7 @@ def run(arch, base, merged, exps, ids, params=None, prefixes=None, **kw):
         out[name] = t.clone()
     def src(x):
         return TensorSource(x) if isinstance(x, dict) else x
-    diag = calibrate(arch, src(base), src(merged), [src(e) for e in exps], ids, params, emit, prefixes, **kw)
+    diag = calibrate(arch, src(base), src(merged), [src(e) for e in exps], ids, params, emit, prefixes=prefixes, **kw)
     return out, diag
 
 
@@ -538,7 +538,7 @@ def test_budget_reads_match_unit_costs(on_disk):
         assert prefixes == [2, 1]
         readers = [Reader() for _ in models]
         srcs = [SafetensorsSource(m, r) for m, r in zip(models, readers)]
-        calibrate(arch, srcs[0], srcs[1], srcs[2:], ids, p, lambda n, t: None, prefixes)
+        calibrate(arch, srcs[0], srcs[1], srcs[2:], ids, p, lambda n, t: None, prefixes=prefixes)
         spent = [sum(r.bytes_read.values()) for r in readers[2:]]
         assert spent == [sum(c[:k]) for c, k in zip(costs, prefixes)] and sum(spent) <= budget
 

@@ -30,7 +30,7 @@ from mergepipe.verify import verify
 
 from safetensors.torch import save_file
 
-from helpers import load_all
+from helpers import load_all, calibration
 
 VOCAB = 128
 EXPERTS = 2
@@ -118,7 +118,7 @@ def run(request, tmp_path_factory) -> Run:
     (work / "fc.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     m = plan_merge(load_config(work / "fc.yml"), "100%", Catalog(work / "c.sqlite"))
     done = execute(m, work / "out")
-    plain = execute(dataclasses.replace(m, calibration=None), work / "plain")
+    plain = execute(dataclasses.replace(m, stages=[]), work / "plain")
     replay = execute(load_manifest(work / "out" / MANIFEST_NAME), work / "replay")
     arch = Arch.from_config(family["base"] / "config.json", tensor_names=load_all(family["base"]))
     return Run(case, family, work, m, done, plain, replay, arch)
@@ -139,8 +139,8 @@ def expected_targets(arch: Arch, names) -> set[str]:
 
 
 def test_plan_records_the_calibration(run):
-    c = run.manifest.calibration
-    assert c is not None and c.method == "featcal"
+    c = calibration(run.manifest)
+    assert c is not None and [s.kind for s in run.manifest.stages] == ["featcal"]
     assert run.arch.layer_prefix(0) == f"{ROOTS[run.case]}0."
     assert c.prefixes == [2] * EXPERTS  # 100%: every expert calibrates every layer
     assert c.sequences == [PARAMS["samples"]] * EXPERTS and len(c.data) == 1
@@ -193,10 +193,10 @@ def test_matches_the_loop_run_on_the_plain_merge_in_memory(run):
     base = load_all(run.family["base"])
     experts = [load_all(run.family[f"expert{k}"]) for k in range(1, EXPERTS + 1)]
     ids = load_calibration([run.work / "calib.jsonl"], EXPERTS, VOCAB, PARAMS["samples"], PARAMS["seq_len"]).ids
-    assert [len(x) for x in ids] == run.manifest.calibration.sequences
+    assert [len(x) for x in ids] == calibration(run.manifest).sequences
     ref = {}
     calibrate(run.arch, TensorSource(base), TensorSource(plain), [TensorSource(e) for e in experts], ids,
-              run.manifest.calibration.params, lambda n, t: ref.__setitem__(n, t.to(plain[n].dtype)),
+              calibration(run.manifest).params, lambda n, t: ref.__setitem__(n, t.to(plain[n].dtype)),
               store_dtype=torch.float32)
     got = load_all(run.work / "out")
     assert ref.keys() == {n for n, d in run.done.execution.diagnostics.items() if "featcal" in d}
@@ -224,7 +224,7 @@ def test_output_loads_with_transformers_and_runs(run):
 
 def test_replay_of_the_saved_manifest_is_bit_exact(run):
     saved = load_manifest(run.work / "out" / MANIFEST_NAME)
-    assert saved.calibration is not None
+    assert calibration(saved)
     assert run.replay_done.execution.root_hash == run.done.execution.root_hash
     assert run.plain_done.execution.root_hash != run.done.execution.root_hash
     a, b = load_all(run.work / "out"), load_all(run.work / "replay")
@@ -261,7 +261,7 @@ def test_mixed_dtype_checkpoint_calibrates_against_the_stored_weights(tmp_path):
     (tmp_path / "fc.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     m = plan_merge(load_config(tmp_path / "fc.yml"), "100%", Catalog(tmp_path / "c.sqlite"))
     done = execute(m, tmp_path / "out")
-    execute(dataclasses.replace(m, calibration=None), tmp_path / "plain")
+    execute(dataclasses.replace(m, stages=[]), tmp_path / "plain")
     got, plain = load_all(tmp_path / "out"), load_all(tmp_path / "plain")
     calibrated = {n: d["featcal"] for n, d in done.execution.diagnostics.items() if "featcal" in d}
     assert {got[n].dtype for n in calibrated} == {torch.float32, torch.bfloat16}  # the setting is as meant

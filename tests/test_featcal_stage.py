@@ -21,7 +21,7 @@ from mergepipe.index import Catalog
 from mergepipe.manifest import load_manifest
 from mergepipe.plan import plan_merge
 
-from helpers import load_all
+from helpers import load_all, calibration
 
 PARAMS = {"samples": 6, "seq_len": 12, "batch_size": 4}
 
@@ -57,12 +57,12 @@ def _plan(family, workdir, **kw):
 
 def test_calibrated_merge_matches_the_loop_and_leaves_the_rest(family, workdir):
     m = _plan(family, workdir)
-    c = m.calibration
+    c = calibration(m)
     assert c.prefixes == [2, 2, 2, 2] and c.sequences == [6] * 4 and len(c.data) == 1
     assert c.statistics["self_attn.q_proj"] == [64, 64] and c.statistics["input_layernorm"] == [64]
     done = execute(m, workdir / "out")
     got = load_all(workdir / "out")
-    execute(dataclasses.replace(m, calibration=None), workdir / "plain")
+    execute(dataclasses.replace(m, stages=[]), workdir / "plain")
     plain = load_all(workdir / "plain")
     # the reference: the same loop over in-memory tensors of the plain merge
     base = load_all(family["base"])
@@ -98,7 +98,7 @@ def test_replay_bit_exact_and_verify(family, workdir):
 
 def test_budget_grants_layer_prefixes(family, workdir):
     m = _plan(family, workdir, budget="50%")
-    c = m.calibration
+    c = calibration(m)
     assert c.budget.bytes <= c.budget.expert_bytes_total // 2 + 1
     assert sorted(c.prefixes, reverse=True) != [2, 2, 2, 2] and max(c.prefixes) >= 1
     done = execute(m, workdir / "half")
@@ -114,7 +114,7 @@ def test_budget_grants_layer_prefixes(family, workdir):
 def test_task_routing_and_text_equals_ids(family, workdir):
     data = _data(workdir, tasks=True)
     m = _plan(family, workdir, data=data, tasks=["t0", "t1", "t2", "t3"])
-    assert m.calibration.tasks == ["t0", "t1", "t2", "t3"]
+    assert calibration(m).tasks == ["t0", "t1", "t2", "t3"]
     with pytest.raises(MergepipeError, match="task"):
         _plan(family, workdir, data=data, tasks=["t0", "t1", "t2", "zz"], name="bad.yml")
 
@@ -172,7 +172,7 @@ def test_verify_and_explain_see_the_calibration(family, workdir):
     r = CliRunner().invoke(app, ["explain", manifest, "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["calibration"]["prefixes"] == [2, 2, 2, 2]
+    assert [s["kind"] for s in doc["stages"]] == ["featcal"] and doc["stages"][0]["record"]["prefixes"] == [2, 2, 2, 2]
     assert any(row["diagnostics"] and "featcal" in row["diagnostics"] for row in doc["tensors"])
     r = CliRunner().invoke(app, ["explain", manifest])
     assert r.exit_code == 0 and "layer prefixes per expert [2, 2, 2, 2]" in r.stdout.replace("\n", " ")
@@ -194,35 +194,28 @@ def test_calibrates_a_gcwm_merge(family, workdir):
     both = [n for n, d in diag.items() if "featcal" in d and "conflict" in d]
     assert both and all(n.endswith("_proj.weight") for n in both)  # GCWM targets, then calibrated
     assert any("featcal" in d and "conflict" not in d for d in diag.values())  # norms and biases: FeatCal only
-    plain = execute(dataclasses.replace(m, calibration=None), workdir / "plain")
+    plain = execute(dataclasses.replace(m, stages=[]), workdir / "plain")
     got, ref = load_all(workdir / "out"), load_all(workdir / "plain")
     for name in ref:
         assert torch.equal(got[name], ref[name]) == (name not in diag or "featcal" not in diag[name]), name
     assert plain.execution.diagnostics.keys() <= diag.keys()
 
 
-def test_rerun_after_a_kill_reuses_the_finished_merge(family, workdir, monkeypatch):
-    """A run killed during calibration leaves its merge in the private folder beside OUT; the rerun
-    checks it against the plan and its output hashes and calibrates without merging again."""
-    import mergepipe.execute as ex
+def test_interrupted_calibration_keeps_the_merge_for_the_rerun(family, workdir, monkeypatch):
+    """Ctrl-C during the calibration publishes nothing and deletes nothing: the merge stays journaled
+    in the staging folder, and the rerun takes all of it over and calibrates."""
+    import mergepipe.featcal.stage as stage
     m = _plan(family, workdir)
-    merged_dir = workdir / ".out.mergepipe-merged"
-    execute(dataclasses.replace(m, calibration=None), merged_dir)  # what the killed run had published
-    calls = []
-    real = ex.execute
-    monkeypatch.setattr(ex, "execute", lambda mm, *a, **k: calls.append(mm.calibration) or real(mm, *a, **k))
+    real = stage.calibrate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(stage, "calibrate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        execute(m, workdir / "out")
+    assert not (workdir / "out").exists()
+    monkeypatch.setattr(stage, "calibrate", real)
     done = execute(m, workdir / "out")
-    assert calls == []  # no second merge
-    fresh = real(m, workdir / "fresh")
+    fresh = execute(m, workdir / "fresh")
     assert done.execution.root_hash == fresh.execution.root_hash
-    assert not merged_dir.exists()
-    # a damaged leftover is not trusted: the merge runs again
-    merged_dir = workdir / ".again.mergepipe-merged"
-    real(dataclasses.replace(m, calibration=None), merged_dir)
-    calls.clear()
-    shard = sorted(merged_dir.glob("*.safetensors"))[0]
-    data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    again = execute(m, workdir / "again")
-    assert calls == [None] and again.execution.root_hash == fresh.execution.root_hash
+    assert done.execution.resumed_bytes == sum(f.size for f in fresh.execution.outputs.values())

@@ -14,7 +14,7 @@ from mergepipe.config import load_config
 from mergepipe.demo import demo_config
 from mergepipe.errors import MergepipeError
 from mergepipe.execute import MANIFEST_NAME, execute
-from mergepipe.gcwm_stream import tensor_delta
+from mergepipe.operators.gcwm import tensor_delta
 from mergepipe.index import Catalog
 from mergepipe.manifest import load_manifest
 from mergepipe.operators import gcwm

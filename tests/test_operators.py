@@ -6,7 +6,8 @@ import torch
 
 from mergepipe.operators import get
 from mergepipe.operators.ta import merge_into
-from mergepipe.operators.ties import Trim, elect_and_mean, trim_for
+from mergepipe.sources import BlockInputs
+from mergepipe.operators.ties_stream import Trim, elect_and_mean, trim_for
 from mergepipe.errors import MergepipeError
 
 
@@ -57,7 +58,9 @@ def test_ta_merge_into_is_mergekit_bit_for_bit(normalize, lam):
     experts = [(base.float() + torch.randn(300_000, generator=g) * 0.01).bfloat16() for _ in range(5)]
     weights = [0.3, 0.1, -0.2, 0.7, 0.25]
     out = torch.empty(300_000)
-    merge_into(out, base, experts, weights, weights, lam, normalize)
+    raw = lambda t: t.view(torch.uint8).numpy()  # noqa: E731
+    block = BlockInputs.of((raw(base), "BF16"), [(raw(e), "BF16") for e in experts], "F32")
+    merge_into(out, block.base, [x for _, x in block.experts], weights, weights, lam, normalize, torch.device("cpu"))
     deltas = torch.stack([e.float() - base.float() for e in experts])
     assert same_bits(out, mergekit_combine(deltas, weights, lam, normalize, base.float(), consensus=False))
 

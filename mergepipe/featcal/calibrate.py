@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -349,6 +349,38 @@ class _Plan:
         return [specs[0].name for specs in self.groups.values()] + [n.name for n in self.norms]
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """`calibrate`'s keyword options, beside what it calibrates: `prefixes` (expert i calibrates
+    layers < prefixes[i]; None: all), the `device` layers, statistics and solves run on, the host
+    bytes of activation streams held in RAM (`ram_limit`) and the folder the rest is memory-mapped
+    in (`tmp_dir`), and `store_dtype`, the dtype (or one per tensor name) solutions are rounded to."""
+    prefixes: Sequence[int] | None = None
+    ram_limit: int = 4 << 30
+    tmp_dir: str | Path | None = None
+    device: str | torch.device = "cpu"
+    store_dtype: torch.dtype | dict[str, torch.dtype] | None = None
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every layer of one `calibrate` call shares, checked and fixed for the call: the
+    architecture, the three checkpoints read, the calibration sequences (cut to n × seq_len) and the
+    layer prefix of each expert, the hyperparameters and module plan, the device, the dtype(s)
+    solutions are stored in, and the sink they are emitted to."""
+    arch: Any
+    base: Source
+    merged: Source
+    experts: Sequence[Source]
+    seqs: list[list[list[int]]]
+    prefixes: list[int]
+    p: FeatCalParams
+    plan: _Plan
+    dev: torch.device
+    store_dtype: torch.dtype | dict[str, torch.dtype] | None
+    emit: Callable[[str, Tensor], None]
+
+
 def _plan(arch, params: FeatCalParams) -> _Plan:
     groups: dict[str, list] = {}
     norms = []
@@ -406,25 +438,25 @@ def _layer_tensors(arch, layer: int, src: Source, dev: torch.device,
 @torch.no_grad()  # forwards only: no autograd graph behind the hooked inputs
 def calibrate(arch, base: Source, merged: Source, experts: Sequence[Source],
               ids: Sequence[Sequence[Sequence[int]]], params: FeatCalParams | dict | None,
-              emit: Callable[[str, Tensor], None], prefixes: Sequence[int] | None = None, *,
-              ram_limit: int = 4 << 30, tmp_dir: str | Path | None = None,
-              device: str | torch.device = "cpu",
-              store_dtype: torch.dtype | dict[str, torch.dtype] | None = None) -> Diagnostics:
+              emit: Callable[[str, Tensor], None], **options: Any) -> Diagnostics:
     """Run FeatCal and `emit(name, fp32 CPU tensor)` each calibrated tensor once, right after its layer
-    is solved. Expert i calibrates layers < prefixes[i] (default: all); a layer no expert reaches keeps
-    θ_m and is not emitted, nor is any tensor outside the layers or not calibratable.
+    is solved. `options` are the keywords of `RunOptions`: prefixes=None, ram_limit=4 << 30,
+    tmp_dir=None, device="cpu", store_dtype=None. Expert i calibrates layers < prefixes[i] (default:
+    all); a layer no expert reaches keeps θ_m and is not emitted, nor is any tensor outside the layers
+    or not calibratable.
 
     Layers, statistics and solves run on `device`; sources, the stem and the activation streams stay
     on the host (streams past `ram_limit` bytes are memory-mapped under `tmp_dir`). With `store_dtype`
     (the output dtype, or one per tensor name) each solution is rounded to it before it is emitted and before the
     student streams pass through it, so later layers are calibrated against the weights as stored."""
-    dev = torch.device(device)
+    opt = RunOptions(**options)
+    dev = torch.device(opt.device)
     p = params if isinstance(params, FeatCalParams) else FeatCalParams.from_dict(params)
     p.check()
     if len(ids) != len(experts):
         raise MergepipeError(f"featcal: calibration data for {len(ids)} experts, {len(experts)} experts given")
     L = arch.n_layers
-    prefixes = [L] * len(experts) if prefixes is None else [min(int(x), L) for x in prefixes]
+    prefixes = [L] * len(experts) if opt.prefixes is None else [min(int(x), L) for x in opt.prefixes]
     if len(prefixes) != len(experts) or any(x < 0 for x in prefixes):
         raise MergepipeError("featcal: one non-negative layer prefix per expert is needed")
     seqs = [[list(s[:p.seq_len]) for s in x[:p.n]] for x in ids]
@@ -434,17 +466,16 @@ def calibrate(arch, base: Source, merged: Source, experts: Sequence[Source],
         if any(not 0 <= t < arch.vocab_size for s in x for t in s):
             raise MergepipeError(f"featcal: expert {i}'s calibration ids leave [0, {arch.vocab_size})")
     diag = Diagnostics(list(prefixes), [sum(map(len, x)) for x in seqs])
-    pool = _StreamPool(ram_limit, tmp_dir)
+    pool = _StreamPool(opt.ram_limit, opt.tmp_dir)
     try:
         student, teacher = _stem(arch, merged, experts, seqs, prefixes, p, pool)
         diag.spilled_bytes = pool.spilled
-        plan = _plan(arch, p)
+        run = _Run(arch, base, merged, experts, seqs, prefixes, p, _plan(arch, p), dev, opt.store_dtype, emit)
         for layer in range(L):
             active = [i for i in range(len(experts)) if prefixes[i] > layer]
             if not active:
                 break
-            diag.layers.append(_layer(arch, layer, plan, base, merged, experts, seqs, active, prefixes,
-                                      student, teacher, p, emit, dev, store_dtype))
+            diag.layers.append(_layer(run, layer, active, student, teacher))
             for i in active:
                 if prefixes[i] == layer + 1:  # its last layer: free its streams now
                     for st in (student.pop(i), teacher.pop(i, None)):
@@ -482,16 +513,16 @@ def _fill(stream: Stream, seqs, batch_size: int, embed: Callable[[Tensor], Tenso
         j += x.shape[0]
 
 
-def _layer(arch, layer: int, plan: _Plan, base: Source, merged: Source, experts: Sequence[Source], seqs,
-           active: list[int], prefixes: Sequence[int], student: dict[int, Stream], teacher: dict[int, Stream],
-           p: FeatCalParams, emit: Callable[[str, Tensor], None], dev: torch.device,
-           store_dtype: torch.dtype | dict[str, torch.dtype] | None) -> LayerReport:
+def _layer(run: _Run, layer: int, active: list[int], student: dict[int, Stream],
+           teacher: dict[int, Stream]) -> LayerReport:
     """One layer: statistics per active expert folded into running sums, solve, emit, advance."""
+    arch, plan, p, dev, store_dtype = run.arch, run.plan, run.p, run.dev, run.store_dtype
+    seqs, prefixes = run.seqs, run.prefixes
     pre = arch.layer_prefix(layer)
     rep = LayerReport(layer, list(active))
-    m_t = _layer_tensors(arch, layer, merged, dev)
+    m_t = _layer_tensors(arch, layer, run.merged, dev)
     targets = _targets(plan, m_t, p)
-    b_t = _layer_tensors(arch, layer, base, dev, targets)
+    b_t = _layer_tensors(arch, layer, run.base, dev, targets)
     lm = arch.build_layer(layer, m_t)
     lm_in = _hook(lm, plan.hooked())
     lin = {g: S.LinearSums.zeros(m_t[f"{specs[0].name}.weight"].shape[1], dev)
@@ -504,10 +535,10 @@ def _layer(arch, layer: int, plan: _Plan, base: Source, merged: Source, experts:
     for spec in plan.norms:
         rep.shapes[spec.name] = tuple(m_t[f"{spec.name}.weight"].shape)
     for i in active:
-        e_t = _layer_tensors(arch, layer, experts[i], dev, None if p.alpha > 0 else targets)
+        e_t = _layer_tensors(arch, layer, run.experts[i], dev, None if p.alpha > 0 else targets)
         le = arch.build_layer(layer, e_t) if p.alpha > 0 else None
-        lin_stats, nrm_stats = _collect(arch, plan, lm, lm_in, le, student[i], teacher.get(i), seqs[i], p,
-                                        dev, write_teacher=prefixes[i] > layer + 1)
+        lin_stats, nrm_stats = _collect(run, lm, lm_in, le, student[i], teacher.get(i), seqs[i],
+                                        write_teacher=prefixes[i] > layer + 1)
         for g, specs in plan.groups.items():
             mom = lin_stats[g].moments()
             s = S.fold_linear(lin[g], mom, {sp.name: (e_t[f"{sp.name}.weight"], e_t.get(f"{sp.name}.bias"))
@@ -527,7 +558,7 @@ def _layer(arch, layer: int, plan: _Plan, base: Source, merged: Source, experts:
         if dtype is not None:
             new = new.to(dtype).float()
         rep.rel_change[pre + k] = float((new.double() - old.double()).norm() / max(float(old.double().norm()), 1e-30))
-        emit(pre + k, new.to(CPU, copy=True))  # a copy: the caller may convert it in place
+        run.emit(pre + k, new.to(CPU, copy=True))  # a copy: the caller may convert it in place
         m_t[k] = new
     nxt = [i for i in active if prefixes[i] > layer + 1]
     if nxt:
@@ -537,9 +568,10 @@ def _layer(arch, layer: int, plan: _Plan, base: Source, merged: Source, experts:
     return rep
 
 
-def _collect(arch, plan: _Plan, lm, lm_in: dict[str, Tensor], le, hs: Stream, he: Stream | None, seqs,
-             p: FeatCalParams, dev: torch.device, write_teacher: bool) -> tuple[dict, dict]:
+def _collect(run: _Run, lm, lm_in: dict[str, Tensor], le, hs: Stream, he: Stream | None, seqs,
+             write_teacher: bool) -> tuple[dict, dict]:
     """One expert's statistics for every module of the layer; advances its expert stream in place."""
+    arch, plan, p, dev = run.arch, run.plan, run.p, run.dev
     same = le is None
     lin = {g: None for g in plan.groups}
     nrm = {spec.name: None for spec in plan.norms}

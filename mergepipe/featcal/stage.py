@@ -1,35 +1,89 @@
 """FeatCal as a stage of a merge: planned with it (data hashed, layer prefixes chosen under the
-calibration budget) and executed after it (merge into a private folder beside OUT, calibrate layer by
-layer into a copy of it, publish OUT atomically with one manifest describing both)."""
+calibration budget) and run after it, over the merged files in the staging folder: each decoder layer
+is calibrated in forward order and its solutions overwrite their bytes in place."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import resource
-import shutil
-import time
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import xxhash
 
-from ..checkpoint import Model, Reader, open_model
+from ..budget import parse_budget
+from ..checkpoint import Model, open_model
+from ..errors import InputChangedError, MergepipeError
+from ..manifest import Budget, load_record
+from ..paths import recorded_path
+from ..sources import resolve_ref
+from ..stages import StageContext, StageResult
 from ..tensors import to_bytes, torch_dtype
-from ..config import CalibrateConfig
-from ..errors import InputChangedError, IOFailure, MergepipeError
-from .. import execute as merge_run
-from ..execute import MANIFEST_NAME, _device, open_inputs, plan_key, resolve_ref, root_hash
-from ..manifest import Budget, Calibration, CalibrationFile, Execution, Manifest, OutputFile, load_manifest
-from ..plan import parse_budget, recorded_path
-from ..publish import destination_lock, discard, prepare_destination, publish
-from ..verify import file_hash, verify
 from .calibrate import FeatCalParams, SafetensorsSource, calibrate, plan_prefixes, unit_costs
 from .data import load_calibration
 from .layers import Arch
 
-CHUNK = 16 << 20
+KEYS = {"method", "data", "tasks", "budget", "parameters"}
+
+
+@dataclass
+class Section:
+    """A `calibrate:` section, checked (mergepipe's own key, not mergekit's)."""
+    data: list[str]  # one JSONL file shared by all experts, or one per expert in models order
+    tasks: list[str] | None  # per expert: the `task` value of its records in a shared file
+    budget: str  # expert bytes FeatCal may read, as for --budget
+    params: dict  # FeatCalParams fields, validated
+
+
+@dataclass
+class CalibrationFile:
+    path: str
+    hash: str  # xxh3_128 of its bytes
+
+
+@dataclass
+class Calibration:
+    """The stage's record: the data it reads (with hashes, so a replay refuses changed data), its
+    parameters, and which layers each expert calibrates under the calibration budget."""
+    params: dict[str, Any]
+    data: list[CalibrationFile]  # one shared by the experts, or one per expert in order
+    tasks: Optional[list[str]]
+    tokenizer: dict[str, str]  # tokenizer file -> xxh3_128 (only when text records were tokenized)
+    sequences: list[int]  # per expert: calibration sequences used
+    tokens: list[int]  # per expert: real tokens in them
+    budget: Budget
+    prefixes: list[int]  # per expert: layers 0 .. prefix-1 are calibrated with it
+    statistics: dict[str, list[int]]  # module (relative to a layer) -> shape of its statistics
+
+
+def parse(doc: object, experts: int, where: str) -> Section:
+    if not isinstance(doc, dict):
+        raise MergepipeError(f"{where} must be a mapping with data and optional tasks, budget, parameters")
+    unknown = sorted(set(doc) - KEYS)
+    if unknown:
+        raise MergepipeError(f"{where}: unknown key {unknown[0]!r} (expected {', '.join(sorted(KEYS))})")
+    if doc.get("method", "featcal") != "featcal":
+        raise MergepipeError(f"{where}: method {doc['method']!r} is not supported (expected featcal)")
+    data = doc.get("data")
+    data = [data] if isinstance(data, str) else data
+    if not isinstance(data, list) or not data or not all(isinstance(d, str) for d in data) or len(data) not in (1, experts):
+        raise MergepipeError(f"{where}: data must be one JSONL path shared by the experts or a list of "
+                             f"{experts} paths, one per expert")
+    tasks = doc.get("tasks")
+    if tasks is not None and (not isinstance(tasks, list) or len(tasks) != experts
+                              or not all(isinstance(t, str) for t in tasks)):
+        raise MergepipeError(f"{where}: tasks must list one task name per expert ({experts})")
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise MergepipeError(f"{where}: parameters must be a mapping")
+    try:
+        checked = FeatCalParams.from_dict(params).to_dict()
+    except TypeError as e:  # a wrongly typed value the dataclass refuses
+        raise MergepipeError(f"{where}: {e}") from None
+    except MergepipeError as e:
+        raise MergepipeError(f"{where}: {e}") from None
+    return Section(data, tasks, str(doc.get("budget", "100%")), checked)
 
 
 def _arch(base: Model) -> Arch:
@@ -46,8 +100,7 @@ def _data(cal_files: list[str], tasks, base: Model, arch: Arch, p: FeatCalParams
     return load_calibration(cal_files, experts, arch.vocab_size, p.n, p.seq_len, tokenizer_root=base.root, tasks=tasks)
 
 
-def plan_calibration(cc: CalibrateConfig, base: Model, experts: list[Model],
-                     relative_to: Path | None = None) -> Calibration:
+def plan(cc: Section, base: Model, experts: list[Model], relative_to: Path | None = None) -> Calibration:
     arch = _arch(base)
     p = FeatCalParams.from_dict(cc.params)
     data = _data(cc.data, cc.tasks, base, arch, p, len(experts))
@@ -62,7 +115,6 @@ def plan_calibration(cc: CalibrateConfig, base: Model, experts: list[Model],
         if w is not None:  # linear: C_ss is d_in x d_in; norm: one value per channel
             stats[spec.name] = [w.shape[1], w.shape[1]] if spec.kind == "linear" else [w.shape[0]]
     return Calibration(
-        method="featcal",
         params=p.to_dict(),
         data=[CalibrationFile(recorded_path(f, relative_to), data.data_hashes[str(Path(f))]) for f in cc.data],
         tasks=cc.tasks,
@@ -75,7 +127,21 @@ def plan_calibration(cc: CalibrateConfig, base: Model, experts: list[Model],
     )
 
 
-def calibration_problems(c: Calibration, base_root: Path, root: Path | None) -> list[str]:
+def load(doc: dict, where: str, experts: int | None) -> Calibration:
+    """The record from a manifest, validated; `experts`: how many the manifest merges."""
+    c = load_record(Calibration, doc, where)
+    if FeatCalParams.from_dict(c.params).to_dict() != c.params:
+        raise MergepipeError(f"{where}.params must list exactly FeatCal's parameters")
+    k = experts if experts is not None else len(c.prefixes)
+    if len(c.data) not in (1, k) or (c.tasks is not None and len(c.tasks) != k):
+        raise MergepipeError(f"{where}.data needs one shared file or {k}, and tasks one per expert")
+    for field_name in ("sequences", "tokens", "prefixes"):
+        if len(getattr(c, field_name)) != k:
+            raise MergepipeError(f"{where}.{field_name} must have one entry per expert ({k})")
+    return c
+
+
+def input_problems(c: Calibration, base_root: Path, root: Path | None) -> list[str]:
     """What no longer matches the calibration inputs recorded at planning: data files and tokenizer."""
     problems = []
     files = [(Path(resolve_ref(rec.path, root)), rec.hash, "calibration data") for rec in c.data]
@@ -91,144 +157,43 @@ def calibration_problems(c: Calibration, base_root: Path, root: Path | None) -> 
     return problems
 
 
-def _load_checked(c: Calibration, base: Model, arch: Arch, p: FeatCalParams, root: Path | None, experts: int):
-    """The calibration data as planned, or an error naming the file that changed."""
-    problems = calibration_problems(c, base.root, root)
-    if problems:
-        raise InputChangedError(problems[0])
-    data = _data([resolve_ref(rec.path, root) for rec in c.data], c.tasks, base, arch, p, experts)
+def run(c: Calibration, ctx: StageContext) -> StageResult:
+    """Calibrate the merged model in ctx.folder in place, layer by layer; each calibrated tensor
+    overwrites its bytes as soon as its layer is solved, so no layer outlives its solve."""
+    arch = _arch(ctx.base)
+    p = FeatCalParams.from_dict(c.params)
+    data = _data([resolve_ref(rec.path, ctx.root) for rec in c.data], c.tasks, ctx.base, arch, p, len(ctx.experts))
     if [len(x) for x in data.ids] != c.sequences:
         raise InputChangedError(f"{c.data[0].path}: calibration data no longer gives {c.sequences} sequences per expert")
-    return data
-
-
-def execute_calibrated(m: Manifest, out: str | Path, device: str = "cpu", force: bool = False,
-                       root: str | Path | None = None, allow_pickle: bool = False, progress=None,
-                       allow_nonfinite: bool = False) -> Manifest:
-    t0 = time.perf_counter()
-    c = m.calibration
-    dev = torch.device(_device(device))
-    out = Path(out).resolve()
-    root = Path(root) if root else None
-    base, experts = open_inputs(m, root, allow_pickle)
-    arch = _arch(base)
-    p = FeatCalParams.from_dict(c.params)
-    data = _load_checked(c, base, arch, p, root, len(experts))
-    merged_dir = out.parent / f".{out.name}.mergepipe-merged"
-    with destination_lock(out):
-        staging = prepare_destination(out, force, plan_key(m, dev))
-        try:
-            merge_m = dataclasses.replace(m, calibration=None)
-            merge = _finished_merge(merge_m, merged_dir, dev) or merge_run.execute(
-                merge_m, merged_dir, device, True, root, allow_pickle, progress, allow_nonfinite)
-            merged = open_model(merged_dir)
-            shutil.copytree(merged_dir, staging.folder, dirs_exist_ok=True,
-                            ignore=lambda d, names: [MANIFEST_NAME] if Path(d) == merged_dir else [])
-            reader = Reader()
-            try:
-                diag = _calibrate_into(staging.folder, arch, base, merged, experts, data.ids, p, c.prefixes,
-                                       reader, dev)
-            finally:
-                reader.close()
-            done = _complete(m, merge, staging.folder, base, experts, reader, diag, dev, time.perf_counter() - t0)
-            done.save(staging.folder / MANIFEST_NAME)
-            publish(staging, out)
-        except OSError as e:
-            discard(staging)
-            raise IOFailure(f"{e.filename or staging.folder}: {e.strerror or e}") from None
-        except BaseException:
-            discard(staging)
-            raise
-        finally:
-            shutil.rmtree(merged_dir, ignore_errors=True)
-    return done
-
-
-def _finished_merge(m: Manifest, folder: Path, dev: torch.device) -> Manifest | None:
-    """The merge a killed calibration run left in its private folder, if it is this plan's and intact:
-    a rerun then calibrates without merging again."""
-    try:
-        prev = load_manifest(folder / MANIFEST_NAME)
-    except MergepipeError:
-        return None
-    if prev.execution is None or plan_key(prev, dev) != plan_key(m, dev):
-        return None
-    return prev if verify(prev, output=folder, check_input_blocks=False).ok else None
-
-
-def _calibrate_into(folder: Path, arch: Arch, base: Model, merged: Model, experts: list[Model], ids, p, prefixes,
-                    reader: Reader, dev: torch.device):
-    """Run FeatCal; each calibrated tensor overwrites its bytes in the copied merged files as soon as
-    its layer is solved, so no layer outlives its solve."""
+    merged = open_model(ctx.folder)
+    dev = torch.device(ctx.device)
     fds: dict[str, int] = {}
     store = {n: torch_dtype(info.dtype) for n, info in merged.tensors.items()}  # each solution as it is stored
 
     def emit(name: str, t: torch.Tensor) -> None:
         info = merged.tensors[name]
-        data = to_bytes(t.to(torch_dtype(info.dtype)))
-        assert data.nbytes == info.end - info.start, name
-        path = str(folder / os.path.relpath(info.file, merged.root))
+        raw = to_bytes(t.to(torch_dtype(info.dtype)))
+        assert raw.nbytes == info.end - info.start, name
+        path = str(info.file)
         if path not in fds:
             fds[path] = os.open(path, os.O_WRONLY)
-        os.pwrite(fds[path], memoryview(data), info.start)
+        os.pwrite(fds[path], memoryview(raw), info.start)
 
     try:
-        return calibrate(arch, SafetensorsSource(base, reader), SafetensorsSource(merged, reader),
-                         [SafetensorsSource(e, reader) for e in experts], ids, p, emit, prefixes,
-                         tmp_dir=folder / ".featcal-streams", device=dev, store_dtype=store)
+        diag = calibrate(arch, SafetensorsSource(ctx.base, ctx.reader), SafetensorsSource(merged, ctx.reader),
+                         [SafetensorsSource(e, ctx.reader) for e in ctx.experts], data.ids, p, emit,
+                         prefixes=c.prefixes, tmp_dir=ctx.folder / ".featcal-streams", device=dev,
+                         store_dtype=store)
     finally:
         for fd in fds.values():
             os.close(fd)
-
-
-def _hash_outputs(folder: Path) -> dict[str, OutputFile]:
-    """File and per-tensor hashes of the published files, computed as execute's writer computes them."""
-    outputs = {}
-    model = open_model(folder)
-    for fh in model.files:
-        tensors = {}
-        with open(fh.path, "rb") as f:
-            for info in sorted(fh.tensors.values(), key=lambda i: i.start):
-                f.seek(info.start)
-                th = xxhash.xxh3_64()
-                left = info.end - info.start
-                while left and (chunk := f.read(min(CHUNK, left))):
-                    th.update(chunk)
-                    left -= len(chunk)
-                tensors[info.name] = th.hexdigest()
-        outputs[os.path.relpath(fh.path, folder)] = OutputFile(fh.size, file_hash(fh.path), tensors)
-    return outputs
-
-
-def _complete(m: Manifest, merge: Manifest, folder: Path, base: Model, experts: list[Model], reader: Reader, diag,
-              dev: torch.device, wall: float) -> Manifest:
-    me = merge.execution
-    base_files = {str(fh.path) for fh in base.files}
-    expert_files = {str(fh.path) for e in experts for fh in e.files}
-    read = dict(me.bytes_read)
-    for path, n in reader.bytes_read.items():  # the private merged copy is ours, not an input: not counted
-        if str(path) in base_files or str(path) in expert_files:
-            read[str(path)] = read.get(str(path), 0) + n
-    outputs = _hash_outputs(folder)
-    diagnostics = dict(me.diagnostics or {})
+    report = {}
     for rep in diag.layers:
         for name, change in rep.rel_change.items():
-            diagnostics[name] = {**diagnostics.get(name, {}), "featcal": {"experts": rep.experts,
-                                                                          "rel_change": float(change)}}
-    peak_dev = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
-    execution = Execution(
-        device=me.device,
-        wall_s=round(wall, 4),
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        peak_device_bytes=int(max(peak_dev, me.peak_device_bytes)),
-        bytes_read=dict(sorted(read.items())),
-        expert_bytes_read=sum(v for k, v in read.items() if k in expert_files),
-        base_bytes_read=sum(v for k, v in read.items() if k in base_files),
-        os_read_bytes=None,
-        outputs=outputs,
-        root_hash=root_hash(outputs),
-        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        resumed_bytes=me.resumed_bytes,
-        diagnostics=dict(sorted(diagnostics.items())) or None,
-    )
-    return Manifest(**{**m.__dict__, "execution": execution})
+            report[name] = {"featcal": {"experts": rep.experts, "rel_change": float(change)}}
+    return StageResult(report)
+
+
+def describe(c: Calibration) -> str:
+    return (f"layer prefixes per expert {c.prefixes}, {c.budget.bytes} of {c.budget.expert_bytes_total} expert "
+            f"bytes; sequences {c.sequences}, tokens {c.tokens}; data {', '.join(f.path for f in c.data)}")

@@ -1,14 +1,25 @@
-"""Merge operators: each a small pure function over one block of a tensor group, with a declarative
-spec of its parameters. Unknown parameters, parameters a method does not take, and out-of-range
-values are errors (mergekit silently ignores the first two)."""
+"""Merge operators. Each is one declaration that owns its behaviour: its parameters, its access unit
+(row blocks or whole tensors), the score the planner ranks its reads by, its plan check, its
+certificate and its kernel. The planner, the manifest and the executor call these hooks and never ask
+which operator they have.
+
+Unknown parameters, parameters a method does not take, and out-of-range values are errors (mergekit
+silently ignores the first two)."""
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import numpy as np
 
 from ..errors import MergepipeError
+
+if TYPE_CHECKING:
+    from ..index import TensorDelta
+    from ..sources import BlockInputs, TensorSources
 
 
 @dataclass(frozen=True)
@@ -37,15 +48,58 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Candidates:
+    """What one (tensor, expert) offers the planner: the blocks that can change the result (for a
+    whole-tensor operator, [0] stands for the tensor), each block's score (higher is read first, per
+    byte) and its share of the certificate (|c_k| * ||Delta_kb||_F; unused by non-additive operators)."""
+    blocks: np.ndarray
+    score: np.ndarray
+    share: np.ndarray
+
+
+@dataclass(frozen=True)
+class Certificate:
+    kind: str  # "frobenius": ||M - M_A||_F <= bound; "none"
+    bound: float | None
+    note: str
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    """One tensor's resolved parameters: what its kernel reads, never the global config."""
+    shared: dict[str, Any]
+    experts: tuple[dict[str, Any], ...]
+
+    def weights(self) -> list[float]:
+        return [p["weight"] for p in self.experts]
+
+
+class Kernel(Protocol):
+    """Merges one output tensor from its blocks. `compute` is pure and runs on the compute pool in
+    any order; `take` runs in block order on the writing thread; `finish` ends the tensor in the sink
+    (sink.end) after its last block."""
+    journal_blocks: bool  # a journal record may end after any block (a killed run resumes inside it)
+    in_place: bool  # the kernel patches its bytes in the file after writing them (no O_DIRECT)
+
+    def compute(self, b: int, block: BlockInputs) -> Any: ...
+    def take(self, b: int, result: Any, sink) -> None: ...
+    def finish(self, sink) -> None: ...
+
+
 class Operator:
-    name: str
-    aliases: tuple[str, ...]
-    params: tuple[Param, ...]
-    additive: bool  # M = W0 + sum_k c_k Delta_k: the Frobenius error certificate applies
-    validate: Callable[[dict], None] | None = None  # rules across shared parameters; raises MergepipeError
+    """The defaults of every hook; a declaration overrides what differs."""
+    name: str = ""
+    aliases: tuple[str, ...] = ()
+    params: tuple[Param, ...] = ()
+    unit = "block"  # "block": row blocks are read independently; "tensor": whole (expert, tensor) pairs
+    additive = False  # M = W0 + sum_k c_k Delta_k: the Frobenius certificate applies
+    continual = False  # `mergepipe continual` may merge with it, one expert at a time
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+    def validate(self, shared: dict) -> None:
+        """Rules across shared parameters that one Param cannot see; raises MergepipeError."""
 
     def resolve(self, shared: dict, per_expert: list[dict], where: str) -> tuple[dict, list[dict]]:
         """Validate and fill defaults: (global parameters, one dict per expert)."""
@@ -74,25 +128,109 @@ class Operator:
                         raise MergepipeError(f"{where}: models[{i}]: parameter {p.name!r} is required for {self.name}")
             experts.append(e)
         shared_out = {p.name: g.get(p.name, p.default) for p in self.params if not p.per_expert}
-        if self.validate is not None:
-            try:
-                self.validate(shared_out)
-            except MergepipeError as e:
-                raise MergepipeError(f"{where}: {e}") from None
+        try:
+            self.validate(shared_out)
+        except MergepipeError as e:
+            raise MergepipeError(f"{where}: {e}") from None
         return shared_out, experts
 
+    # --- planning -------------------------------------------------------------------------------
 
-# name or alias -> (module, attribute). Imported on first use: TIES and GCWM compute with torch,
-# and a CPU task-arithmetic run should not pay for importing it.
-OPERATORS: dict[str, tuple[str, str]] = {
+    def readable(self, tensors: dict, shared: dict, where: str) -> set[str]:
+        """Names of the floating tensors whose expert bytes this operator may read (the rest are the
+        base's). `tensors`: the base's TensorInfo by name."""
+        return {n for n, info in tensors.items() if info.is_float}
+
+    def coefficients(self, tp: TensorParams) -> list[float]:
+        """c_k in M = W0 + sum_k c_k Delta_k: what the scores and the certificate multiply."""
+        lam = tp.shared.get("lambda", 1.0)
+        return [w * lam for w in tp.weights()]
+
+    def candidates(self, info, k: int, delta: TensorDelta, tp: TensorParams, coef: float,
+                   data: dict | None) -> Candidates:
+        """Every block whose delta is non-zero, scored by |c_k| * ||Delta_kb||_F."""
+        share = abs(coef) * delta.l2
+        idx = np.nonzero((delta.l2 > 0) & (coef != 0))[0]
+        return Candidates(idx, share[idx], share[idx])
+
+    def tensor_data(self, info, deltas: list[TensorDelta], tp: TensorParams) -> dict | None:
+        """What the kernel needs about the whole tensor before it reads a block (from the index), kept
+        in the plan; None if nothing."""
+        return None
+
+    def certificate(self, bound: float | None) -> Certificate:
+        if not self.additive:
+            return Certificate("none", None, f"{self.name} is not additive: only the measured deviation is reported")
+        if bound is None:
+            return Certificate("none", None, "the inputs hold NaN or Inf (allowed by --allow-nonfinite): no bound")
+        return Certificate("frobenius", bound, "||M - M_A||_F <= sqrt(sum over blocks b of (sum over omitted "
+                           "experts k of |c_k| * ||Delta_kb||_F)^2), in exact arithmetic before rounding to "
+                           "the output dtype")
+
+    def check_plan(self, name: str, tp, experts: int) -> None:
+        """Refuse a (hand-edited) plan entry this operator cannot execute; raises MergepipeError."""
+        if tp.data is not None:
+            raise MergepipeError(f"plan.tensors.{name}.data: {self.name} keeps no per-tensor data")
+
+    # --- execution ------------------------------------------------------------------------------
+
+    def kernel(self, job: TensorSources, dev: str, scratch: Path) -> Kernel:
+        """The kernel of one output tensor on device `dev`; `scratch`: a folder for its spill files."""
+        raise NotImplementedError
+
+    def passthrough(self, block: BlockInputs) -> np.ndarray:
+        """Output bytes of a block no expert is read for: base + 0, as mergekit computes it (so a
+        stored -0.0 becomes +0.0). An operator that copies the base bit for bit overrides this."""
+        return block.base_plus_zero()
+
+
+# name -> (module, attribute): declarations imported on first use, so that a CPU task-arithmetic
+# run does not pay for importing torch (TIES and GCWM compute with it).
+_LAZY: dict[str, tuple[str, str]] = {
     "task_arithmetic": ("ta", "TA"), "ta": ("ta", "TA"),
     "ties": ("ties", "TIES"),
     "gcwm": ("gcwm", "GCWM"),
 }
+_REGISTERED: dict[str, Operator] = {}
+
+
+def register(op: Operator) -> Operator:
+    """Add an operator (and its aliases) to the registry; returns it, so a module can declare
+    `NAME = register(MyOperator())`."""
+    for name in (op.name, *op.aliases):
+        _REGISTERED[name] = op
+    return op
+
+
+def names() -> list[str]:
+    return sorted({*_LAZY, *_REGISTERED})
 
 
 def get(name: str) -> Operator:
-    where = OPERATORS.get(name)
+    op = _REGISTERED.get(name)
+    if op is not None:
+        return op
+    where = _LAZY.get(name)
     if where is None:
-        raise MergepipeError(f"merge_method {name!r} is not supported (expected one of {', '.join(sorted(OPERATORS))})")
+        raise MergepipeError(f"merge_method {name!r} is not supported (expected one of {', '.join(names())})")
     return getattr(importlib.import_module(f".{where[0]}", __name__), where[1])
+
+
+class Blockwise:
+    """The kernel of a block-separable operator: `merge(block) -> output bytes` per block, written as
+    it comes, with a journal record possible after each block."""
+    journal_blocks = True
+    in_place = False
+
+    def __init__(self, name: str, merge: Callable[[BlockInputs], np.ndarray]) -> None:
+        self.name, self._merge = name, merge
+
+    def compute(self, b: int, block: BlockInputs) -> np.ndarray:
+        return self._merge(block)
+
+    def take(self, b: int, result: np.ndarray, sink) -> None:
+        sink.write(result)
+        sink.block_done(self.name)
+
+    def finish(self, sink) -> None:
+        sink.end(self.name)

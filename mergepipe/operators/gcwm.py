@@ -20,13 +20,18 @@ mergepipe's adaptations (the math is otherwise the reference implementation's, g
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from typing import Sequence
 
 import torch
 
+import numpy as np
+
 from ..errors import MergepipeError
-from . import Operator, Param
+from . import Blockwise, Candidates, Certificate, Operator, Param, register
+from .gcwm_stream import GcwmTensor
 
 DEFAULT_TARGETS = ("q_proj.weight,k_proj.weight,v_proj.weight,o_proj.weight,"
                    "gate_proj.weight,up_proj.weight,down_proj.weight")
@@ -55,10 +60,13 @@ def _patterns(targets: str) -> list[str]:
     return [t.strip() for t in targets.split(",") if t.strip()]
 
 
-GCWM = Operator(
-    name="gcwm",
-    aliases=(),
-    params=(
+class Gcwm(Operator):
+    """Whole-tensor access: an expert tensor is read whole or not at all, and one that is not read
+    leaves that tensor's active set (it is never zero-filled)."""
+    name = "gcwm"
+    unit = "tensor"
+    continual = True
+    params = (
         Param("weight", float, per_expert=True, default=1.0, check=lambda v: _finite(v) and v >= 0,
               expect="a number >= 0"),
         Param("lambda", float, per_expert=False, default=0.2, check=_finite, expect="a finite number"),
@@ -99,10 +107,50 @@ GCWM = Operator(
               expect="an integer >= 0"),
         Param("targets", str, per_expert=False, default=DEFAULT_TARGETS, check=lambda v: bool(_patterns(v)),
               expect="a comma-separated list of tensor-name patterns"),
-    ),
-    additive=False,
-    validate=lambda params: _check_gate(params),  # defined below; a lambda defers the lookup
-)
+    )
+
+    def validate(self, shared: dict) -> None:
+        _check_gate(shared)
+
+    def readable(self, tensors: dict, shared: dict, where: str) -> set[str]:
+        targets = shared["targets"]
+        for n, info in tensors.items():
+            if matches(n, targets) and not is_target(n, info.shape, info.is_float, targets):
+                raise MergepipeError(f"{where}: tensor {n!r} {list(info.shape)} ({info.dtype}) matches the gcwm "
+                                     f"targets {targets!r}, but gcwm merges 2-D floating matrices only")
+        found = {n for n, info in tensors.items() if is_target(n, info.shape, info.is_float, targets)}
+        if not found:
+            raise MergepipeError(f"{where}: no tensor of the base model matches the gcwm targets {targets!r} (2-D floating "
+                                 "tensors, not embed or lm_head)")
+        return found
+
+    def candidates(self, info, k, delta, tp, coef, data) -> Candidates:
+        """Every expert, scored by weight * ||Delta||_F: at 100% all are active (a zero delta still
+        shapes the basis)."""
+        norm = float(np.sqrt(np.sum(delta.l2.astype(np.float64) ** 2)))
+        return Candidates(np.zeros(1, np.int64), np.array([tp.experts[k]["weight"] * norm]), np.zeros(1))
+
+    def certificate(self, bound) -> Certificate:
+        return Certificate("none", None, "gcwm is not additive (SVD, barycenter and the inner solve are "
+                           "non-linear): an unread expert tensor leaves that tensor's active set, and only "
+                           "the measured deviation is reported")
+
+    def check_plan(self, name: str, tp, experts: int) -> None:
+        super().check_plan(name, tp, experts)
+        if any(r not in ([], [[0, tp.blocks]]) for r in tp.selected + tp.candidates):
+            raise MergepipeError(f"plan.tensors.{name}: gcwm reads whole tensors, so each expert's "
+                                 f"runs must be [] or [[0, {tp.blocks}]]")
+
+    def kernel(self, job, dev: str, scratch):
+        if not any(job.exact):  # not a target, or no expert read: the base, bit for bit
+            return Blockwise(job.name, self.passthrough)
+        return GcwmTensor(job, torch.device(dev), tensor_delta, NonFiniteDelta)
+
+    def passthrough(self, block) -> np.ndarray:
+        return block.base_copy()
+
+
+GCWM = register(Gcwm())
 
 
 def defaults() -> dict:
@@ -587,3 +635,30 @@ def gcwm_delta(deltas: list[torch.Tensor], weights: list[float], p: dict, shortc
             "conflict": float(c), "gate": float(a), "barycenter_iters": int(iters), "converged": bool(converged),
             "form": form, "branches": branches}
     return out.to(in_dtype), diag
+
+
+# ----------------------------------------------------------------------------------------------------
+# Thread policy of an execute
+
+PARALLEL_NUMEL = 1 << 18  # from this many elements a tensor's GCWM uses every CPU core
+
+
+@contextlib.contextmanager
+def _all_cores(dev: torch.device, numel: int):
+    """Streaming keeps torch single-threaded (its own threads do whole blocks); one large SVD or
+    matmul on the CPU wants every core instead. Small tensors stay on one thread: OpenMP's barriers
+    cost more than they save there (measured 15 ms against 3 us per tiny op on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads((os.cpu_count() or 1) if numel >= PARALLEL_NUMEL else 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def tensor_delta(deltas: list[torch.Tensor], weights: list[float], params: dict, dev: torch.device):
+    """gcwm_delta under execute's thread policy. BLAS and LAPACK results depend on the thread count,
+    so anything that must match an execute bit for bit (a replay, a test's reference) goes through here."""
+    with _all_cores(dev, deltas[0].numel() if deltas else 0):
+        return gcwm_delta(deltas, weights, params)

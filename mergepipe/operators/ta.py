@@ -8,26 +8,50 @@ kernels compute it: numpy on the CPU (no torch import), torch on a GPU or for dt
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import floats
-from . import Operator, Param
+from . import Blockwise, Operator, Param, TensorParams, register
 
 if TYPE_CHECKING:
     import torch
 
-TA = Operator(
-    name="task_arithmetic",
-    aliases=("ta",),
-    params=(
+    from ..sources import BlockInputs, F32Block, TensorSources
+
+class TaskArithmetic(Operator):
+    name = "task_arithmetic"
+    aliases = ("ta",)
+    params = (
         Param("weight", float, per_expert=True, expect="a number"),
         Param("lambda", float, per_expert=False, default=1.0, expect="a number"),
         Param("normalize", bool, per_expert=False, default=False, expect="true or false"),
-    ),
-    additive=True,
-)
+    )
+    additive = True
+
+    def coefficients(self, tp: TensorParams) -> list[float]:
+        return coefficients(tp.weights(), tp.shared["lambda"], tp.shared["normalize"])
+
+    def kernel(self, job: TensorSources, dev: str, scratch: Path) -> Blockwise:
+        weights = job.params.weights()
+        lam, normalize = job.params.shared["lambda"], job.params.shared["normalize"]
+
+        def merge(block: BlockInputs) -> np.ndarray:
+            if not block.experts:
+                return self.passthrough(block)
+            read = [weights[k] for k, _ in block.experts]
+            if dev == "cpu" and block.numpy_ok():
+                out, finite = merge_numpy(block, read, weights, lam, normalize)
+            else:
+                out, finite = merge_torch(block, read, weights, lam, normalize, dev)
+            block.check_finite(finite)
+            return out
+        return Blockwise(job.name, merge)
+
+
+TA = register(TaskArithmetic())
 
 
 def coefficients(weights: list[float], lam: float, normalize: bool) -> list[float]:
@@ -56,13 +80,14 @@ def _divisor(all_weights: tuple[float, ...]) -> np.float32:
     return div
 
 
-def merge_numpy(base: np.ndarray, base_dtype: str, experts: list[tuple[np.ndarray, str]], weights: list[float],
-                all_weights: list[float], lam: float, normalize: bool, out_dtype: str) -> tuple[np.ndarray, bool]:
-    """merge_into on the CPU in numpy, same operations in the same order, so the same bits. Raw
-    block bytes in (dtypes in floats.ITEMSIZE); (raw output bytes, whether all came out finite) out."""
+def merge_numpy(block: BlockInputs, weights: list[float], all_weights: list[float], lam: float,
+                normalize: bool) -> tuple[np.ndarray, bool]:
+    """The merge of one block on the CPU in numpy, in torch's operations and order (so the same bits):
+    (output bytes, whether all came out finite). `weights`: of the experts read here, in order."""
     isz = floats.ITEMSIZE
+    out_dtype = block.job.out_dtype
     finite = True
-    n = base.nbytes // isz[base_dtype]
+    n = block.base.numel
     out = np.empty(n * isz[out_dtype], np.uint8)
     step = min(NP_CHUNK, n)
     b, x, total, acc = (np.empty(step, np.float32) for _ in range(4))
@@ -70,19 +95,18 @@ def merge_numpy(base: np.ndarray, base_dtype: str, experts: list[tuple[np.ndarra
     w = [np.float32(v) for v in weights]
     div = _divisor(tuple(all_weights)) if normalize else None
     scale = div if div is not None and abs(float(div)) >= 1e-8 else None
-    dtypes = (base_dtype, out_dtype, *(d for _, d in experts))
+    experts = [x for _, x in block.experts]
     for s in range(0, n, step):
         e = min(s + step, n)
         m = e - s
         bv, xv, tv, av = b[:m], x[:m], total[:m], acc[:m]
-        pairs = floats.paired(dtypes, m)
-        floats.to_f32(base[s * isz[base_dtype]:e * isz[base_dtype]], base_dtype, bv, pairs)
+        pairs = block.paired(m)
+        block.base.values(s, e, bv, pairs)
         for g in range(0, len(experts), SUM_GROUP):
             group = range(g, min(g + SUM_GROUP, len(experts)))
             dst = tv if g == 0 else av
             for i in group:
-                raw, dt = experts[i]
-                floats.to_f32(raw[s * isz[dt]:e * isz[dt]], dt, xv, pairs)
+                experts[i].values(s, e, xv, pairs)
                 np.subtract(xv, bv, out=xv if i > group[0] else dst)
                 if i > group[0]:
                     np.multiply(xv, w[i], out=xv)
@@ -102,11 +126,22 @@ def merge_numpy(base: np.ndarray, base_dtype: str, experts: list[tuple[np.ndarra
     return out, finite
 
 
-def merge_into(out: torch.Tensor, base: torch.Tensor, experts: list[torch.Tensor], weights: list[float],
-               all_weights: list[float], lam: float, normalize: bool) -> None:
-    """Merge one block into `out` (flat, output dtype). base and experts are flat, in their stored
-    dtypes; `experts` holds only the experts the plan read here (an unread one is a zero delta) and
-    `all_weights` every expert's weight, for the normalising divisor.
+def merge_torch(block: BlockInputs, weights: list[float], all_weights: list[float], lam: float, normalize: bool,
+                dev: str) -> tuple[np.ndarray, bool]:
+    """The same merge in torch: on a GPU, or for dtypes numpy lacks (float64, float8)."""
+    import torch
+    from ..tensors import all_finite, to_bytes, torch_dtype
+    tdev = torch.device(dev)
+    out = torch.empty(block.base.numel, dtype=torch_dtype(block.job.out_dtype), device=tdev)
+    merge_into(out, block.base, [x for _, x in block.experts], weights, all_weights, lam, normalize, tdev)
+    return to_bytes(out), all_finite(out)
+
+
+def merge_into(out: torch.Tensor, base: F32Block, experts: list[F32Block], weights: list[float],
+               all_weights: list[float], lam: float, normalize: bool, dev: torch.device) -> None:
+    """Merge one block into `out` (flat, output dtype). `experts` holds only the experts the plan read
+    here (an unread one is a zero delta) and `all_weights` every expert's weight, for the normalising
+    divisor.
 
     Chunked so that each element is converted, differenced and weighted while in cache; the
     operations and their order are mergekit's, so the float32 results are identical to it."""
@@ -117,10 +152,10 @@ def merge_into(out: torch.Tensor, base: torch.Tensor, experts: list[torch.Tensor
     scratch = torch.empty((len(experts), min(CHUNK, out.numel())), dtype=torch.float32, device=out.device)
     for s in range(0, out.numel(), CHUNK):
         e = min(s + CHUNK, out.numel())
-        b = base[s:e].float()
+        b = base.tensor(dev, s, e)
         d = scratch[:, :e - s]
         for i, x in enumerate(experts):
-            torch.sub(x[s:e], b, out=d[i])  # converts and subtracts in one pass
+            torch.sub(x.tensor(dev, s, e), b, out=d[i])
         d.mul_(w)
         mixed = d.sum(dim=0)
         if normalize:

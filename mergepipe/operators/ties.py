@@ -10,82 +10,69 @@ read). A block whose max |delta| lies below the bin contributes nothing and is n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from . import Operator, Param
+from ..errors import MergepipeError
+from ..index import EXP_LO, FINITE_BINS
+from . import Candidates, Operator, Param, TensorParams, register
+from .ties_stream import Trim, TiesTensor, trim_for
 
-TIES = Operator(
-    name="ties",
-    aliases=(),
-    params=(
+
+
+def trimmed_score(td, lo: float) -> np.ndarray:
+    """Estimated ||trim(Delta_b)||_F per block from the coarse histogram: whole bins above the
+    threshold's power of two, and the threshold's own bin pro rata."""
+    if lo <= 0:
+        return td.l2
+    e = int(np.floor(np.log2(lo))) - EXP_LO
+    e = min(max(e, 0), td.coarse_sumsq.shape[1] - 1)
+    above = td.coarse_sumsq[:, e + 1:].sum(axis=1)
+    frac = 1.0 - (lo / 2.0 ** (e + EXP_LO) - 1.0)  # share of [2^e, 2^(e+1)) above lo
+    return np.sqrt(above + td.coarse_sumsq[:, e] * max(0.0, min(1.0, frac)))
+
+
+class Ties(Operator):
+    name = "ties"
+    params = (
         Param("weight", float, per_expert=True, expect="a number"),
         Param("density", float, per_expert=True, default=1.0, check=lambda v: 0 < v <= 1,
               expect="a fraction in (0, 1]"),
         Param("lambda", float, per_expert=False, default=1.0, expect="a number"),
         Param("normalize", bool, per_expert=False, default=True, expect="true or false"),
         Param("int8_mask", bool, per_expert=False, default=False, expect="true or false"),
-    ),
-    additive=False,
-)
+    )
+
+    def tensor_data(self, info, deltas, tp: TensorParams) -> dict:
+        """Each expert's trim threshold pinned to a fine-histogram bin: [bin, above, need]."""
+        trims = [trim_for(td.fine, info.numel, p["density"]) for td, p in zip(deltas, tp.experts)]
+        return {"trim": [[t.bin, t.above, t.need] for t in trims]}
+
+    def candidates(self, info, k, delta, tp, coef, data) -> Candidates:
+        """A block whose max |delta| lies below the trim bin contributes nothing and is never read."""
+        trim = Trim(*data["trim"][k])
+        share = abs(coef) * delta.l2
+        score = abs(coef) * trimmed_score(delta, trim.lo)
+        idx = np.nonzero((delta.maxabs >= trim.lo) & (delta.l2 > 0) & (coef != 0))[0]
+        return Candidates(idx, score[idx], share[idx])
+
+    def certificate(self, bound):
+        from . import Certificate
+        return Certificate("none", None, "ties is not additive: trimming and sign election are non-linear, so "
+                           "only the measured deviation is reported")
+
+    def check_plan(self, name: str, tp, experts: int) -> None:
+        trim = (tp.data or {}).get("trim")
+        if set(tp.data or {}) != {"trim"} or not isinstance(trim, list) or len(trim) != experts:
+            raise MergepipeError(f"plan.tensors.{name}.data must be {{\"trim\": one [bin, above, need] per expert}}")
+        for t in trim:
+            ok = isinstance(t, list) and len(t) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in t)
+            if not ok or not (-1 <= t[0] < FINITE_BINS and t[1] >= 0 and t[2] >= 0) or (t[0] < 0 and t[1:] != [0, 0]):
+                raise MergepipeError(f"plan.tensors.{name}.data.trim has {t}, expected [bin, above, need] "
+                                     f"with -1 <= bin < {FINITE_BINS} (-1: keep all, with above = need = 0)")
+
+    def kernel(self, job, dev: str, scratch):
+        return TiesTensor(self, job, torch.device(dev), scratch)
 
 
-@dataclass(frozen=True)
-class Trim:
-    """Where the k-th largest |delta| lies: fine-histogram bin `bin`, with `above` entries in higher
-    bins, so the `need`-th largest entry inside the bin is the threshold. bin = -1: keep everything."""
-    bin: int
-    above: int
-    need: int
-
-    @property
-    def lo(self) -> float:
-        """Smallest float32 in the bin: a block whose max |delta| is below it contributes nothing."""
-        if self.bin < 0:
-            return 0.0
-        return float(np.array([self.bin << 16], dtype=np.int32).view(np.float32)[0])
-
-    @property
-    def hi(self) -> float:
-        """Smallest float32 above the bin: entries at least this large are kept for certain."""
-        if self.bin < 0:
-            return 0.0
-        return float(np.array([(self.bin + 1) << 16], dtype=np.int32).view(np.float32)[0])
-
-
-def trim_for(fine: np.ndarray, numel: int, density: float) -> Trim:
-    """mergekit keeps max(1, int(density * numel)) entries, or all of them when density >= 1."""
-    if density >= 1:
-        return Trim(-1, 0, 0)
-    k = max(1, int(density * numel))
-    from_top = np.cumsum(fine[::-1])
-    j = int(np.searchsorted(from_top, k))  # first index (from the top) where the count reaches k
-    b = len(fine) - 1 - j
-    above = int(from_top[j - 1]) if j > 0 else 0
-    return Trim(b, above, k - above)
-
-
-def elect_and_mean(trimmed: torch.Tensor, weights: list[float], lam: float, normalize: bool,
-                   base: torch.Tensor) -> torch.Tensor:
-    """trimmed: [k, n] float32 trimmed deltas of the experts read here (an unread one is zero, which
-    never agrees with a sign, so it is simply left out). Overwrites `trimmed`.
-
-    mergekit's arithmetic, element for element, in float-only operations (torch's boolean masks
-    cost about four times as much): the elected sign is +1 where the weighted sum is >= 0, and an
-    entry agrees when sign(entry) * elected == 1."""
-    w = torch.tensor(weights, dtype=trimmed.dtype, device=trimmed.device).view(-1, 1)
-    trimmed.mul_(w)
-    elected = trimmed.sum(dim=0).sign_().add_(0.5).sign_()  # -1, or +1 where the sum is >= 0
-    agree = trimmed.sign().mul_(elected).clamp_(min=0)  # 1.0 where the signs agree, else 0.0
-    mixed = trimmed.mul_(agree).sum(dim=0)
-    if normalize:
-        divisor = (w * agree).sum(dim=0)
-        # 1 where 0, as mergekit's divisor[divisor == 0] = 1: adds 1 - |sign(x)|, which is 0 elsewhere
-        # (x + 0 is x exactly); four float passes cost a quarter of a masked fill
-        divisor.add_(divisor.sign().abs_().neg_().add_(1))
-        mixed /= divisor
-    if lam != 1:
-        mixed *= lam
-    return mixed.add_(base)  # base + mixed: addition commutes exactly
+TIES = register(Ties())

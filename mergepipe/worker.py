@@ -1,0 +1,166 @@
+"""One output file as a pure job: its layout, the operator, and per tensor the sources to read and
+the resolved parameters. `run_file` streams the job into the staging folder and returns the file's
+hashes and the bytes it read. A FileJob is picklable, so an executor may run it elsewhere; what only
+this process has (the reader, the journal, the resume point) comes in a WorkerContext.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import blocks as B
+from . import operators
+from .errors import MergepipeError
+from .journal import Journal
+from .manifest import Manifest, OutputFile, runs_to_set
+from .operators import Blockwise, TensorParams
+from .publish import OutFile, layout
+from .sink import Resume, Sink, open_output
+from .sources import BlockInputs, OpenedModel, TensorSources, stream
+
+# Test-only hook: sleep this many milliseconds per output tensor, so that the fault-injection tests
+# can kill a run of a tiny family mid-way. Not for users.
+SLOW_ENV = "MERGEPIPE_TEST_SLOW_MS"
+
+
+@dataclass(frozen=True)
+class FileJob:
+    layout: OutFile
+    operator: str
+    tensors: tuple[TensorSources, ...]  # in file order, one per layout.tensors entry
+
+
+@dataclass
+class FileResult:
+    output: OutputFile
+    meta: dict[str, dict]  # per tensor, what its operator reported
+    bytes_read: dict[tuple[int, str], int] = field(default_factory=dict)  # (model, recorded file) -> bytes
+
+
+@dataclass
+class WorkerContext:
+    staging: Path
+    journal: Journal
+    resume: Resume
+    reader: object  # checkpoint.Reader
+    device: str
+    allow_nonfinite: bool = False
+    progress: Callable[[int], None] | None = None
+
+
+def build_jobs(m: Manifest, opened: list[OpenedModel]) -> list[FileJob]:
+    """The file jobs of a manifest, base's file layout kept (one file per base shard)."""
+    base, experts = opened[0], opened[1:]
+    files = []
+    single = len(base.model.files) == 1
+    for fh in base.model.files:
+        tensors = []
+        for info in sorted(fh.tensors.values(), key=lambda i: i.start):
+            tensors.append(_tensor_sources(m, info, base, experts))
+        name = "model.safetensors" if single else os.path.relpath(fh.path, base.model.root)
+        files.append(FileJob(layout(name, [(t.name, t.out_dtype, t.shape) for t in tensors]), m.operator.name,
+                             tuple(tensors)))
+    return files
+
+
+def _tensor_sources(m: Manifest, info, base: OpenedModel, experts: list[OpenedModel]) -> TensorSources:
+    tp = m.plan.tensors.get(info.name)
+    stored = base.stored(-1, info.name)
+    if tp is None:
+        if info.is_float:
+            raise MergepipeError(f"manifest: plan has no entry for floating tensor {info.name!r}")
+        return TensorSources(info.name, info.shape, info.dtype, stored, (), (), None)
+    if tp.blocks != B.n_blocks(info.shape):
+        raise MergepipeError(f"manifest: plan.tensors.{info.name} has {tp.blocks} blocks, the base tensor {B.n_blocks(info.shape)}")
+    return TensorSources(info.name, info.shape, m.out_dtype or info.dtype, stored,
+                         tuple(e.stored(k, info.name) for k, e in enumerate(experts)),
+                         tuple(frozenset(runs_to_set(r)) for r in tp.selected),
+                         TensorParams(tp.params, tuple(tp.expert_params)), tp.data)
+
+
+def kernels(job: FileJob, dev: str, scratch: Path) -> list:
+    """Each tensor's kernel: its operator's, or for a tensor it does not merge a copy of the base."""
+    op = operators.get(job.operator)
+    return [op.kernel(t, dev, scratch) if t.params is not None else Blockwise(t.name, BlockInputs.base_copy)
+            for t in job.tensors]
+
+
+def cuts(job: FileJob, ks: list) -> dict[str, set[int]]:
+    """Where a journal record may end inside each tensor: its block boundaries where its kernel
+    writes block by block; none inside one it patches or computes whole."""
+    return {ot.name: {blk.end for blk in B.blocks(_out_info(ot))}
+            for ot, k in zip(job.layout.tensors, ks) if k.journal_blocks}
+
+
+def first_block(job: FileJob, resume: Resume, i: int) -> int:
+    """The first block of tensor i still to write after `resume` (n_blocks if it is done)."""
+    ot, t = job.layout.tensors[i], job.tensors[i]
+    if ot.name in resume.tensor_hashes:
+        return t.n_blocks
+    if resume.partial is not None and resume.partial[0] == ot.name:
+        return next(blk.index for blk in B.blocks(_out_info(ot)) if blk.start == resume.prefix)
+    return 0
+
+
+def _out_info(ot):
+    from .checkpoint import TensorInfo
+    return TensorInfo(ot.name, Path(), ot.dtype, ot.shape, ot.offset, ot.offset + ot.nbytes)
+
+
+def run_file(job: FileJob, ctx: WorkerContext) -> FileResult:
+    path = ctx.staging / job.layout.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ks = kernels(job, ctx.device, ctx.staging)
+    slow = float(os.environ.get(SLOW_ENV) or 0) / 1000
+    read: dict[tuple[int, str], int] = {}
+    # truncated to the resumed prefix: drops whatever the previous run wrote past its last good record
+    with open_output(path, ctx.resume.prefix, direct=not any(k.in_place for k in ks)) as f:
+        sink = Sink(f, job.layout.name, ctx.journal, ctx.resume)
+        try:
+            if not ctx.resume.prefix:
+                import numpy as np
+                sink.write(np.frombuffer(job.layout.header, np.uint8))
+                sink.checkpoint("")
+            items = [(i, b, t.reads(b)) for i, t in enumerate(job.tensors)
+                     for b in range(first_block(job, ctx.resume, i), t.n_blocks)]
+
+            def compute(i: int, b: int, reads, raws):
+                name = job.tensors[i].name
+                for r, raw in zip(reads, raws):  # here, not in the reader: the pool's threads share the hashing
+                    r.check(raw, name)
+                return ks[i].compute(b, BlockInputs(job.tensors[i], b, reads, raws, ctx.allow_nonfinite))
+
+            current = -1
+            for ((i, b, reads), raws), result in B.in_order(ctx.device, compute, stream(items, ctx.reader)):
+                if i != current:
+                    if current >= 0:
+                        _finish(ks[current], job.layout.tensors[current], sink, slow)
+                    sink.begin(job.layout.tensors[i].name, job.layout.tensors[i].offset)
+                    current = i
+                ks[i].take(b, result, sink)
+                for r in reads:
+                    key = (r.tensor.model, r.tensor.recorded)
+                    read[key] = read.get(key, 0) + r.block.end - r.block.start
+                if ctx.progress:
+                    ctx.progress(sum(len(raw) for raw in raws))
+            if current >= 0:
+                _finish(ks[current], job.layout.tensors[current], sink, slow)
+        finally:
+            size = sink.close()
+    if size != job.layout.size:
+        raise RuntimeError(f"internal: {path} has {size} bytes, its layout {job.layout.size}")
+    return FileResult(OutputFile(size, sink.file_hash.hexdigest(),
+                                 {t.name: sink.tensor_hashes[t.name] for t in job.layout.tensors}), sink.meta, read)
+
+
+def _finish(kernel, ot, sink: Sink, slow: float) -> None:
+    kernel.finish(sink)
+    if sink._end != ot.offset + ot.nbytes:
+        raise RuntimeError(f"internal: {ot.name} ends at {sink._end}, expected {ot.offset + ot.nbytes}")
+    if slow:
+        sink.flush()
+        time.sleep(slow)
