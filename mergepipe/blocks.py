@@ -59,6 +59,17 @@ def block(info: TensorInfo, b: int) -> Block:
     return Block(b, r0, r1, info.start + r0 * row_bytes, info.start + r1 * row_bytes)
 
 
+def block_bytes(info: TensorInfo):
+    """Each block's size in bytes, as an array (what block(info, b).end - .start gives, without
+    building the blocks)."""
+    import numpy as np
+    r, rows, nb = rows_per_block(info.shape), n_rows(info.shape), n_blocks(info.shape)
+    row_bytes = (info.end - info.start) // rows if rows else 0
+    out = np.full(nb, r * row_bytes, dtype=np.int64)
+    out[-1] = (rows - (nb - 1) * r) * row_bytes
+    return out
+
+
 def blocks(info: TensorInfo) -> list[Block]:
     return [block(info, b) for b in range(n_blocks(info.shape))]
 

@@ -29,3 +29,4 @@ class PlanOptions:
     allow_pickle: bool = False
     allow_nonfinite: bool = False  # merge inputs that hold NaN or Inf (recorded in the plan)
     progress: Callable[[int], None] | None = None  # bytes indexed
+    source: str = "<config>"  # where the config came from, for error messages

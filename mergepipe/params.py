@@ -13,6 +13,7 @@ from .operators import Operator, TensorParams
 class Resolver:
     def __init__(self, op: Operator, shared: dict, experts: list[dict]) -> None:
         self.op = op
+        self.shared = dict(shared)  # the config's, for what is decided once per merge (GCWM's targets)
         # every tensor resolves to the same scalars: one shared value, not one copy per tensor
         self._all = TensorParams(dict(shared), tuple(dict(e) for e in experts))
 

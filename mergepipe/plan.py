@@ -96,7 +96,7 @@ def _candidates(op, names: list[str], readable: set[str], experts: list[Model], 
             if op.unit == "tensor":
                 nbytes = np.array([e.tensors[name].end - e.tensors[name].start])
             else:
-                nbytes = np.array([blk.end - blk.start for blk in B.blocks(e.tensors[name])])
+                nbytes = B.block_bytes(e.tensors[name])
             cols["t"].append(np.full(len(c.blocks), ti))
             cols["b"].append(c.blocks)
             cols["k"].append(np.full(len(c.blocks), k))
@@ -136,35 +136,38 @@ def choose(c: Table, budget: int, planner: str, seed: int) -> np.ndarray:
     return chosen
 
 
-def _runs(sorted_blocks: np.ndarray) -> list[list[int]]:
-    """[start, end) runs of a sorted array of distinct block indices."""
-    if not len(sorted_blocks):
-        return []
-    breaks = np.nonzero(np.diff(sorted_blocks) != 1)[0] + 1
-    starts = sorted_blocks[np.concatenate(([0], breaks))]
-    ends = sorted_blocks[np.concatenate((breaks - 1, [len(sorted_blocks) - 1]))] + 1
-    return [[int(a), int(z)] for a, z in zip(starts, ends)]
+def _grouped_runs(group: np.ndarray, blocks: np.ndarray, n_groups: int) -> list[list[list[int]]]:
+    """Per group id, the [start, end) runs of its blocks; rows sorted by (group, block), all at once."""
+    out: list[list[list[int]]] = [[] for _ in range(n_groups)]
+    if not len(blocks):
+        return out
+    brk = np.nonzero((np.diff(blocks) != 1) | (np.diff(group) != 0))[0] + 1
+    first = np.concatenate(([0], brk))
+    last = np.concatenate((brk, [len(blocks)])) - 1
+    runs = np.stack([blocks[first], blocks[last] + 1], axis=1)
+    run_group = group[first]
+    cuts = np.nonzero(np.diff(run_group))[0] + 1
+    for g, part in zip(run_group[np.concatenate(([0], cuts))], np.split(runs, cuts)):
+        out[int(g)] = part.tolist()
+    return out
 
 
 def _selections(c: Table, chosen: np.ndarray, n_tensors: int, n_experts: int, whole: dict[int, int] | None):
-    """Per (tensor, expert): candidate runs and chosen runs, grouped with one sort of the candidates
-    (not one scan of all candidates per tensor and expert). `whole`: tensor id -> block count, for
-    whole-tensor operators, whose candidate [0] stands for every block."""
+    """Per (tensor, expert): candidate runs and chosen runs, from one sort of the candidates (not one
+    scan of all candidates per tensor and expert). `whole`: tensor id -> block count, for whole-tensor
+    operators, whose candidate [0] stands for every block."""
     order = np.lexsort((c.b, c.k, c.t))
-    group = c.t[order] * n_experts + c.k[order]
-    bounds = np.searchsorted(group, np.arange(n_tensors * n_experts + 1))
-    cand = [[[] for _ in range(n_experts)] for _ in range(n_tensors)]
-    sel = [[[] for _ in range(n_experts)] for _ in range(n_tensors)]
-    for g in np.nonzero(np.diff(bounds))[0]:
-        ti, k = divmod(int(g), n_experts)
-        rows = order[bounds[g]:bounds[g + 1]]
-        if whole is not None:
-            cand[ti][k] = [[0, whole[ti]]]
-            sel[ti][k] = [[0, whole[ti]]] if chosen[rows].any() else []
-            continue
-        cand[ti][k] = _runs(c.b[rows])
-        sel[ti][k] = _runs(c.b[rows[chosen[rows]]])
-    return cand, sel
+    group, blocks, picked = c.t[order] * n_experts + c.k[order], c.b[order], chosen[order]
+    n = n_tensors * n_experts
+    if whole is not None:
+        blocks = np.zeros_like(blocks)  # [0] stands for the tensor: widened below
+    cand = _grouped_runs(group, blocks, n)
+    sel = _grouped_runs(group[picked], blocks[picked], n)
+    if whole is not None:
+        cand = [[[0, whole[g // n_experts]]] if r else [] for g, r in enumerate(cand)]
+        sel = [[[0, whole[g // n_experts]]] if r else [] for g, r in enumerate(sel)]
+    return ([cand[t * n_experts:(t + 1) * n_experts] for t in range(n_tensors)],
+            [sel[t * n_experts:(t + 1) * n_experts] for t in range(n_tensors)])
 
 
 def _tensor_plans(op, names: list[str], base: Model, n_experts: int, c: Table, chosen: np.ndarray,
@@ -192,25 +195,41 @@ def _tensor_plans(op, names: list[str], base: Model, n_experts: int, c: Table, c
     return tensors, float(np.sqrt(tensor_sq.sum()))
 
 
+@dataclass
+class Selection:
+    tensors: dict[str, TensorPlan]
+    total: int  # expert bytes the operator may read
+    budget: int
+    planned: int
+    certificate: object  # operators.Certificate
+
+
+def select(op, resolver: Resolver, base: Model, experts: list[Model], fam: FamilyIndex, budget: str,
+           opts: PlanOptions) -> Selection:
+    """The plan proper, from the catalog's statistics alone (no file is opened)."""
+    floating = {n: info for n, info in base.tensors.items() if info.is_float}
+    names = list(floating)
+    readable = op.readable(floating, resolver.shared, opts.source)
+    total = sum(e.tensors[n].end - e.tensors[n].start for n in readable for e in experts)
+    budget_bytes = parse_budget(budget, total)
+    table, data = _candidates(op, names, readable, experts, fam, resolver, opts.allow_nonfinite)
+    chosen = choose(table, budget_bytes, opts.planner, opts.seed)
+    tensors, bound = _tensor_plans(op, names, base, len(experts), table, chosen, data, resolver)
+    return Selection(tensors, total, budget_bytes, int(table.bytes[chosen].sum()),
+                     op.certificate(bound if np.isfinite(bound) else None))
+
+
 def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | None = None,
                options: PlanOptions | None = None, **flags) -> Manifest:
     """Plan `config` under `budget`. Options come as a PlanOptions or as its fields by keyword."""
-    opts = options or PlanOptions(**flags)
+    opts = dataclasses.replace(options or PlanOptions(**flags), source=config.source)
     if opts.planner not in PLANNERS:
         raise MergepipeError(f"planner {opts.planner!r} is not known (expected one of {', '.join(PLANNERS)})")
     base = open_model(config.base, opts.allow_pickle)
     experts = [open_model(e, opts.allow_pickle) for e in config.experts]
     fam = index_family(base, experts, catalog or Catalog(), opts.progress)
     op = config.operator
-    resolver = Resolver(op, config.params, config.expert_params)
-    floating = {n: info for n, info in base.tensors.items() if info.is_float}
-    names = list(floating)
-    readable = op.readable(floating, config.params, config.source)
-    total = sum(e.tensors[n].end - e.tensors[n].start for n in readable for e in experts)
-    budget_bytes = parse_budget(budget, total)
-    table, data = _candidates(op, names, readable, experts, fam, resolver, opts.allow_nonfinite)
-    chosen = choose(table, budget_bytes, opts.planner, opts.seed)
-    tensors, bound = _tensor_plans(op, names, base, len(experts), table, chosen, data, resolver)
+    sel = select(op, Resolver(op, config.params, config.expert_params), base, experts, fam, budget, opts)
     rel = Path(opts.relative_to).resolve() if opts.relative_to else None
     return Manifest(
         schema=SCHEMA,
@@ -220,9 +239,8 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
         experts=[_input(e, fam, rel) for e in experts],
         out_dtype=config.out_dtype,
         operator=OperatorSpec(op.name, dict(config.params), [dict(p) for p in config.expert_params]),
-        budget=Budget(str(budget), budget_bytes, total),
-        plan=Plan(opts.planner, opts.seed, int(table.bytes[chosen].sum()), tensors,
-                  op.certificate(bound if np.isfinite(bound) else None), opts.allow_nonfinite),
+        budget=Budget(str(budget), sel.budget, sel.total),
+        plan=Plan(opts.planner, opts.seed, sel.planned, sel.tensors, sel.certificate, opts.allow_nonfinite),
         stages=[Stage(kind, dataclasses.asdict(stages.get(kind).plan(section, base, experts, rel)))
                 for kind, section in config.stages],
     )

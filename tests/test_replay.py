@@ -34,3 +34,15 @@ def test_manifest_replays_bit_exact(path, replay_root, tmp_path):
 
 def test_there_are_manifests():
     assert len(list(MANIFESTS.glob("*.json"))) >= 4
+
+
+@pytest.mark.parametrize("path", sorted(MANIFESTS.glob("*.json")), ids=lambda p: p.stem)
+def test_committed_manifests_name_no_machine_paths(path):
+    """bytes_read is keyed by the models and files as the manifest records them (relative to the
+    family here), never by this machine's absolute paths."""
+    m = load_manifest(path)
+    refs = {m.base.ref, *(e.ref for e in m.experts)}
+    assert set(m.execution.bytes_read) <= refs and all(r.startswith("./") for r in refs)
+    recorded = {f.name for rec in [m.base, *m.experts] for f in rec.files}
+    assert all(name in recorded for files in m.execution.bytes_read.values() for name in files)
+    assert "/tmp" not in path.read_text()

@@ -1,6 +1,7 @@
 """Robustness beyond crashes: a damaged or contended catalog, NaN/Inf in weights, shard names that
 escape the model folder, and manifests the planner writes for every valid configuration."""
 
+import dataclasses
 import json
 import sqlite3
 import subprocess
@@ -15,6 +16,7 @@ from mergepipe.errors import MergepipeError
 from mergepipe.execute import execute
 from mergepipe.index import Catalog
 from mergepipe.manifest import load_manifest
+from mergepipe.verify import verify
 from mergepipe.plan import plan_merge
 from mergepipe.checkpoint import open_model
 
@@ -88,12 +90,16 @@ def test_nonfinite_weights_refused_unless_allowed(copy_family, workdir, value):
     m = _plan(fam, workdir, cat, allow_nonfinite=True)
     m.save(workdir / "m.json")
     m = load_manifest(workdir / "m.json")  # the certificate stays JSON-clean
-    with pytest.raises(MergepipeError, match=f"{shard.name}: block 0 of tensor '{name}' holds NaN or Inf"):
-        execute(m, workdir / "out")
-    assert not (workdir / "out").exists() and not list(workdir.glob(".out.*"))
-    execute(m, workdir / "out", allow_nonfinite=True)
+    assert m.plan.allow_nonfinite  # recorded: a replay, and verify's re-execution, need no flag
+    done = execute(m, workdir / "out")
     got = load_all(workdir / "out")[name].float()
     assert not torch.isfinite(got[3, 5]) and torch.isfinite(got[0]).all()
+    assert verify(done).ok
+    strict = dataclasses.replace(m, plan=dataclasses.replace(m.plan, allow_nonfinite=False))
+    with pytest.raises(MergepipeError, match=f"{shard.name}: block 0 of tensor '{name}' holds NaN or Inf"):
+        execute(strict, workdir / "strict")
+    assert not (workdir / "strict").exists() and not list(workdir.glob(".strict.*"))
+    execute(strict, workdir / "strict", allow_nonfinite=True)
 
 
 def test_nonfinite_flags_on_the_cli(copy_family, workdir):
@@ -106,8 +112,8 @@ def test_nonfinite_flags_on_the_cli(copy_family, workdir):
     r = run("plan", cfg, "-o", workdir / "m.json", "--catalog", workdir / "c")
     assert r.exit_code == 2 and r.output.startswith("error:") and "--allow-nonfinite" in r.output
     assert run("plan", cfg, "-o", workdir / "m.json", "--catalog", workdir / "c", "--allow-nonfinite").exit_code == 0
-    assert run("execute", workdir / "m.json", "-o", workdir / "out").exit_code == 2
-    assert run("execute", workdir / "m.json", "-o", workdir / "out", "--allow-nonfinite").exit_code == 0
+    assert run("execute", workdir / "m.json", "-o", workdir / "out").exit_code == 0  # the plan allowed it
+    assert run("verify", workdir / "out" / "mergepipe.manifest.json").exit_code == 0  # re-executes without a flag
 
 
 @pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"])

@@ -350,7 +350,7 @@ class _Plan:
 
 
 @dataclass(frozen=True)
-class RunOptions:
+class CalibrateOptions:
     """`calibrate`'s keyword options, beside what it calibrates: `prefixes` (expert i calibrates
     layers < prefixes[i]; None: all), the `device` layers, statistics and solves run on, the host
     bytes of activation streams held in RAM (`ram_limit`) and the folder the rest is memory-mapped
@@ -440,7 +440,7 @@ def calibrate(arch, base: Source, merged: Source, experts: Sequence[Source],
               ids: Sequence[Sequence[Sequence[int]]], params: FeatCalParams | dict | None,
               emit: Callable[[str, Tensor], None], **options: Any) -> Diagnostics:
     """Run FeatCal and `emit(name, fp32 CPU tensor)` each calibrated tensor once, right after its layer
-    is solved. `options` are the keywords of `RunOptions`: prefixes=None, ram_limit=4 << 30,
+    is solved. `options` are the keywords of `CalibrateOptions`: prefixes=None, ram_limit=4 << 30,
     tmp_dir=None, device="cpu", store_dtype=None. Expert i calibrates layers < prefixes[i] (default:
     all); a layer no expert reaches keeps θ_m and is not emitted, nor is any tensor outside the layers
     or not calibratable.
@@ -449,7 +449,7 @@ def calibrate(arch, base: Source, merged: Source, experts: Sequence[Source],
     on the host (streams past `ram_limit` bytes are memory-mapped under `tmp_dir`). With `store_dtype`
     (the output dtype, or one per tensor name) each solution is rounded to it before it is emitted and before the
     student streams pass through it, so later layers are calibrated against the weights as stored."""
-    opt = RunOptions(**options)
+    opt = CalibrateOptions(**options)
     dev = torch.device(opt.device)
     p = params if isinstance(params, FeatCalParams) else FeatCalParams.from_dict(params)
     p.check()
