@@ -33,23 +33,11 @@ from mergepipe.index import Catalog
 from mergepipe.plan import plan_merge
 from mergepipe.synth import QWEN25_05B, build_family
 
+from bench.core import mergekit_yaml
+
 EXPERTS, SHARDS, WEIGHT, DENSITY = 4, 3, 0.3, 0.2   # bench/core.py's EXPERTS, SHARDS and defaults
+
 JOBS = {"ta-100": ("ta", "100%"), "ta-20": ("ta", "20%"), "ties-100": ("ties", "100%")}
-
-
-def mergekit_yaml(base: Path, experts: list[Path], method: str) -> dict:
-    """The config bench.core.mergekit_yaml writes, copied here so that a change to bench/core.py cannot
-    silently change what is checked."""
-    params = {"weight": WEIGHT}
-    if method == "ties":
-        params["density"] = DENSITY
-    return {
-        "merge_method": {"ta": "task_arithmetic", "ties": "ties"}[method],
-        "base_model": str(base),
-        "models": [{"model": str(e), "parameters": dict(params)} for e in experts],
-        "dtype": "float32",
-        "out_dtype": "bfloat16",
-    }
 
 
 def root_hashes(cache: Path) -> dict[str, str]:
@@ -63,7 +51,7 @@ def root_hashes(cache: Path) -> dict[str, str]:
     for method in ("ta", "ties"):
         configs[method] = work / "root-hashes" / f"{method}.yml"
         configs[method].parent.mkdir(parents=True, exist_ok=True)
-        configs[method].write_text(yaml.safe_dump(mergekit_yaml(base, experts, method), sort_keys=False))
+        configs[method].write_text(yaml.safe_dump(mergekit_yaml(base, experts, method, WEIGHT, DENSITY), sort_keys=False))
 
     # A fresh catalog, so that indexing is part of what is checked (the first plan indexes the family).
     cat_path = work / "catalog.sqlite"
@@ -92,10 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--record", type=Path, help="write {job: root_hash} to this JSON file")
     mode.add_argument("--check", type=Path, help="compare with this JSON file; exit 1 on any difference")
+    ap.add_argument("--keep-negative-zero", action="store_true",
+                    help="copy unread base blocks bit for bit, as before the fix that gives mergekit's base + 0 "
+                         "(-0.0 becomes +0.0): isolates that fix from any other change of output bytes")
     args = ap.parse_args(argv)
 
     expected = json.loads(args.check.read_text()) if args.check else None   # fail early if unreadable
     print(f"mergepipe from {Path(mergepipe.__file__).parent}", flush=True)
+    if args.keep_negative_zero:
+        from mergepipe import operators
+        operators.Operator.passthrough = lambda self, block: block.base_copy()
     hashes = root_hashes(args.cache)
 
     if args.record:

@@ -8,6 +8,7 @@ on demand so a kernel can keep its operands in cache, never raw bytes and a dtyp
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,10 +69,7 @@ class TensorSources:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def n_blocks(self) -> int:
