@@ -269,14 +269,14 @@ def table(jobs: list[Job], summaries: dict[str, dict], dev_text: dict[str, str],
 
 
 def criteria(jobs: list[Job], summaries: dict[str, dict]) -> list[str]:
-    """The core issue's speed ratios, from this run's medians."""
+    """Speed ratios against mergekit, from this run's medians."""
     def find(tool, method=None, budget=None, name=None):
         for j in jobs:
             if j.tool == tool and j.method == method and j.budget == budget and (name is None or j.name.startswith(name)) \
                     and not j.error:
                 return summaries[j.slug]
         return None
-    out = ["", "Ratios the core issue asks about (this run's medians, warm / cold):", ""]
+    out = ["", "Ratios against mergekit (this run's medians, warm / cold):", ""]
     ta100, ta20 = find("mergepipe", "ta", "100%"), find("mergepipe", "ta", "20%")
     ties100 = find("mergepipe", "ties", "100%")
     pairs = [("TA 100% / mergekit TA (<= 0.25)", ta100, find("mergekit", "ta")),
