@@ -254,8 +254,8 @@ def explain(manifest: Path = typer.Argument(...), as_json: bool = JSON,
     out.print(t)
     c = m.plan.certificate
     out.print(f"certificate ({c.kind}): {'n/a' if c.bound is None else format(c.bound, '.4g')}: {c.note}")
+    from . import stages
     for st in m.stages:
-        from . import stages
         module = stages.get(st.kind)
         out.print(f"stage {st.kind}: {module.describe(module.load(st.record, st.kind, len(m.experts)))}")
 

@@ -37,7 +37,7 @@ PLANNERS = ("score", "random")
 @dataclass
 class Table:
     """Every candidate (expert, block) pair as flat columns: tensor id, block (0 for a whole tensor),
-    expert, bytes, score, certificate share."""
+    expert, bytes, score, certificate share; in (tensor, expert, block) order."""
     t: np.ndarray
     b: np.ndarray
     k: np.ndarray
@@ -93,6 +93,8 @@ def _candidates(op, names: list[str], readable: set[str], experts: list[Model], 
         data[name] = op.tensor_data(info, deltas, tp)
         for k, e in enumerate(experts):
             c = op.candidates(e.tensors[name], k, deltas[k], tp, coef[k], data[name])
+            if len(c.blocks) > 1 and not (np.diff(c.blocks) > 0).all():
+                raise MergepipeError(f"internal: {op.name}'s candidates for {name!r} are not ascending distinct blocks")
             if op.unit == "tensor":
                 nbytes = np.array([e.tensors[name].end - e.tensors[name].start])
             else:
@@ -117,7 +119,9 @@ def choose(c: Table, budget: int, planner: str, seed: int) -> np.ndarray:
         return chosen
     if planner == "score":
         density = c.score / np.maximum(c.bytes, 1)
-        order = np.lexsort((c.k, c.b, c.t, -density))  # last key is the primary one
+        k, b = int(c.k.max()) + 1, int(c.b.max()) + 1
+        ties = (c.t * b + c.b) * k + c.k  # (tensor, block, expert) as one key
+        order = np.lexsort((ties, -density))  # last key is the primary one
     else:
         order = np.random.Generator(np.random.PCG64(seed)).permutation(n)
     sizes = c.bytes[order]
@@ -156,8 +160,7 @@ def _selections(c: Table, chosen: np.ndarray, n_tensors: int, n_experts: int, wh
     """Per (tensor, expert): candidate runs and chosen runs, from one sort of the candidates (not one
     scan of all candidates per tensor and expert). `whole`: tensor id -> block count, for whole-tensor
     operators, whose candidate [0] stands for every block."""
-    order = np.lexsort((c.b, c.k, c.t))
-    group, blocks, picked = c.t[order] * n_experts + c.k[order], c.b[order], chosen[order]
+    group, blocks, picked = c.t * n_experts + c.k, c.b, chosen  # the table is in this order already
     n = n_tensors * n_experts
     if whole is not None:
         blocks = np.zeros_like(blocks)  # [0] stands for the tensor: widened below

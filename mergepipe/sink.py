@@ -194,14 +194,8 @@ def recover(path: Path, ofile: OutFile, cuts: dict[str, set[int]], records: list
             if name == "" and rec.xxh3 != xxhash.xxh3_64_hexdigest(ofile.header):
                 break  # a header from another layout
             fh, rh = res.file_hash.copy(), xxhash.xxh3_64()
-            f.seek(rec.start)
-            left = rec.end - rec.start
-            while left and (chunk := f.read(min(CHUNK, left))):
-                rh.update(chunk)
-                th.update(chunk)
-                fh.update(chunk)
-                left -= len(chunk)
-            if left or rh.hexdigest() != rec.xxh3:
+            got = _hash_range(f, rec.start, rec.end - rec.start, rh, th, fh)
+            if got != rec.end - rec.start or rh.hexdigest() != rec.xxh3:
                 break
             res.prefix, res.records, res.file_hash = rec.end, res.records + 1, fh
             res.partial = None if rec.end == end else (name, th)
@@ -356,19 +350,27 @@ class Sink:
         return self._end
 
 
+def _hash_range(f, start: int, n: int, *hashes) -> int:
+    """Feed the n bytes of file f at `start` to every hash; returns how many there were (fewer where
+    the file ends early)."""
+    f.seek(start)
+    got = 0
+    while got < n and (chunk := f.read(min(CHUNK, n - got))):
+        for h in hashes:
+            h.update(chunk)
+        got += len(chunk)
+    return got
+
+
 def hash_file(path: Path, ofile: OutFile | None = None) -> tuple[str, dict[str, str]]:
     """The hashes a Sink computes while writing, from the bytes on disk: the file's xxh3_128 and,
     given its layout, each tensor's xxh3_64. Used by verify and after a stage rewrites tensors in
     place, so that every root hash comes from one definition."""
     fh, tensors = xxhash.xxh3_128(), {}
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            fh.update(chunk)
+        _hash_range(f, 0, os.fstat(f.fileno()).st_size, fh)
         for t in ofile.tensors if ofile else ():
-            th, left = xxhash.xxh3_64(), t.nbytes
-            f.seek(t.offset)
-            while left and (chunk := f.read(min(CHUNK, left))):
-                th.update(chunk)
-                left -= len(chunk)
+            th = xxhash.xxh3_64()
+            _hash_range(f, t.offset, t.nbytes, th)
             tensors[t.name] = th.hexdigest()
     return fh.hexdigest(), tensors

@@ -18,7 +18,7 @@ import xxhash
 
 from . import blocks as B
 from . import floats
-from .checkpoint import Model, TensorInfo, check_family, nonfinite, open_model
+from .checkpoint import DTYPES, Model, TensorInfo, check_family, nonfinite, open_model
 from .errors import InputChangedError, MergepipeError
 from .operators import TensorParams
 
@@ -91,7 +91,6 @@ class F32Block:
 
     @property
     def numel(self) -> int:
-        from .checkpoint import DTYPES
         return self._raw.nbytes // DTYPES[self._dtype][1]
 
     @property
@@ -128,12 +127,11 @@ class BlockInputs:
         self.experts = [(r.tensor.model, F32Block(raw, r.tensor.dtype)) for r, raw in zip(reads[1:], raws[1:])]
         self.row_start = reads[0].block.row_start
         self.row_end = reads[0].block.row_end
-        self.first = (reads[0].block.start - reads[0].tensor.start) // max(1, self._itemsize(reads[0].tensor.dtype))
+        self.first = (reads[0].block.start - reads[0].tensor.start) // DTYPES[reads[0].tensor.dtype][1]
 
     @classmethod
     def of(cls, base: tuple[np.ndarray, str], experts: list[tuple[np.ndarray, str]], out_dtype: str) -> BlockInputs:
         """A one-block input from raw arrays (raw bytes, dtype): for calling kernels directly."""
-        from .checkpoint import DTYPES
         n = base[0].nbytes // DTYPES[base[1]][1]
 
         def stored(k: int, dtype: str) -> Exact:
@@ -143,11 +141,6 @@ class BlockInputs:
         job = TensorSources("<array>", (n,), out_dtype, reads[0].tensor, tuple(r.tensor for r in reads[1:]),
                             tuple(frozenset({0}) for _ in experts), None)
         return cls(job, 0, reads, [base[0], *(raw for raw, _ in experts)], allow_nonfinite=True)
-
-    @staticmethod
-    def _itemsize(dtype: str) -> int:
-        from .checkpoint import DTYPES
-        return DTYPES[dtype][1]
 
     @property
     def read_bytes(self) -> int:
@@ -187,9 +180,7 @@ class BlockInputs:
     def base_plus_zero(self) -> np.ndarray:
         """base + 0.0 in the output dtype: the base, with each -0.0 as +0.0."""
         out = self.base_copy()
-        if not self._reads[0].tensor.dtype.startswith(("F", "BF")):
-            return out
-        width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[self._itemsize(self.job.out_dtype)]
+        width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[DTYPES[self.job.out_dtype][1]]
         bits = out.view(width)
         neg_zero = width(1 << (8 * bits.itemsize - 1))
         hits = bits == neg_zero

@@ -39,11 +39,11 @@ def check_inputs(m: Manifest, opts: RunOptions, result: VerifyResult) -> None:
         return
     reader = Reader()
     try:
-        for o, rec in zip(opened, [m.base, *m.experts]):
+        for index, (o, rec) in enumerate(zip(opened, [m.base, *m.experts]), start=-1):
             for name, info in o.model.tensors.items():
                 if not any((f.name, name) in o.hashes for f in rec.files):
                     continue
-                stored = o.stored(0, name)
+                stored = o.stored(index, name)
                 for blk in B.blocks(info):
                     try:
                         Exact(stored, blk).check(reader.read(info.file, blk.start, blk.end), name)

@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from . import blocks as B
 from . import operators
+from .checkpoint import TensorInfo
 from .errors import MergepipeError
 from .journal import Journal
 from .manifest import Manifest, OutputFile, runs_to_set
@@ -106,8 +109,7 @@ def first_block(job: FileJob, resume: Resume, i: int) -> int:
     return 0
 
 
-def _out_info(ot):
-    from .checkpoint import TensorInfo
+def _out_info(ot) -> TensorInfo:
     return TensorInfo(ot.name, Path(), ot.dtype, ot.shape, ot.offset, ot.offset + ot.nbytes)
 
 
@@ -122,7 +124,6 @@ def run_file(job: FileJob, ctx: WorkerContext) -> FileResult:
         sink = Sink(f, job.layout.name, ctx.journal, ctx.resume)
         try:
             if not ctx.resume.prefix:
-                import numpy as np
                 sink.write(np.frombuffer(job.layout.header, np.uint8))
                 sink.checkpoint("")
             items = [(i, b, t.reads(b)) for i, t in enumerate(job.tensors)

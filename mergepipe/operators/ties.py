@@ -15,7 +15,7 @@ import torch
 
 from ..errors import MergepipeError
 from ..index import EXP_LO, FINITE_BINS
-from . import Candidates, Operator, Param, TensorParams, register
+from . import Candidates, Certificate, Operator, Param, TensorParams, register
 from .ties_stream import Trim, TiesTensor, trim_for
 
 
@@ -56,8 +56,7 @@ class Ties(Operator):
         idx = np.nonzero((delta.maxabs >= trim.lo) & (delta.l2 > 0) & (coef != 0))[0]
         return Candidates(idx, score[idx], share[idx])
 
-    def certificate(self, bound):
-        from . import Certificate
+    def certificate(self, bound) -> Certificate:
         return Certificate("none", None, "ties is not additive: trimming and sign election are non-linear, so "
                            "only the measured deviation is reported")
 
