@@ -40,18 +40,29 @@ EXPERTS, SHARDS, WEIGHT, DENSITY = 4, 3, 0.3, 0.2   # bench/core.py's EXPERTS, S
 JOBS = {"ta-100": ("ta", "100%"), "ta-20": ("ta", "20%"), "ties-100": ("ties", "100%")}
 
 
-def root_hashes(cache: Path) -> dict[str, str]:
-    work = cache / "qwen05b"                       # the layout of `bench.core --cache DIR`
+def family_for(cache: Path) -> dict[str, Path]:
+    """The 0.5B bench family under CACHE/qwen05b/family (the layout of `bench.core --cache DIR`)."""
     t0 = time.perf_counter()
-    fam = build_family(work / "family", QWEN25_05B, experts=EXPERTS, seed=0, dtype=torch.bfloat16, shards=SHARDS)
-    print(f"family at {work / 'family'}: {time.perf_counter() - t0:.1f} s", flush=True)
-    base, experts = fam["base"], [fam[f"expert{k}"] for k in range(1, EXPERTS + 1)]
+    fam = build_family(cache / "qwen05b" / "family", QWEN25_05B, experts=EXPERTS, seed=0, dtype=torch.bfloat16,
+                       shards=SHARDS)
+    print(f"family at {cache / 'qwen05b' / 'family'}: {time.perf_counter() - t0:.1f} s", flush=True)
+    return fam
 
+
+def configs_for(cache: Path, fam: dict[str, Path]) -> dict[str, Path]:
+    """bench.core's TA and TIES configs for the family."""
+    base, experts = fam["base"], [fam[f"expert{k}"] for k in range(1, EXPERTS + 1)]
     configs = {}
     for method in ("ta", "ties"):
-        configs[method] = work / "root-hashes" / f"{method}.yml"
+        configs[method] = cache / "qwen05b" / "root-hashes" / f"{method}.yml"
         configs[method].parent.mkdir(parents=True, exist_ok=True)
         configs[method].write_text(yaml.safe_dump(mergekit_yaml(base, experts, method, WEIGHT, DENSITY), sort_keys=False))
+    return configs
+
+
+def root_hashes(cache: Path) -> dict[str, str]:
+    work = cache / "qwen05b"
+    configs = configs_for(cache, family_for(cache))
 
     # A fresh catalog, so that indexing is part of what is checked (the first plan indexes the family).
     cat_path = work / "catalog.sqlite"
@@ -64,7 +75,7 @@ def root_hashes(cache: Path) -> dict[str, str]:
         out = work / "root-hashes" / f"out-{job}"
         shutil.rmtree(out, ignore_errors=True)     # left over from an interrupted run
         t0 = time.perf_counter()
-        manifest = plan_merge(load_config(configs[method]), budget, catalog)
+        manifest = plan_merge(load_config(configs[method]), budget, catalog, fill="zero")  # as before sketches
         t1 = time.perf_counter()
         done = execute(manifest, out)              # CPU is execute's default device
         hashes[job] = done.execution.root_hash

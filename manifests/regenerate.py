@@ -21,7 +21,10 @@ sys.path.insert(0, str(HERE.parent))
 from mergepipe.config import load_config  # noqa: E402
 from mergepipe.demo import demo_config  # noqa: E402
 from mergepipe.execute import execute  # noqa: E402
-from mergepipe.index import Catalog  # noqa: E402
+from mergepipe.checkpoint import open_model  # noqa: E402
+from mergepipe.index import Catalog, index_family  # noqa: E402
+from mergepipe.options import PlanOptions  # noqa: E402
+from mergepipe.sketch import SketchSpec  # noqa: E402
 from mergepipe.plan import plan_merge  # noqa: E402
 from mergepipe.synth import TINY, build_family  # noqa: E402
 
@@ -29,6 +32,7 @@ CALIB = {"data": "calib.jsonl", "parameters": {"samples": 4, "seq_len": 16, "bat
 CASES = {  # name: (method, per-model parameters, shared parameters, budget, calibrate section)
     "ta-100": ("task_arithmetic", {}, {}, "100%", None),
     "ta-20": ("task_arithmetic", {}, {}, "20%", None),
+    "ta-20-zero": ("task_arithmetic", {}, {}, "20%", None),  # unread blocks as zero deltas: the control
     "ties-100": ("ties", {"density": 0.2}, {}, "100%", None),
     "ties-50": ("ties", {"density": 0.2}, {}, "50%", None),
     "gcwm-100": ("gcwm", {}, {"inner_steps": 20}, "100%", None),
@@ -38,12 +42,16 @@ CASES = {  # name: (method, per-model parameters, shared parameters, budget, cal
 
 
 def replay_family(root: Path) -> dict[str, Path]:
-    """The seeded family, and the calibration data of the FeatCal manifest (token ids, seeded)."""
+    """The seeded family, its index with the default sketch (the budgeted manifests read the sidecars
+    under root/sketches), and the calibration data of the FeatCal manifest (token ids, seeded)."""
     rng = random.Random(7)
     lines = [json.dumps({"input_ids": [rng.randrange(TINY.vocab) for _ in range(rng.randrange(3, 20))]})
              for _ in range(4)]
     (root / "calib.jsonl").write_text("\n".join(lines) + "\n")
-    return build_family(root / "family", TINY, experts=3, seed=7, shards=2)
+    paths = build_family(root / "family", TINY, experts=3, seed=7, shards=2)
+    experts = [open_model(p) for name, p in sorted(paths.items()) if name != "base"]
+    index_family(open_model(paths["base"]), experts, Catalog(root / "catalog.sqlite"), sketch=SketchSpec.make(PlanOptions.sketch))
+    return paths
 
 
 def main() -> None:
@@ -58,7 +66,8 @@ def main() -> None:
             if calibrate:
                 cfg["calibrate"] = {**calibrate, "data": str(root / calibrate["data"])}
             (root / f"{name}.yml").write_text(yaml.safe_dump(cfg))
-            m = plan_merge(load_config(root / f"{name}.yml"), budget, catalog, relative_to=root)
+            fill = "zero" if name.endswith("-zero") else "sketch"
+            m = plan_merge(load_config(root / f"{name}.yml"), budget, catalog, relative_to=root, fill=fill)
             done = execute(m, root / "out" / name, root=root)
             done.save(HERE / f"{name}.json")
             print(f"{name}: root hash {done.execution.root_hash}")

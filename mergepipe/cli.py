@@ -70,6 +70,9 @@ FLAGS = {
                                            help="Merge inputs that hold NaN or Inf (recorded in the manifest).")),
     "planner": (str, typer.Option("score", "--planner", help="score (default) or random (a control).")),
     "seed": (int, typer.Option(0, "--seed", help="Seed of the random planner.")),
+    "fill": (str, typer.Option("sketch", "--fill",
+                               help="What an unread expert block counts as: its sketch from the index, or zero.")),
+    "sketch": (str, typer.Option("q2", "--sketch", help="Sketch kind the index keeps: q2 or sign.")),
     "relative_to": (Optional[Path], typer.Option(None, "--relative-to",
                                                  help="Record model paths relative to this folder.")),
 }
@@ -103,6 +106,7 @@ def _catalog(path: Optional[Path]):
 def index(models: List[str] = typer.Argument(..., help="Expert models: HF folders, .safetensors files or hub ids."),
           base: Optional[str] = typer.Option(None, "--base", help="Base model; without it MODELs are only hashed."),
           catalog: Optional[Path] = CATALOG, allow_pickle: bool = FLAGS["allow_pickle"][1],
+          sketch: str = typer.Option("q2", "--sketch", help="Sketch kind to keep of each expert's delta (q2, sign), or none."),
           as_json: bool = JSON):
     """Hash every block and record expert delta statistics in the catalog."""
     import time
@@ -115,7 +119,8 @@ def index(models: List[str] = typer.Argument(..., help="Expert models: HF folder
     total = sum(fh.size for m in opened + ([base_m] if base_m else []) for fh in m.files)
     with progress_bar("index", total, as_json) as cb:
         if base_m is not None:
-            index_family(base_m, opened, cat, cb)
+            from .sketch import SketchSpec
+            index_family(base_m, opened, cat, cb, None if sketch == "none" else SketchSpec.make(sketch))
         else:
             for m in opened:
                 index_family(m, [], cat, cb)
@@ -124,7 +129,7 @@ def index(models: List[str] = typer.Argument(..., help="Expert models: HF folder
 
 
 @command
-@flags(PlanOptions, "planner", "seed", "relative_to", "allow_pickle", "allow_nonfinite")
+@flags(PlanOptions, "planner", "seed", "fill", "sketch", "relative_to", "allow_pickle", "allow_nonfinite")
 def plan(config: Path = typer.Argument(..., help="mergekit YAML (task_arithmetic, ties or gcwm)."),
          budget: str = typer.Option("100%", "--budget", "-b", help="Expert bytes to read: 20% or 3GiB or 500MB."),
          output: Path = typer.Option(..., "-o", "--output", help="Manifest to write."),

@@ -177,7 +177,7 @@ def pending_read_bytes(m: Manifest, out: str | Path, options: RunOptions | None 
         for i, t in enumerate(job.tensors):
             first = first_block(job, resumes[job.layout.name], i)
             for b in range(t.n_blocks):
-                n = sum(r.block.end - r.block.start for r in t.reads(b))
+                n = sum(r.end - r.start for r in t.reads(b))
                 total += n
                 pending += n if b >= first else 0
     return pending, total

@@ -28,6 +28,8 @@ from .checkpoint import FileHeader, Model, Reader, check_family
 from .errors import MergepipeError
 from .lock import exclusive
 from .paths import cache_dir
+from .sidecar import SidecarWriter, SketchIndex, SketchTensor, sketched
+from .sketch import SketchSpec
 from .tensors import raw_view, single_threaded_torch
 
 log = logging.getLogger("mergepipe")
@@ -129,6 +131,8 @@ class Catalog:
                     header_hash TEXT, hashes BLOB);
                 CREATE TABLE IF NOT EXISTS deltas (expert TEXT, base TEXT, data BLOB,
                     PRIMARY KEY (expert, base));
+                CREATE TABLE IF NOT EXISTS sketches (expert TEXT, base TEXT, kind TEXT, path TEXT, size INT,
+                    hash TEXT, data BLOB, PRIMARY KEY (expert, base, kind));
                 INSERT OR IGNORE INTO meta VALUES ('schema', '{SCHEMA}');
             """)
             schema = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
@@ -177,6 +181,30 @@ class Catalog:
             self.db.execute("INSERT OR REPLACE INTO deltas VALUES (?,?,?)", (expert, base, _pack(flat)))
 
 
+    def sketch(self, expert: str, base: str, spec: SketchSpec) -> SketchIndex | None:
+        row = self.db.execute("SELECT path, size, hash, data FROM sketches WHERE expert=? AND base=? AND kind=?",
+                              (expert, base, spec.key)).fetchone()
+        if row is None or not Path(row[0]).is_file() or Path(row[0]).stat().st_size != row[1]:
+            return None  # never built, or its file is gone: build it again
+        flat = _unpack(row[3])
+        try:
+            names = {k.rsplit("/", 1)[0] for k in flat}
+            tensors = {n: SketchTensor(int(flat[f"{n}/start"][0]), flat[f"{n}/sizes"], flat[f"{n}/hashes"].astype(np.uint64),
+                                       flat[f"{n}/residual"]) for n in names}
+        except (KeyError, TypeError):
+            return None
+        return SketchIndex(Path(row[0]), spec, row[1], row[2], tensors)
+
+    def put_sketch(self, expert: str, base: str, sk: SketchIndex) -> None:
+        flat = {}
+        for n, t in sk.tensors.items():
+            flat.update({f"{n}/start": np.array([t.start]), f"{n}/sizes": t.sizes, f"{n}/hashes": t.hashes,
+                         f"{n}/residual": t.residual})
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO sketches VALUES (?,?,?,?,?,?,?)",
+                            (expert, base, sk.spec.key, str(sk.path), sk.size, sk.hash, _pack(flat)))
+
+
 def block_hash(raw: np.ndarray) -> int:
     return xxhash.xxh3_64_intdigest(raw)
 
@@ -205,13 +233,14 @@ def delta_stats(d: torch.Tensor) -> tuple[float, float, np.ndarray, np.ndarray, 
 class FamilyIndex:
     files: dict[str, FileIndex]  # resolved path -> index
     deltas: list[dict[str, TensorDelta]]  # per expert
+    sketches: list[SketchIndex | None] | None = None  # per expert, when a sketch was asked for
 
 
 Progress = Callable[[int], None]  # bytes just processed
 
 
 def index_family(base: Model, experts: list[Model], catalog: Catalog,
-                 progress: Progress | None = None) -> FamilyIndex:
+                 progress: Progress | None = None, sketch: SketchSpec | None = None) -> FamilyIndex:
     """Hash every block of every file and compute expert delta statistics, reusing the catalog."""
     check_family(base, experts)
     files: dict[str, FileIndex] = {}
@@ -223,44 +252,73 @@ def index_family(base: Model, experts: list[Model], catalog: Catalog,
     base_files = [files.get(str(fh.path)) for fh in base.files]
     base_key = model_key(base_files) if all(base_files) else None
     deltas: dict[int, dict[str, TensorDelta]] = {}
-    todo = []  # experts whose delta statistics are missing
+    sketches: dict[int, SketchIndex] = {}
+    todo = []  # experts whose delta statistics (or sketch) are missing
     for k, e in enumerate(experts):
         efiles = [files.get(str(fh.path)) for fh in e.files]
-        stats = catalog.delta(model_key(efiles), base_key) if base_key and all(efiles) else None
-        if stats is None:
+        known = base_key and all(efiles)
+        stats = catalog.delta(model_key(efiles), base_key) if known else None
+        sk = catalog.sketch(model_key(efiles), base_key, sketch) if known and sketch else None
+        if stats is None or (sketch and sk is None):
             todo.append(k)
         else:
             deltas[k] = stats
+            if sk is not None:
+                sketches[k] = sk
     unhashed = [m for m in [base, *experts] if any(str(fh.path) not in files for fh in m.files)]
     if todo or unhashed:
-        deltas.update(_scan(base, experts, todo, unhashed, files, catalog, progress))
-    return FamilyIndex(files, [deltas[k] for k in range(len(experts))])
+        scanned, built = _scan(_Scan(base, experts, todo, unhashed, files, catalog, progress, sketch))
+        deltas.update(scanned)
+        sketches.update(built)
+    return FamilyIndex(files, [deltas[k] for k in range(len(experts))],
+                       [sketches.get(k) for k in range(len(experts))] if sketch else None)
 
 
-def _scan(base: Model, experts: list[Model], todo: list[int], unhashed: list[Model],
-          files: dict[str, FileIndex], catalog: Catalog, progress: Progress | None) -> dict[int, dict[str, TensorDelta]]:
+@dataclass
+class _Scan:
+    """What one indexing pass needs: the family, what to compute, and where results go."""
+    base: Model
+    experts: list[Model]
+    todo: list[int]  # experts whose statistics (and sketch) to compute
+    unhashed: list[Model]
+    files: dict[str, FileIndex]
+    catalog: Catalog
+    progress: Progress | None
+    sketch: SketchSpec | None
+
+
+def _jobs(scan: _Scan, need_hash: set[str]) -> list[tuple[str, int, list]]:
+    """(tensor, block, [(model, its TensorInfo)]) for every block some model must be read at:
+    model -1 is the base, k an expert, -2 a tensor only an expert has (hashed, not differenced)."""
+    jobs = []
+    for name, info in scan.base.tensors.items():
+        involved = [(-1, info)] if (scan.todo or str(info.file) in need_hash) else []
+        for k, e in enumerate(scan.experts):
+            if name in e.tensors and (k in scan.todo or str(e.tensors[name].file) in need_hash):
+                involved.append((k, e.tensors[name]))
+        if involved:
+            jobs += [(name, b, involved) for b in range(B.n_blocks(info.shape))]
+    for m in scan.unhashed:
+        for name, info in m.tensors.items():
+            if name not in scan.base.tensors:
+                jobs += [(name, b, [(-2, info)]) for b in range(B.n_blocks(info.shape))]
+    return jobs
+
+
+def _scan(scan: _Scan) -> tuple[dict[int, dict[str, TensorDelta]], dict[int, SketchIndex]]:
     """One streaming pass: each needed block of each file read once, hashed, and, for experts whose
-    statistics are missing, differenced against the base block it was read beside."""
+    statistics are missing, differenced against the base block it was read beside (and sketched)."""
+    base, experts, todo, unhashed, files = scan.base, scan.experts, scan.todo, scan.unhashed, scan.files
+    catalog, progress = scan.catalog, scan.progress
+    writers = {k: SidecarWriter(catalog.path.parent / "sketches" / f"pending-{k}.safetensors", scan.sketch,
+                                experts[k].tensors) for k in todo} if scan.sketch else {}
     reader = Reader()
     hashes: dict[str, dict[str, np.ndarray]] = {}  # path -> tensor -> block hashes
     need_hash = {str(fh.path) for m in unhashed for fh in m.files}
     stats: dict[int, dict[str, TensorDelta]] = {k: {} for k in todo}
     cpu = torch.device("cpu")
 
-    jobs = []
-    for name, info in base.tensors.items():
-        involved = [(-1, info)] if (todo or str(info.file) in need_hash) else []
-        for k, e in enumerate(experts):
-            if name in e.tensors and (k in todo or str(e.tensors[name].file) in need_hash):
-                involved.append((k, e.tensors[name]))
-        if involved:
-            for b in range(B.n_blocks(info.shape)):
-                jobs.append((name, b, involved))
-    for m in unhashed:  # tensors only an expert has still get hashed
-        for name, info in m.tensors.items():
-            if name not in base.tensors:
-                for b in range(B.n_blocks(info.shape)):
-                    jobs.append((name, b, [(-2, info)]))
+    jobs = _jobs(scan, need_hash)
 
     def load(job):
         name, b, involved = job
@@ -285,8 +343,14 @@ def _scan(base: Model, experts: list[Model], todo: list[int], unhashed: list[Mod
                     elif k in stats and base_f is not None:
                         d = raw_view(raw, info.dtype, blk.shape(info.shape), cpu).float() - base_f
                         _accumulate(stats[k], name, info.shape, b, delta_stats(d))
+                        if k in writers and sketched(info):
+                            writers[k].block(name, b, d.numpy())
                     if progress:
                         progress(len(raw))
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
     finally:
         reader.close()
 
@@ -302,10 +366,15 @@ def _scan(base: Model, experts: list[Model], todo: list[int], unhashed: list[Mod
             catalog.put_file(fi)
             files[path] = fi
     base_key = model_key([files[str(fh.path)] for fh in base.files])
+    built = {}
     for k in todo:
         key = model_key([files[str(fh.path)] for fh in experts[k].files])
         catalog.put_delta(key, base_key, stats[k])
-    return stats
+        if k in writers:  # named after its content: the expert's and the base's, and the kind
+            final = writers[k].path.with_name(f"{key[:16]}-{base_key[:16]}-{scan.sketch.key}.safetensors")
+            built[k] = writers[k].finish(final)
+            catalog.put_sketch(key, base_key, built[k])
+    return stats, built
 
 
 def _accumulate(per_tensor: dict[str, TensorDelta], name: str, shape: tuple[int, ...], b: int, s) -> None:

@@ -33,9 +33,21 @@ class InputFile:
 
 
 @dataclass
+class SketchFile:
+    """An expert's sketch sidecar: where it is, what it is, and each block's hash."""
+    path: str
+    size: int
+    hash: str  # xxh3_128 of the file
+    kind: str
+    params: dict[str, Int]
+    blocks: dict[str, str]  # tensor -> concatenated 16-hex-digit xxh3_64 of each block's sketch
+
+
+@dataclass
 class InputModel:
     ref: str
     files: list[InputFile]
+    sketch: Optional[SketchFile] = None
 
 
 @dataclass
@@ -63,6 +75,7 @@ class TensorPlan:
     params: dict[str, Any]  # the operator's shared parameters, resolved for this tensor
     expert_params: list[dict[str, Any]]  # and per expert
     data: Optional[dict[str, Any]] = None  # what the operator's kernel needs to know beforehand (TIES: trims)
+    sketched: Optional[list[list[list[int]]]] = None  # per expert: [start, end) block runs filled from its sketch
 
 
 @dataclass
@@ -73,6 +86,7 @@ class Plan:
     tensors: dict[str, TensorPlan]
     certificate: Certificate
     allow_nonfinite: bool = False  # NaN/Inf inputs were allowed at planning: execution allows them too
+    fill: str = "zero"  # what an unread expert block counts as: "zero" (no delta) or "sketch"
 
 
 @dataclass
@@ -213,9 +227,13 @@ def _check(m: Manifest) -> None:
     if len(m.operator.expert_params) != k:
         raise MergepipeError(f"manifest: operator.expert_params has {len(m.operator.expert_params)} entries for {k} experts")
     _check_params(op, m.operator.params, m.operator.expert_params, "operator")
+    if m.plan.fill not in ("zero", "sketch"):
+        raise MergepipeError(f"manifest: plan.fill {m.plan.fill!r} is not 'zero' or 'sketch'")
     for name, tp in m.plan.tensors.items():
-        for field_name in ("selected", "candidates"):
+        for field_name in ("selected", "candidates", "sketched"):
             runs_per_expert = getattr(tp, field_name)
+            if runs_per_expert is None:
+                continue
             if len(runs_per_expert) != k:
                 raise MergepipeError(f"manifest: plan.tensors.{name}.{field_name} must have one entry per expert ({k})")
             for e, runs in enumerate(runs_per_expert):
@@ -225,6 +243,7 @@ def _check(m: Manifest) -> None:
                         raise MergepipeError(f"manifest: plan.tensors.{name}.{field_name}[{e}] has run {run} "
                                              f"outside the tensor's {tp.blocks} blocks or out of order")
                     end = run[1]
+        _check_sketched(m, name, tp)
         if len(tp.expert_params) != k:
             raise MergepipeError(f"manifest: plan.tensors.{name}.expert_params must have one entry per expert ({k})")
         _check_params(op, tp.params, tp.expert_params, f"plan.tensors.{name}")
@@ -239,6 +258,20 @@ def _check(m: Manifest) -> None:
             for tensor, hx in f.blocks.items():
                 if len(hx) % 16 or not all(c in "0123456789abcdef" for c in hx):
                     raise MergepipeError(f"manifest: block hashes of {tensor!r} in {f.name} must be 16 hex digits each")
+
+
+def _check_sketched(m: Manifest, name: str, tp: TensorPlan) -> None:
+    """Sketch-filled blocks: not also read exactly, and backed by a recorded sketch."""
+    for k, runs in enumerate(tp.sketched or ()):
+        if not runs:
+            continue
+        sk = m.experts[k].sketch
+        if m.plan.fill != "sketch" or sk is None or name not in sk.blocks:
+            raise MergepipeError(f"manifest: plan.tensors.{name}.sketched[{k}] names blocks, but experts[{k}] "
+                                 "records no sketch of that tensor (or plan.fill is not 'sketch')")
+        if len(sk.blocks[name]) != 16 * tp.blocks or runs_to_set(runs) & runs_to_set(tp.selected[k]):
+            raise MergepipeError(f"manifest: plan.tensors.{name}.sketched[{k}] overlaps its selected blocks "
+                                 f"or its sketch has not {tp.blocks} block hashes")
 
 
 def _check_params(op, shared: dict, per_expert: list[dict], where: str) -> None:

@@ -30,3 +30,5 @@ class PlanOptions:
     allow_nonfinite: bool = False  # merge inputs that hold NaN or Inf (recorded in the plan)
     progress: Callable[[int], None] | None = None  # bytes indexed
     source: str = "<config>"  # where the config came from, for error messages
+    fill: str = "sketch"  # what an unread expert block counts as: its sketch from the index, or "zero"
+    sketch: str = "q2"  # the sketch kind (mergepipe.sketch.KINDS), at its default parameters

@@ -27,11 +27,14 @@ from .config import MergeConfig
 from .errors import MergepipeError
 from .index import Catalog, FamilyIndex, TensorDelta, index_family
 from .options import PlanOptions
-from .manifest import SCHEMA, Budget, InputFile, InputModel, Manifest, OperatorSpec, Plan, Stage, TensorPlan
+from .manifest import (SCHEMA, Budget, InputFile, InputModel, Manifest, OperatorSpec, Plan, SketchFile, Stage,
+                       TensorPlan)
 from .params import Resolver
 from .paths import recorded_path
+from .sketch import SketchSpec
 
 PLANNERS = ("score", "random")
+FILLS = ("sketch", "zero")
 
 
 @dataclass
@@ -44,15 +47,27 @@ class Table:
     bytes: np.ndarray
     score: np.ndarray
     share: np.ndarray
+    sketch_bytes: np.ndarray  # 0: no sketch of this block
+    sketch_share: np.ndarray  # |c_k| * ||Delta_kb - S_kb||_F: the certificate share when sketch-filled
 
     @staticmethod
     def concat(parts: dict[str, list]) -> Table:
-        kinds = {"t": np.int64, "b": np.int64, "k": np.int64, "bytes": np.int64, "score": np.float64, "share": np.float64}
+        kinds = {"t": np.int64, "b": np.int64, "k": np.int64, "bytes": np.int64, "score": np.float64,
+                 "share": np.float64, "sketch_bytes": np.int64, "sketch_share": np.float64}
         return Table(**{c: np.concatenate(v).astype(kinds[c]) if v else np.zeros(0, kinds[c]) for c, v in parts.items()})
 
 
 def _hex(hashes: np.ndarray) -> str:
     return hashes.astype(">u8").tobytes().hex()
+
+
+def _sketch_file(sk, tensors: dict[str, TensorPlan], k: int, relative_to: Path | None) -> SketchFile | None:
+    """The expert's sidecar as the manifest records it, if the plan fills any block from it."""
+    used = sorted(n for n, tp in tensors.items() if tp.sketched and tp.sketched[k])
+    if sk is None or not used:
+        return None
+    return SketchFile(recorded_path(str(sk.path), relative_to), sk.size, sk.hash, sk.spec.kind, dict(sk.spec.params),
+                      {n: _hex(sk.tensors[n].hashes) for n in used})
 
 
 def _input(model: Model, fam: FamilyIndex, relative_to: Path | None) -> InputModel:
@@ -81,7 +96,7 @@ def _finite(td: TensorDelta, expert: Model, name: str, allow: bool) -> TensorDel
 def _candidates(op, names: list[str], readable: set[str], experts: list[Model], fam: FamilyIndex,
                 resolver: Resolver, allow_nonfinite: bool) -> tuple[Table, dict[str, dict | None]]:
     """The operator's candidates for every readable tensor, and its per-tensor plan data."""
-    cols: dict[str, list] = {c: [] for c in ("t", "b", "k", "bytes", "score", "share")}
+    cols: dict[str, list] = {c: [] for c in Table.__dataclass_fields__}
     data: dict[str, dict | None] = {}
     for ti, name in enumerate(names):
         if name not in readable:
@@ -105,39 +120,76 @@ def _candidates(op, names: list[str], readable: set[str], experts: list[Model], 
             cols["bytes"].append(nbytes[c.blocks])
             cols["score"].append(c.score)
             cols["share"].append(c.share)
+            sk = fam.sketches[k].tensors.get(name) if fam.sketches and fam.sketches[k] else None
+            if sk is None or op.unit == "tensor":
+                cols["sketch_bytes"].append(np.zeros(len(c.blocks), np.int64))
+                cols["sketch_share"].append(c.share)
+            else:
+                cols["sketch_bytes"].append(sk.sizes[c.blocks])
+                cols["sketch_share"].append(np.minimum(c.share, abs(coef[k]) * sk.residual[c.blocks]))
     return Table.concat(cols), data
 
 
-def choose(c: Table, budget: int, planner: str, seed: int) -> np.ndarray:
-    """Which candidates to read: greedily by score per byte (or in a seeded random order), each one
-    that still fits. Vectorised: the longest prefix that fits is taken at once, then only candidates
-    small enough for what is left are looked at."""
-    n = len(c.t)
-    chosen = np.zeros(n, dtype=bool)
-    if c.bytes.sum() <= budget:
-        chosen[:] = True
-        return chosen
-    if planner == "score":
-        density = c.score / np.maximum(c.bytes, 1)
-        k, b = int(c.k.max()) + 1, int(c.b.max()) + 1
-        ties = (c.t * b + c.b) * k + c.k  # (tensor, block, expert) as one key
-        order = np.lexsort((ties, -density))  # last key is the primary one
-    else:
-        order = np.random.Generator(np.random.PCG64(seed)).permutation(n)
-    sizes = c.bytes[order]
+OMIT, SKETCH, EXACT = 0, 1, 2
+
+
+def _greedy(cost: np.ndarray, order: np.ndarray, budget: int, needs: np.ndarray | None = None) -> np.ndarray:
+    """Steps taken when walking `order` and taking each that still fits (and whose prerequisite
+    step `needs[i]`, if >= 0, is taken). Vectorised: the longest prefix that fits is taken at once,
+    then only steps small enough for what is left are looked at."""
+    taken = np.zeros(len(cost), dtype=bool)
+    sizes = cost[order]
     fits = int(np.searchsorted(np.cumsum(sizes), budget, side="right"))
-    chosen[order[:fits]] = True
+    taken[order[:fits]] = True  # a prerequisite always comes first in `order`
     left = budget - int(sizes[:fits].sum())
-    rest = np.arange(fits + 1, n)
+    rest = np.arange(fits + 1, len(cost))
     while len(rest):
         rest = rest[sizes[rest] <= left]
         if not len(rest):
             break
-        i = rest[0]
-        chosen[order[i]] = True
+        i, rest = rest[0], rest[1:]
+        step = order[i]
+        if needs is not None and needs[step] >= 0 and not taken[needs[step]]:
+            continue
+        taken[step] = True
         left -= int(sizes[i])
-        rest = rest[1:]
-    return chosen
+    return taken
+
+
+def choose(c: Table, budget: int, planner: str, seed: int) -> np.ndarray:
+    """Each candidate's source: OMIT, SKETCH or EXACT. Greedily by score per byte (or in a seeded
+    random order), each step that still fits. With sketches a candidate has two steps: its sketch
+    (the score it recovers, sketch bytes) and then its exact bytes (the score the sketch misses, the
+    rest of the bytes); where the second step is denser than the first, one exact step instead."""
+    n = len(c.t)
+    state = np.full(n, OMIT, dtype=np.int8)
+    if c.bytes.sum() <= budget:
+        state[:] = EXACT
+        return state
+    kk, bb = int(c.k.max()) + 1, int(c.b.max()) + 1
+    ties = (c.t * bb + c.b) * kk + c.k  # (tensor, block, expert) as one key
+    rho = np.divide(c.sketch_share, c.share, out=np.ones(n), where=c.share > 0)  # share the sketch misses
+    two = (c.sketch_bytes > 0) & (c.sketch_bytes < c.bytes)
+    dens_a = np.divide(c.score * (1 - rho), c.sketch_bytes, out=np.zeros(n), where=two)
+    dens_b = np.divide(c.score * rho, c.bytes - c.sketch_bytes, out=np.zeros(n), where=two)
+    two &= dens_a >= dens_b
+    # steps: one per candidate (its exact bytes, or its sketch), and a second for candidates with two
+    second = np.nonzero(two)[0]
+    cand = np.concatenate([np.arange(n), second])
+    kind = np.concatenate([np.where(two, SKETCH, EXACT), np.full(len(second), EXACT)]).astype(np.int8)
+    cost = np.concatenate([np.where(two, c.sketch_bytes, c.bytes), c.bytes[second] - c.sketch_bytes[second]])
+    density = np.concatenate([np.where(two, dens_a, c.score / np.maximum(c.bytes, 1)), dens_b[second]])
+    needs = np.concatenate([np.full(n, -1), second])  # a second step needs its candidate's first
+    if planner == "score":
+        order = np.lexsort((kind, ties[cand], -density))  # last key is the primary one
+    else:
+        perm = np.random.Generator(np.random.PCG64(seed)).permutation(n)
+        rank = np.empty(n, np.int64)
+        rank[perm] = np.arange(n)
+        order = np.lexsort((kind, rank[cand]))  # a random order of candidates, each one's steps in turn
+    taken = _greedy(cost, order, budget, needs)
+    np.maximum.at(state, cand[taken], kind[taken])
+    return state
 
 
 def _grouped_runs(group: np.ndarray, blocks: np.ndarray, n_groups: int) -> list[list[list[int]]]:
@@ -156,46 +208,55 @@ def _grouped_runs(group: np.ndarray, blocks: np.ndarray, n_groups: int) -> list[
     return out
 
 
-def _selections(c: Table, chosen: np.ndarray, n_tensors: int, n_experts: int, whole: dict[int, int] | None):
-    """Per (tensor, expert): candidate runs and chosen runs, from one sort of the candidates (not one
-    scan of all candidates per tensor and expert). `whole`: tensor id -> block count, for whole-tensor
-    operators, whose candidate [0] stands for every block."""
-    group, blocks, picked = c.t * n_experts + c.k, c.b, chosen  # the table is in this order already
+def _selections(c: Table, masks: list[np.ndarray], n_tensors: int, n_experts: int, whole: dict[int, int] | None):
+    """Per (tensor, expert): its candidate runs, then its runs under each mask, from the table's own
+    (tensor, expert, block) order, not one scan of all candidates per tensor and expert. `whole`:
+    tensor id -> block count, for whole-tensor operators, whose candidate [0] stands for every block."""
+    group = c.t * n_experts + c.k
+    blocks = np.zeros_like(c.b) if whole is not None else c.b
     n = n_tensors * n_experts
-    if whole is not None:
-        blocks = np.zeros_like(blocks)  # [0] stands for the tensor: widened below
-    cand = _grouped_runs(group, blocks, n)
-    sel = _grouped_runs(group[picked], blocks[picked], n)
-    if whole is not None:
-        cand = [[[0, whole[g // n_experts]]] if r else [] for g, r in enumerate(cand)]
-        sel = [[[0, whole[g // n_experts]]] if r else [] for g, r in enumerate(sel)]
-    return ([cand[t * n_experts:(t + 1) * n_experts] for t in range(n_tensors)],
-            [sel[t * n_experts:(t + 1) * n_experts] for t in range(n_tensors)])
+    out = []
+    for mask in [np.ones(len(group), bool), *masks]:
+        runs = _grouped_runs(group[mask], blocks[mask], n)
+        if whole is not None:  # [0] stands for the tensor
+            runs = [[[0, whole[g // n_experts]]] if r else [] for g, r in enumerate(runs)]
+        out.append([runs[t * n_experts:(t + 1) * n_experts] for t in range(n_tensors)])
+    return out
 
 
-def _tensor_plans(op, names: list[str], base: Model, n_experts: int, c: Table, chosen: np.ndarray,
+def _tensor_plans(op, names: list[str], base: Model, n_experts: int, c: Table, state: np.ndarray,
                   data: dict, resolver: Resolver) -> tuple[dict[str, TensorPlan], float]:
     """Each tensor's plan entry, and the certificate's bound. Blocks have disjoint supports, so the
-    omitted parts of different blocks are orthogonal: the squared deviation is the sum over blocks of
-    ||sum_k c_k Delta_kb||^2, and inside one block the triangle inequality bounds that by
-    (sum_k |c_k| ||Delta_kb||)^2."""
-    omitted = ~chosen
+    parts of different blocks the plan does not read exactly are orthogonal: the squared deviation is
+    the sum over blocks of ||sum_k c_k E_kb||^2, with E_kb = Delta_kb where omitted and
+    Delta_kb - S_kb where sketch-filled, and inside one block the triangle inequality bounds that by
+    (sum_k |c_k| ||E_kb||)^2."""
+    share = np.select([state == OMIT, state == SKETCH], [c.share, c.sketch_share], 0.0)
     nb_max = int(c.b.max()) + 1 if len(c.b) else 1
-    per_block = np.bincount(c.t[omitted] * nb_max + c.b[omitted], weights=c.share[omitted],
-                            minlength=len(names) * nb_max)
+    per_block = np.bincount(c.t * nb_max + c.b, weights=share, minlength=len(names) * nb_max)
     tensor_sq = (per_block.reshape(len(names), nb_max) ** 2).sum(axis=1) if names else np.zeros(0)
-    planned = np.bincount(c.t[chosen], weights=c.bytes[chosen], minlength=len(names))
+    spent = np.select([state == EXACT, state == SKETCH], [c.bytes, c.sketch_bytes], 0)
+    planned = np.bincount(c.t, weights=spent, minlength=len(names))
     shapes = [base.tensors[n].shape for n in names]
     whole = {ti: B.n_blocks(s) for ti, s in enumerate(shapes)} if op.unit == "tensor" else None
-    cand, sel = _selections(c, chosen, len(names), n_experts, whole)
+    cand, sel, sketched = _selections(c, [state == EXACT, state == SKETCH], len(names), n_experts, whole)
     tensors = {}
     for ti, name in enumerate(names):
-        share = float(np.sqrt(tensor_sq[ti])) if op.additive else None
+        bound = float(np.sqrt(tensor_sq[ti])) if op.additive else None
         tp = resolver.tensor(name)
         tensors[name] = TensorPlan(B.n_blocks(shapes[ti]), B.rows_per_block(shapes[ti]), sel[ti], cand[ti],
-                                   int(planned[ti]), share if share is None or np.isfinite(share) else None,
-                                   tp.shared, list(tp.experts), data.get(name))
+                                   int(planned[ti]), bound if bound is None or np.isfinite(bound) else None,
+                                   tp.shared, list(tp.experts), data.get(name),
+                                   sketched[ti] if any(sketched[ti]) else None)
     return tensors, float(np.sqrt(tensor_sq.sum()))
+
+
+def _budget(op, base: Model, experts: list[Model], budget: str, shared: dict, source: str) -> tuple[int, int]:
+    """(expert bytes the operator may read, the budget in bytes)."""
+    floating = {n: info for n, info in base.tensors.items() if info.is_float}
+    readable = op.readable(floating, shared, source)
+    total = sum(e.tensors[n].end - e.tensors[n].start for n in readable for e in experts)
+    return total, parse_budget(budget, total)
 
 
 @dataclass
@@ -212,13 +273,12 @@ def select(op, resolver: Resolver, base: Model, experts: list[Model], fam: Famil
     """The plan proper, from the catalog's statistics alone (no file is opened)."""
     floating = {n: info for n, info in base.tensors.items() if info.is_float}
     names = list(floating)
+    total, budget_bytes = _budget(op, base, experts, budget, resolver.shared, opts.source)
     readable = op.readable(floating, resolver.shared, opts.source)
-    total = sum(e.tensors[n].end - e.tensors[n].start for n in readable for e in experts)
-    budget_bytes = parse_budget(budget, total)
     table, data = _candidates(op, names, readable, experts, fam, resolver, opts.allow_nonfinite)
-    chosen = choose(table, budget_bytes, opts.planner, opts.seed)
-    tensors, bound = _tensor_plans(op, names, base, len(experts), table, chosen, data, resolver)
-    return Selection(tensors, total, budget_bytes, int(table.bytes[chosen].sum()),
+    state = choose(table, budget_bytes, opts.planner, opts.seed)
+    tensors, bound = _tensor_plans(op, names, base, len(experts), table, state, data, resolver)
+    return Selection(tensors, total, budget_bytes, sum(tp.planned_bytes for tp in tensors.values()),
                      op.certificate(bound if np.isfinite(bound) else None))
 
 
@@ -228,22 +288,31 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
     opts = dataclasses.replace(options or PlanOptions(**flags), source=config.source)
     if opts.planner not in PLANNERS:
         raise MergepipeError(f"planner {opts.planner!r} is not known (expected one of {', '.join(PLANNERS)})")
+    if opts.fill not in FILLS:
+        raise MergepipeError(f"fill {opts.fill!r} is not known (expected one of {', '.join(FILLS)})")
     base = open_model(config.base, opts.allow_pickle)
     experts = [open_model(e, opts.allow_pickle) for e in config.experts]
-    fam = index_family(base, experts, catalog or Catalog(), opts.progress)
     op = config.operator
+    # the index sketches each expert as it reads it, also for a plan at 100%: a later budgeted plan
+    # of the family then needs no second read
+    sketch = SketchSpec.make(opts.sketch) if opts.fill == "sketch" and op.unit == "block" else None
+    fam = index_family(base, experts, catalog or Catalog(), opts.progress, sketch)
     sel = select(op, Resolver(op, config.params, config.expert_params), base, experts, fam, budget, opts)
     rel = Path(opts.relative_to).resolve() if opts.relative_to else None
+    inputs = [_input(e, fam, rel) for e in experts]
+    for k, rec in enumerate(inputs):
+        rec.sketch = _sketch_file(fam.sketches[k] if fam.sketches else None, sel.tensors, k, rel)
     return Manifest(
         schema=SCHEMA,
         tool={"name": "mergepipe", "version": __version__, "python": platform.python_version(),
               "torch": torch.__version__},
         base=_input(base, fam, rel),
-        experts=[_input(e, fam, rel) for e in experts],
+        experts=inputs,
         out_dtype=config.out_dtype,
         operator=OperatorSpec(op.name, dict(config.params), [dict(p) for p in config.expert_params]),
         budget=Budget(str(budget), sel.budget, sel.total),
-        plan=Plan(opts.planner, opts.seed, sel.planned, sel.tensors, sel.certificate, opts.allow_nonfinite),
+        plan=Plan(opts.planner, opts.seed, sel.planned, sel.tensors, sel.certificate, opts.allow_nonfinite,
+                  "sketch" if any(rec.sketch for rec in inputs) else "zero"),
         stages=[Stage(kind, dataclasses.asdict(stages.get(kind).plan(section, base, experts, rel)))
                 for kind, section in config.stages],
     )

@@ -18,9 +18,11 @@ import xxhash
 
 from . import blocks as B
 from . import floats
-from .checkpoint import DTYPES, Model, TensorInfo, check_family, nonfinite, open_model
+from .checkpoint import DTYPES, Model, TensorInfo, check_family, nonfinite, open_model, read_header
+from .sidecar import block_sizes
 from .errors import InputChangedError, MergepipeError
 from .operators import TensorParams
+from .sketch import SketchSpec
 
 LOOKAHEAD = 3  # items whose byte ranges are announced to the kernel (WILLNEED) before they are read
 
@@ -44,14 +46,97 @@ class StoredTensor:
 
 @dataclass(frozen=True)
 class Exact:
-    """Block b of one stored tensor, read byte for byte."""
+    """Block b of one stored tensor, read byte for byte. Every source has: the model it is about,
+    the file and byte range to read, the key its bytes are counted under, a hash check, and its
+    float32 view."""
     tensor: StoredTensor
     block: B.Block
+
+    @property
+    def model(self) -> int:
+        return self.tensor.model
+
+    @property
+    def file(self) -> str:
+        return self.tensor.file
+
+    @property
+    def start(self) -> int:
+        return self.block.start
+
+    @property
+    def end(self) -> int:
+        return self.block.end
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return self.tensor.model, self.tensor.recorded
 
     def check(self, raw: np.ndarray, name: str) -> None:
         if xxhash.xxh3_64_intdigest(raw) != self.tensor.hashes[self.block.index]:
             raise InputChangedError(f"{self.tensor.file}: changed since planning (block {self.block.index} of "
                                     f"tensor {name!r} does not match its recorded hash)")
+
+    def nonfinite(self, raw: np.ndarray) -> bool:
+        return nonfinite(raw, self.tensor.dtype)
+
+    def view(self, raw: np.ndarray, base: F32Block) -> F32Block:
+        return F32Block(raw, self.tensor.dtype)
+
+
+@dataclass(frozen=True)
+class StoredSketch:
+    """One expert's sketches of one tensor in its sidecar: where each block's bytes are, and their hashes."""
+    model: int
+    file: str
+    recorded: str  # the sidecar as the manifest records it
+    spec: SketchSpec
+    starts: tuple[int, ...]  # per block, absolute offset in the sidecar
+    ends: tuple[int, ...]
+    hashes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Sketched:
+    """Block b of an expert filled from its sketch: base + S_b, never the expert's own bytes."""
+    sketch: StoredSketch
+    block: B.Block  # the block in the tensor (its rows)
+    cols: int
+
+    @property
+    def model(self) -> int:
+        return self.sketch.model
+
+    @property
+    def file(self) -> str:
+        return self.sketch.file
+
+    @property
+    def start(self) -> int:
+        return self.sketch.starts[self.block.index]
+
+    @property
+    def end(self) -> int:
+        return self.sketch.ends[self.block.index]
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return self.sketch.model, self.sketch.recorded
+
+    def check(self, raw: np.ndarray, name: str) -> None:
+        if xxhash.xxh3_64_intdigest(raw) != self.sketch.hashes[self.block.index]:
+            raise InputChangedError(f"{self.sketch.file}: changed since planning (the sketch of block "
+                                    f"{self.block.index} of tensor {name!r} does not match its recorded hash)")
+
+    def nonfinite(self, raw: np.ndarray) -> bool:
+        return False  # a sketch of a finite delta is finite; a non-finite one is never sketched
+
+    def view(self, raw: np.ndarray, base: F32Block) -> F32Block:
+        rows = self.block.row_end - self.block.row_start
+        values = np.empty(base.numel, np.float32)
+        base.values(0, base.numel, values)
+        values += self.sketch.spec.decode(raw, rows, self.cols).reshape(-1)
+        return ArrayBlock(values)
 
 
 @dataclass(frozen=True)
@@ -66,6 +151,8 @@ class TensorSources:
     exact: tuple[frozenset[int], ...]  # per expert
     params: TensorParams | None  # None: not merged (a non-float tensor, copied)
     data: dict | None = None  # the operator's per-tensor plan data
+    sketched: tuple[frozenset[int], ...] = ()  # per expert: blocks filled from its sketch
+    sketches: tuple[StoredSketch | None, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -75,10 +162,15 @@ class TensorSources:
     def n_blocks(self) -> int:
         return B.n_blocks(self.shape)
 
-    def reads(self, b: int) -> list[Exact]:
-        """Block b's sources, base first, then the experts read exactly, in order."""
-        out = [Exact(self.base, B.block(self.base.info, b))]
-        out += [Exact(e, B.block(e.info, b)) for e, sel in zip(self.experts, self.exact) if b in sel]
+    def reads(self, b: int) -> list[Exact | Sketched]:
+        """Block b's sources, base first, then each expert read here (exactly or from its sketch), in
+        order; an expert omitted here has none."""
+        out: list[Exact | Sketched] = [Exact(self.base, B.block(self.base.info, b))]
+        for k, (e, sel) in enumerate(zip(self.experts, self.exact)):
+            if b in sel:
+                out.append(Exact(e, B.block(e.info, b)))
+            elif self.sketched and b in self.sketched[k]:
+                out.append(Sketched(self.sketches[k], B.block(e.info, b), self.numel // self.shape[0]))
         return out
 
 
@@ -115,6 +207,36 @@ class F32Block:
         return self._dev[lo:hi].float()
 
 
+class ArrayBlock(F32Block):
+    """A block that exists only as float32 values (a sketch-filled expert block)."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self._values = values
+        self._dev = None
+
+    @property
+    def numel(self) -> int:
+        return len(self._values)
+
+    @property
+    def numpy_ok(self) -> bool:
+        return True
+
+    @property
+    def pairable(self) -> bool:
+        return False
+
+    def values(self, lo: int, hi: int, out: np.ndarray, pairs: bool = False) -> np.ndarray:
+        out[...] = self._values[lo:hi]
+        return out
+
+    def tensor(self, dev, lo: int = 0, hi: int | None = None):
+        import torch
+        if self._dev is None:
+            self._dev = torch.from_numpy(self._values).to(dev)
+        return self._dev[lo:hi]
+
+
 class BlockInputs:
     """One block's sources as float32 views: the base and the experts read here, with the guard that
     turns a non-finite result into an error naming the input."""
@@ -124,7 +246,7 @@ class BlockInputs:
         self.job, self.b, self._reads, self._raws = job, b, reads, raws
         self._allow = allow_nonfinite
         self.base = F32Block(raws[0], reads[0].tensor.dtype)
-        self.experts = [(r.tensor.model, F32Block(raw, r.tensor.dtype)) for r, raw in zip(reads[1:], raws[1:])]
+        self.experts = [(r.model, r.view(raw, self.base)) for r, raw in zip(reads[1:], raws[1:])]
         self.row_start = reads[0].block.row_start
         self.row_end = reads[0].block.row_end
         self.first = (reads[0].block.start - reads[0].tensor.start) // DTYPES[reads[0].tensor.dtype][1]
@@ -160,8 +282,8 @@ class BlockInputs:
         if self._allow or finite:
             return
         for r, raw in zip(self._reads, self._raws):
-            if nonfinite(raw, r.tensor.dtype):
-                raise MergepipeError(f"{r.tensor.file}: block {self.b} of tensor {self.job.name!r} holds NaN or Inf "
+            if r.nonfinite(raw):
+                raise MergepipeError(f"{r.file}: block {self.b} of tensor {self.job.name!r} holds NaN or Inf "
                                      "(pass --allow-nonfinite to merge it anyway)")
         raise MergepipeError(f"tensor {self.job.name!r}: block {self.b} of the merge overflows {self.job.out_dtype} "
                              "(check the weights; pass --allow-nonfinite to write it anyway)")
@@ -205,6 +327,7 @@ class OpenedModel:
     model: Model
     ref: str  # as recorded
     hashes: dict[tuple[str, str], tuple[int, ...]]  # (recorded file name, tensor) -> block hashes
+    sketch: dict[str, StoredSketch] | None = None  # tensor -> its sketches, where the plan uses them
 
     def stored(self, index: int, tensor: str) -> StoredTensor:
         info = self.model.tensors[tensor]
@@ -240,9 +363,44 @@ def open_recorded(records, root: Path | None, allow_pickle: bool) -> list[Opened
                     raise MergepipeError(f"manifest: block hashes of tensor {tensor!r} of {fh.path} do not fit "
                                          f"the file (expected {nb} hashes of 16 hex digits)")
                 hashes[(f.name, tensor)] = values
-        opened.append(OpenedModel(model, rec.ref, hashes))
+        sketches = _open_sketch(rec.sketch, len(opened) - 1, model, root) if rec.sketch else None
+        opened.append(OpenedModel(model, rec.ref, hashes, sketches))
     check_family(opened[0].model, [o.model for o in opened[1:]])  # a hand-edited manifest can pair models that do not fit
     return opened
+
+
+def _hashes(hx: str, n: int, where: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in np.frombuffer(bytes.fromhex(hx), dtype=">u8"))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise MergepipeError(f"manifest: {where} needs {n} hashes of 16 hex digits")
+    return values
+
+
+def _open_sketch(rec, index: int, model: Model, root: Path | None) -> dict[str, StoredSketch]:
+    """An expert's sidecar as recorded: its size and layout checked (headers only; each block's
+    sketch is checked against its hash as it streams)."""
+    path = Path(resolve_ref(rec.path, root))
+    try:
+        spec = SketchSpec.make(rec.kind, **rec.params)
+    except MergepipeError as e:
+        raise MergepipeError(f"manifest: sketch of {rec.path}: {e}") from None
+    if not path.is_file() or path.stat().st_size != rec.size:
+        raise InputChangedError(f"{path}: sketch sidecar recorded in the manifest is missing or changed "
+                                f"(expected {rec.size} bytes); index the expert again with the same sketch")
+    header = read_header(path)
+    out = {}
+    for name, hx in rec.blocks.items():
+        info, t = model.tensors.get(name), header.tensors.get(name)
+        sizes = block_sizes(spec, info) if info is not None else None
+        if t is None or sizes is None or t.end - t.start != int(sizes.sum()):
+            raise InputChangedError(f"{path}: the sketch of tensor {name!r} does not fit the model")
+        ends = t.start + np.cumsum(sizes)
+        out[name] = StoredSketch(index, str(path), rec.path, spec, tuple(int(e) for e in ends - sizes),
+                                 tuple(int(e) for e in ends), _hashes(hx, len(sizes), f"sketch blocks of {name!r}"))
+    return out
 
 
 def stream(items: list, reader, depth: int = 4):
@@ -251,14 +409,14 @@ def stream(items: list, reader, depth: int = 4):
     def hint(i: int) -> None:
         if i < len(items):
             for r in items[i][-1]:
-                reader.prefetch(r.tensor.file, r.block.start, r.block.end)
+                reader.prefetch(r.file, r.start, r.end)
 
     for i in range(min(LOOKAHEAD, len(items))):
         hint(i)
 
     def load(i: int):
         hint(i + LOOKAHEAD)
-        return [reader.read(r.tensor.file, r.block.start, r.block.end) for r in items[i][-1]]
+        return [reader.read(r.file, r.start, r.end) for r in items[i][-1]]
 
     for i, raws in B.read_ahead(range(len(items)), load, depth):
         yield items[i], raws

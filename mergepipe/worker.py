@@ -79,10 +79,14 @@ def _tensor_sources(m: Manifest, info, base: OpenedModel, experts: list[OpenedMo
         return TensorSources(info.name, info.shape, info.dtype, stored, (), (), None)
     if tp.blocks != B.n_blocks(info.shape):
         raise MergepipeError(f"manifest: plan.tensors.{info.name} has {tp.blocks} blocks, the base tensor {B.n_blocks(info.shape)}")
+    sketched = tuple(frozenset(runs_to_set(r)) for r in tp.sketched) if tp.sketched else ()
+    sketches = tuple((e.sketch or {}).get(info.name) for e in experts) if sketched else ()
+    if any(sel and sk is None for sel, sk in zip(sketched, sketches)):
+        raise MergepipeError(f"manifest: plan.tensors.{info.name} fills blocks from a sketch its expert does not record")
     return TensorSources(info.name, info.shape, m.out_dtype or info.dtype, stored,
                          tuple(e.stored(k, info.name) for k, e in enumerate(experts)),
                          tuple(frozenset(runs_to_set(r)) for r in tp.selected),
-                         TensorParams(tp.params, tuple(tp.expert_params)), tp.data)
+                         TensorParams(tp.params, tuple(tp.expert_params)), tp.data, sketched, sketches)
 
 
 def kernels(job: FileJob, dev: str, scratch: Path) -> list:
@@ -144,8 +148,7 @@ def run_file(job: FileJob, ctx: WorkerContext) -> FileResult:
                     current = i
                 ks[i].take(b, result, sink)
                 for r in reads:
-                    key = (r.tensor.model, r.tensor.recorded)
-                    read[key] = read.get(key, 0) + r.block.end - r.block.start
+                    read[r.key] = read.get(r.key, 0) + r.end - r.start
                 if ctx.progress:
                     ctx.progress(sum(len(raw) for raw in raws))
             if current >= 0:

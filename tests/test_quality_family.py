@@ -83,13 +83,17 @@ def test_quality_table_end_to_end(mini, tmp_path):
     root, paths = mini
     rows = run("mini", ["ta"], [100, 20], root / "a", tmp_path / "work", tmp_path / "out", log=lambda _: None)
     names = [r["model"] for r in rows]
-    assert names == ["base", *[n for n in paths if n != "base"], "ta 100%", "ta 20%", "ta 20% (random planner)"]
-    full, part, rand = rows[-3:]
+    assert names == ["base", *[n for n in paths if n != "base"], "ta 100%", "ta 20%, sketch fill",
+                     "ta 20%, sketch fill (random planner)", "ta 20%, zero fill", "ta 20%, zero fill (random planner)"]
+    full, part, rand, zero, zero_rand = rows[-5:]
     assert full["relative_deviation"] == 0.0 and part["relative_deviation"] > 0
-    assert part["expert_bytes_read"] < full["expert_bytes_read"]
-    assert rand["expert_bytes_read"] <= full["expert_bytes_read"] * 0.2 + 1
+    assert [r["fill"] for r in (part, rand, zero, zero_rand)] == ["sketch", "sketch", "zero", "zero"]
+    assert part["sketch_bytes_read"] > 0 and zero["sketch_bytes_read"] == 0
+    for r in (part, rand, zero, zero_rand):
+        assert r["expert_bytes_read"] <= full["expert_bytes_read"] * 0.2 + 1
+    assert part["relative_deviation"] < zero["relative_deviation"]
     md = (tmp_path / "out" / "quality.md").read_text()
-    assert "ta 20% (random planner)" in md and (tmp_path / "out" / "quality.png").stat().st_size > 0
+    assert "ta 20%, zero fill (random planner)" in md and (tmp_path / "out" / "quality.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "quality.json").read_text())["rows"][0]["model"] == "base"
 
 

@@ -44,5 +44,7 @@ def test_committed_manifests_name_no_machine_paths(path):
     refs = {m.base.ref, *(e.ref for e in m.experts)}
     assert set(m.execution.bytes_read) <= refs and all(r.startswith("./") for r in refs)
     recorded = {f.name for rec in [m.base, *m.experts] for f in rec.files}
+    recorded |= {rec.sketch.path for rec in m.experts if rec.sketch}
+    assert all(rec.sketch.path.startswith("./sketches/") for rec in m.experts if rec.sketch)
     assert all(name in recorded for files in m.execution.bytes_read.values() for name in files)
     assert "/tmp" not in path.read_text()

@@ -62,7 +62,8 @@ def calibration_file(work: Path, tasks: list[str], n: int) -> Path:
     return path
 
 
-def merge(paths: dict[str, Path], op: str, budget: int, planner: str, work: Path) -> tuple[Path, dict]:
+def merge(paths: dict[str, Path], op: str, budget: int, planner: str, work: Path,
+          fill: str = "sketch", sketch: str = "q2") -> tuple[Path, dict]:
     method, per_model, shared, calib = OPS[op]
     experts = [n for n in paths if n != "base"]
     cfg = {"merge_method": method, "base_model": str(paths["base"]),
@@ -75,15 +76,20 @@ def merge(paths: dict[str, Path], op: str, budget: int, planner: str, work: Path
         work.mkdir(parents=True, exist_ok=True)
         cfg["calibrate"] = {"data": str(calibration_file(work, tasks, calib["samples"])), "tasks": tasks,
                             "parameters": calib}
-    name = f"{op}-{budget}-{planner}"
+    name = f"{op}-{budget}-{planner}-{fill}-{sketch}"
     (work / "configs").mkdir(parents=True, exist_ok=True)
     cfg_path = work / "configs" / f"{op}.yml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     manifest = work / "manifests" / f"{name}.json"
     mergepipe("plan", str(cfg_path), "--budget", f"{budget}%", "-o", str(manifest), "--planner", planner,
-              "--catalog", str(work / "catalog.sqlite"))
+              "--fill", fill, "--sketch", sketch, "--catalog", str(work / "catalog.sqlite"))
     out = work / "merged" / name
     execution = mergepipe("execute", str(manifest), "-o", str(out), "--force")
+    doc = json.loads(manifest.read_text())
+    sidecars = {e["sketch"]["path"] for e in doc["experts"] if e.get("sketch")}
+    execution["sketch_bytes_read"] = sum(n for files in execution["bytes_read"].values()
+                                         for f, n in files.items() if f in sidecars)
+    execution["fill"] = doc["plan"]["fill"]
     return out, execution
 
 
@@ -92,7 +98,7 @@ def mean(res: dict, key: str) -> float:
 
 
 def run(scale: str, ops: list[str], budgets: list[int], family: Path, work: Path, out_dir: Path,
-        log=print, keep: bool = False) -> list[dict]:
+        log=print, keep: bool = False, fills: tuple[str, ...] = ("sketch", "zero"), sketch: str = "q2") -> list[dict]:
     t0 = time.perf_counter()
     paths = build_family(family, scale)
     log(f"family ({scale}) ready in {time.perf_counter() - t0:.0f} s")
@@ -113,15 +119,19 @@ def run(scale: str, ops: list[str], budgets: list[int], family: Path, work: Path
         for budget in sorted(budgets, reverse=True):
             if OPS[op][3] and budget != 100:
                 continue  # FeatCal rows: the full merge, calibrated; their axis is samples per task
-            for planner in ("score", "random") if budget in CONTROL_BUDGETS else ("score",):
+            runs = [(p, f) for f in (fills if budget < 100 else fills[:1])
+                    for p in (("score", "random") if budget in CONTROL_BUDGETS else ("score",))]
+            for planner, fill in runs:
                 t1 = time.perf_counter()
-                out, ex = merge(paths, op, budget, planner, work)
+                out, ex = merge(paths, op, budget, planner, work, fill, sketch)
                 seconds = time.perf_counter() - t1
                 full = full or out
                 dev = compare(out, full, paths["base"])
-                rows.append({"model": f"{op} {budget}%" + (" (random planner)" if planner == "random" else ""),
-                             "op": op, "budget": budget, "planner": planner, "scores": evaluate(out, tasks),
-                             "relative_deviation": dev.relative, "expert_bytes_read": ex["expert_bytes_read"],
+                label = f"{op} {budget}%" + (f", {fill} fill" if budget < 100 else "")
+                rows.append({"model": label + (" (random planner)" if planner == "random" else ""),
+                             "op": op, "budget": budget, "planner": planner, "fill": ex["fill"], "sketch": sketch,
+                             "scores": evaluate(out, tasks), "relative_deviation": dev.relative,
+                             "expert_bytes_read": ex["expert_bytes_read"], "sketch_bytes_read": ex["sketch_bytes_read"],
                              "merge_seconds": round(seconds, 2), "peak_rss_bytes": ex["peak_rss_bytes"]})
                 log(f"merged and evaluated {rows[-1]['model']}: mean NLL {mean(rows[-1]['scores'], 'nll'):.3f}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,8 +148,10 @@ def table(rows: list[dict], tasks: list[str], scale: str, ops: list[str]) -> str
     r = SCALES[scale]
     desc = ", ".join(f"{o}: `{OPS[o][0]}` {OPS[o][1]}{' ' + str(OPS[o][2]) if OPS[o][2] else ''}"
                      f"{' + FeatCal ' + str(OPS[o][3]) if OPS[o][3] else ''}" for o in ops)
-    head = ["model"] + [f"{t} NLL / exact" for t in tasks] + ["mean NLL", "mean token acc", "mean exact",
-                                                              "rel. deviation", "expert bytes read", "merge s"]
+    head = ["model"] + [f"{t} NLL / exact" for t in tasks] + ["mean NLL", "gain kept", "mean token acc", "mean exact",
+                                                              "rel. deviation", "exact + sketch bytes read", "merge s"]
+    base_nll = mean(next(x for x in rows if x["model"] == "base")["scores"], "nll")
+    full_nll = {x["op"]: mean(x["scores"], "nll") for x in rows if x.get("budget") == 100}
     lines = [f"# Merge quality on the trained task family ({scale})", "",
              f"Qwen2 ({r.layers} layers, hidden {r.hidden}), base pretrained {r.pre_steps} steps on "
              f"{', '.join(tasks)}; one expert per task ({r.ft_steps} steps). Held-out test sets, 200 items per task. "
@@ -149,9 +161,12 @@ def table(rows: list[dict], tasks: list[str], scale: str, ops: list[str]) -> str
     for row in rows:
         s = row["scores"]
         cells = [row["model"]] + [f"{s[t]['nll']:.3f} / {s[t]['exact']:.2f}" for t in tasks]
-        cells += [f"{mean(s, 'nll'):.3f}", f"{mean(s, 'token_acc'):.3f}", f"{mean(s, 'exact'):.3f}",
+        gain = base_nll - full_nll.get(row["op"], base_nll)
+        kept = f"{(base_nll - mean(s, 'nll')) / gain:.0%}" if row["op"] in full_nll and gain > 0 else "—"
+        sk = row.get("sketch_bytes_read", 0)
+        cells += [f"{mean(s, 'nll'):.3f}", kept, f"{mean(s, 'token_acc'):.3f}", f"{mean(s, 'exact'):.3f}",
                   f"{row['relative_deviation']:.3f}" if "relative_deviation" in row else "—",
-                  f"{row['expert_bytes_read'] / 2**20:.2f} MiB" if "expert_bytes_read" in row else "—",
+                  f"{(row['expert_bytes_read'] - sk) / 2**20:.2f} + {sk / 2**20:.2f} MiB" if "expert_bytes_read" in row else "—",
                   f"{row['merge_seconds']:.1f}" if "merge_seconds" in row else "—"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -165,13 +180,15 @@ def plot(rows: list[dict], ops: list[str], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     base_nll = mean(next(r for r in rows if r["model"] == "base")["scores"], "nll")
     for op in ops:
-        for planner, style in (("score", "o-"), ("random", "x--")):
+        for (planner, fill), style in ((("score", "sketch"), "o-"), (("score", "zero"), "s:"),
+                                       (("random", "sketch"), "x--"), (("random", "zero"), "+:")):
             pts = sorted((r["budget"], mean(r["scores"], "nll"), r["relative_deviation"])
-                         for r in rows if r["op"] == op and r["planner"] == planner)
-            if pts:
+                         for r in rows if r["op"] == op and r["planner"] == planner
+                         and (r.get("fill", "zero") == fill or r["budget"] == 100))
+            if len(pts) > 1:
                 x, nll, dev = zip(*pts)
-                ax1.plot(x, nll, style, label=f"{op} ({planner} planner)")
-                ax2.plot(x, dev, style, label=f"{op} ({planner} planner)")
+                ax1.plot(x, nll, style, label=f"{op} ({planner} planner, {fill} fill)")
+                ax2.plot(x, dev, style, label=f"{op} ({planner} planner, {fill} fill)")
     ax1.axhline(base_nll, color="gray", ls=":", label="base")
     ax1.set(xlabel="I/O budget (% of expert bytes)", ylabel="mean answer NLL", title="Quality vs budget")
     ax2.set(xlabel="I/O budget (% of expert bytes)", ylabel="||M_A - M_100|| / ||M_100 - base||",
@@ -193,10 +210,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "cache" / "quality-run")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--keep", action="store_true", help="keep other operators' rows from an existing quality.json")
+    ap.add_argument("--fills", default="sketch,zero", help="fills of unread blocks to compare (the first at 100%%)")
+    ap.add_argument("--sketch", default="q2", help="sketch kind for sketch fill")
     args = ap.parse_args(argv)
     ops = args.ops.split(",")
     unknown = [o for o in ops if o not in OPS]
     if unknown:
         ap.error(f"unknown operator {unknown[0]!r} (known: {', '.join(OPS)})")
     family = args.family or REPO / "bench" / "cache" / ("quality" if args.scale == "full" else f"quality-{args.scale}")
-    run(args.scale, ops, [int(b) for b in args.budgets.split(",")], family, args.work, args.out, keep=args.keep)
+    run(args.scale, ops, [int(b) for b in args.budgets.split(",")], family, args.work, args.out, keep=args.keep,
+        fills=tuple(args.fills.split(",")), sketch=args.sketch)

@@ -1,0 +1,95 @@
+"""The sketch sidecar of one expert: a safetensors file with one U8 tensor per sketched tensor, the
+sketches of its blocks back to back, so block b's sketch is one byte range. Beside it, in the
+catalog, each block's hash and exact residual norm ||Delta_b - S_b||_F.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from . import blocks as B
+from .checkpoint import TensorInfo
+from .publish import layout
+from .sketch import SketchSpec
+
+
+def sketched(info: TensorInfo) -> bool:
+    """Tensors with a sketch: floating, at least 2-D (1-D ones are small and read exactly)."""
+    return info.is_float and len(info.shape) >= 2 and info.numel > 0
+
+
+def block_sizes(spec: SketchSpec, info: TensorInfo) -> np.ndarray:
+    cols = info.numel // info.shape[0]
+    return np.array([spec.nbytes(blk.row_end - blk.row_start, cols) for blk in B.blocks(info)], np.int64)
+
+
+@dataclass
+class SketchTensor:
+    start: int  # absolute offset of the tensor's sketches in the sidecar
+    sizes: np.ndarray  # bytes per block
+    hashes: np.ndarray  # uint64 xxh3_64 per block
+    residual: np.ndarray  # float64 ||Delta_b - S_b||_F per block
+
+    def block_range(self, b: int) -> tuple[int, int]:
+        start = self.start + int(self.sizes[:b].sum())
+        return start, start + int(self.sizes[b])
+
+
+@dataclass
+class SketchIndex:
+    path: Path
+    spec: SketchSpec
+    size: int
+    hash: str  # xxh3_128 of the whole file
+    tensors: dict[str, SketchTensor]
+
+    def bytes(self, name: str) -> np.ndarray | None:
+        t = self.tensors.get(name)
+        return None if t is None else t.sizes
+
+
+class SidecarWriter:
+    """Writes one expert's sidecar as its blocks are encoded (in any order), then publishes it."""
+
+    def __init__(self, path: Path, spec: SketchSpec, tensors: dict[str, TensorInfo]) -> None:
+        self.path, self.spec = path, spec
+        names = [n for n, info in tensors.items() if sketched(info)]
+        self.sizes = {n: block_sizes(spec, tensors[n]) for n in names}
+        self.layout = layout(path.name, [(n, "U8", (int(self.sizes[n].sum()),)) for n in names])
+        self.offsets = {t.name: t.offset for t in self.layout.tensors}
+        self.hashes = {n: np.zeros(len(s), np.uint64) for n, s in self.sizes.items()}
+        self.residual = {n: np.zeros(len(s)) for n, s in self.sizes.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self.fd, self.layout.size)
+        os.pwrite(self.fd, self.layout.header, 0)
+
+    def block(self, name: str, b: int, delta: np.ndarray) -> None:
+        """Encode block b of tensor `name` (its float32 delta, any shape with rows first)."""
+        d = delta.reshape(delta.shape[0], -1)
+        raw, approx = self.spec.encode(d)
+        off = self.offsets[name] + int(self.sizes[name][:b].sum())
+        os.pwrite(self.fd, memoryview(raw), off)
+        self.hashes[name][b] = xxhash.xxh3_64_intdigest(raw)
+        self.residual[name][b] = float(np.linalg.norm((d - approx).astype(np.float64)))
+
+    def finish(self, final: Path) -> SketchIndex:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        h = xxhash.xxh3_128()
+        with open(self.tmp, "rb") as f:
+            while chunk := f.read(16 << 20):
+                h.update(chunk)
+        os.replace(self.tmp, final)
+        tensors = {n: SketchTensor(self.offsets[n], self.sizes[n], self.hashes[n], self.residual[n]) for n in self.sizes}
+        return SketchIndex(final, self.spec, self.layout.size, h.hexdigest(), tensors)
+
+    def abort(self) -> None:
+        os.close(self.fd)
+        self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,125 @@
+"""Delta sketches: the codecs, the sidecar the index writes, and budgeted merges that fill unread
+blocks from it (within budget, certified, exact at 100%, closer to the full merge than zero fill)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import write_config
+from mergepipe import blocks as B
+from pathlib import Path
+
+from mergepipe.checkpoint import open_model, read_header
+from mergepipe.compare import compare
+from mergepipe.config import load_config
+from mergepipe.errors import InputChangedError, MergepipeError
+from mergepipe.execute import execute
+from mergepipe.index import Catalog, index_family
+from mergepipe.manifest import load_manifest
+from mergepipe.plan import plan_merge
+from mergepipe.sketch import SketchSpec
+from mergepipe.sources import resolve_ref
+
+
+@pytest.mark.parametrize("spec", [SketchSpec.make("sign"), SketchSpec.make("sign", rows=1), SketchSpec.make("q2"),
+                                  SketchSpec.make("q2", group=256), SketchSpec.make("q2n")])
+@pytest.mark.parametrize("shape", [(37, 40), (1, 7), (64, 64)])
+def test_codec_round_trip_size_and_error(spec, shape):
+    d = (np.random.default_rng(sum(shape)).standard_normal(shape) * 1e-3).astype(np.float32)
+    raw, approx = spec.encode(d)
+    assert len(raw) == spec.nbytes(*shape)
+    assert np.array_equal(spec.decode(raw, *shape), approx)
+    err = np.linalg.norm(d - approx) / np.linalg.norm(d)
+    assert err < {"sign": 0.75, "q2": 0.65, "q2n": 0.45}[spec.kind]  # Gaussian: sign 0.60, q2 0.46, q2n 0.34
+
+
+def test_sign_scale_is_the_mean_magnitude():
+    d = np.array([[1.0, -3.0], [2.0, -2.0]], np.float32)
+    _, approx = SketchSpec.make("sign", rows=2).encode(d)
+    assert np.allclose(approx, [[2, -2], [2, -2]])
+
+
+def test_specs_refuse_what_they_do_not_take():
+    with pytest.raises(MergepipeError, match="not known"):
+        SketchSpec.make("rank4")
+    with pytest.raises(MergepipeError, match="no parameter 'group'"):
+        SketchSpec.make("sign", group=8)
+    with pytest.raises(MergepipeError, match=">= 1"):
+        SketchSpec.make("q2", group=0)
+
+
+def test_index_writes_a_sidecar_whose_residuals_are_exact(family, workdir):
+    base, expert = open_model(family["base"]), open_model(family["expert1"])
+    spec = SketchSpec.make("sign")
+    fam = index_family(base, [expert], Catalog(workdir / "c.sqlite"), sketch=spec)
+    sk = fam.sketches[0]
+    expert_bytes = sum(fh.size for fh in expert.files)
+    assert sk.size < 0.1 * expert_bytes and sk.path.is_file()
+    from safetensors.numpy import load_file
+    from helpers import load_all
+    stored, b, e = load_file(str(sk.path)), load_all(family["base"]), load_all(family["expert1"])
+    name = "model.layers.0.mlp.down_proj.weight"
+    t = sk.tensors[name]
+    blk = B.block(base.tensors[name], 0)
+    delta = (e[name].float() - b[name].float()).numpy()[blk.row_start:blk.row_end]
+    approx = spec.decode(stored[name][:int(t.sizes[0])], *delta.shape)
+    assert np.isclose(np.linalg.norm(delta - approx), t.residual[0], rtol=1e-6)
+    assert t.residual[0] < fam.deltas[0][name].l2[0]
+    again = index_family(base, [expert], Catalog(workdir / "c.sqlite"), sketch=spec)  # reused, not rebuilt
+    assert again.sketches[0].hash == sk.hash
+
+
+def _plan(family, workdir, budget, method="task_arithmetic", **opts):
+    cfg = load_config(write_config(workdir / f"{method}.yml", family, method, **({"density": 0.3} if method == "ties" else {})))
+    return plan_merge(cfg, budget, Catalog(workdir / "c.sqlite"), **opts)
+
+
+def test_sketch_fill_stays_in_budget_is_certified_and_beats_zero_fill(family, workdir):
+    full = execute(_plan(family, workdir, "100%"), workdir / "full")
+    for pct in (10, 20, 50):
+        devs = {}
+        for fill in ("zero", "sketch"):
+            m = _plan(family, workdir, f"{pct}%", fill=fill)
+            assert m.plan.planned_expert_bytes <= m.budget.bytes
+            sketched = sum(len(r) for tp in m.plan.tensors.values() for r in (tp.sketched or ()))
+            assert (fill == "sketch") == (sketched > 0) == (m.plan.fill == "sketch")
+            out = workdir / f"{fill}-{pct}"
+            done = execute(m, out)
+            assert done.execution.expert_bytes_read == m.plan.planned_expert_bytes
+            devs[fill] = compare(out, workdir / "full").frobenius
+            assert devs[fill] <= m.plan.certificate.bound * (1 + 1e-4) + 1e-3  # bf16 output rounding
+        assert devs["sketch"] < devs["zero"], (pct, devs)
+    sketch_100 = execute(_plan(family, workdir, "100%", fill="sketch"), workdir / "s100")
+    assert sketch_100.execution.root_hash == full.execution.root_hash
+
+
+def test_sketch_fill_reads_sidecar_bytes_and_names_them(family, workdir):
+    m = _plan(family, workdir, "20%")
+    done = execute(m, workdir / "out")
+    sidecars = {rec.sketch.path for rec in m.experts if rec.sketch}
+    assert sidecars
+    counted = {name for files in done.execution.bytes_read.values() for name in files}
+    assert sidecars <= counted  # the sketch bytes are read, counted, and charged to the budget
+    m.save(workdir / "m.json")
+    assert [e.sketch for e in load_manifest(workdir / "m.json").experts] == [e.sketch for e in m.experts]
+
+
+def test_a_changed_sidecar_stops_the_run(family, workdir):
+    m = _plan(family, workdir, "20%")
+    rec = next(rec.sketch for rec in m.experts if rec.sketch)
+    path = resolve_ref(rec.path, None)
+    start = read_header(Path(path)).data_start
+    data = np.fromfile(path, np.uint8)
+    data[start:] ^= 0xFF  # every sketch byte changed, the size and layout kept
+    data.tofile(path)
+    with pytest.raises(InputChangedError, match="sketch of block .* does not match its recorded hash"):
+        execute(m, workdir / "out")
+    assert not (workdir / "out").exists()
+
+
+def test_ties_with_sketch_fill(family, workdir):
+    m = _plan(family, workdir, "20%", method="ties")
+    assert m.plan.fill == "sketch" and m.plan.planned_expert_bytes <= m.budget.bytes
+    done = execute(m, workdir / "out")
+    assert done.execution.expert_bytes_read == m.plan.planned_expert_bytes
