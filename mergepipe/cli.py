@@ -106,7 +106,9 @@ def _catalog(path: Optional[Path]):
 def index(models: List[str] = typer.Argument(..., help="Expert models: HF folders, .safetensors files or hub ids."),
           base: Optional[str] = typer.Option(None, "--base", help="Base model; without it MODELs are only hashed."),
           catalog: Optional[Path] = CATALOG, allow_pickle: bool = FLAGS["allow_pickle"][1],
-          sketch: str = typer.Option("q2", "--sketch", help="Sketch kind to keep of each expert's delta (q2, sign), or none."),
+          sketch: str = typer.Option("q2", "--sketch", help="Sketch kind to keep of each expert's delta (q2, q2n, sign), or none."),
+          export: bool = typer.Option(False, "--export", help="Also write each expert's index and sketch beside it, "
+                                      "so plans elsewhere need not read the expert."),
           as_json: bool = JSON):
     """Hash every block and record expert delta statistics in the catalog."""
     import time
@@ -119,12 +121,17 @@ def index(models: List[str] = typer.Argument(..., help="Expert models: HF folder
     total = sum(fh.size for m in opened + ([base_m] if base_m else []) for fh in m.files)
     with progress_bar("index", total, as_json) as cb:
         if base_m is not None:
+            from .index import export_family
             from .sketch import SketchSpec
-            index_family(base_m, opened, cat, cb, None if sketch == "none" else SketchSpec.make(sketch))
+            fam = index_family(base_m, opened, cat, cb, None if sketch == "none" else SketchSpec.make(sketch))
+            exported = [str(p) for p in export_family(base_m, opened, fam)] if export else []
+        elif export:
+            raise MergepipeError("--export needs --base: the sidecar holds the experts' deltas from it")
         else:
             for m in opened:
                 index_family(m, [], cat, cb)
-    info = {"catalog": str(cat.path), "models": len(opened) + (1 if base_m else 0), "seconds": round(time.perf_counter() - t0, 3)}
+    info = {"catalog": str(cat.path), "models": len(opened) + (1 if base_m else 0), "seconds": round(time.perf_counter() - t0, 3),
+            "exported": exported if base_m is not None else []}
     out.print_json(data=info) if as_json else out.print(f"indexed {info['models']} models into {info['catalog']} in {info['seconds']} s")
 
 

@@ -265,6 +265,8 @@ def index_family(base: Model, experts: list[Model], catalog: Catalog,
             deltas[k] = stats
             if sk is not None:
                 sketches[k] = sk
+    if sketch and todo:
+        todo = _from_exports(_Scan(base, experts, todo, [], files, catalog, progress, sketch), deltas, sketches)
     unhashed = [m for m in [base, *experts] if any(str(fh.path) not in files for fh in m.files)]
     if todo or unhashed:
         scanned, built = _scan(_Scan(base, experts, todo, unhashed, files, catalog, progress, sketch))
@@ -272,6 +274,55 @@ def index_family(base: Model, experts: list[Model], catalog: Catalog,
         sketches.update(built)
     return FamilyIndex(files, [deltas[k] for k in range(len(experts))],
                        [sketches.get(k) for k in range(len(experts))] if sketch else None)
+
+
+def export_family(base: Model, experts: list[Model], fam: FamilyIndex) -> list[Path]:
+    """Write each expert's portable sidecar beside it (see mergepipe.export); `fam` must hold sketches."""
+    from . import export
+    if not fam.sketches or not all(fam.sketches):
+        raise MergepipeError("export needs the experts' sketches: index them with a sketch kind, not --sketch none")
+    base_key = model_key([fam.files[str(fh.path)] for fh in base.files])
+    return [export.export(e, [fam.files[str(fh.path)] for fh in e.files], base_key, fam.deltas[k], fam.sketches[k])
+            for k, e in enumerate(experts)]
+
+
+def _from_exports(scan: _Scan, deltas: dict, sketches: dict) -> list[int]:
+    """Take what exported sidecars beside scan.todo's experts hold (see mergepipe.export), into the
+    catalog too; returns the experts still to read. The base is hashed first where it must be, for
+    its key."""
+    from . import export
+    base, experts, todo, files, catalog, sketch = scan.base, scan.experts, scan.todo, scan.files, scan.catalog, scan.sketch
+    if not any(export.candidates(experts[k], sketch) for k in todo):
+        return todo
+    if any(str(fh.path) not in files for fh in base.files):
+        _scan(_Scan(base, experts, [], [base], files, catalog, scan.progress, None))
+    base_key = model_key([files[str(fh.path)] for fh in base.files])
+    left = []
+    for k in todo:
+        found = export.load(experts[k], base_key, sketch)
+        if found is None:
+            left.append(k)
+            continue
+        hashes, stats, sk = found
+        efiles = []
+        for fh in experts[k].files:
+            st = fh.path.stat()
+            fi = FileIndex(str(fh.path), st.st_size, st.st_mtime_ns, fh.header_hash,
+                           {t: h.astype(np.uint64) for t, h in hashes[os.path.relpath(fh.path, experts[k].root)].items()})
+            catalog.put_file(fi)
+            files[str(fh.path)] = fi
+            efiles.append(fi)
+        deltas[k] = {t: _delta_from(d) for t, d in stats.items()}
+        sketches[k] = sk
+        catalog.put_delta(model_key(efiles), base_key, deltas[k])
+        catalog.put_sketch(model_key(efiles), base_key, sk)
+    return left
+
+
+def _delta_from(d: dict) -> TensorDelta:
+    fine = np.zeros(FINE_BINS, np.int64)
+    fine[d["fine_lo"]:d["fine_lo"] + len(d["fine"])] = d["fine"]
+    return TensorDelta(d["l2"], d["maxabs"], d["coarse_count"], d["coarse_sumsq"], fine)
 
 
 @dataclass

@@ -37,7 +37,7 @@ class SketchFile:
     """An expert's sketch sidecar: where it is, what it is, and each block's hash."""
     path: str
     size: int
-    hash: str  # xxh3_128 of the file
+    hash: str  # its identity: xxh3_128 of its size and header (each block has its own hash)
     kind: str
     params: dict[str, Int]
     blocks: dict[str, str]  # tensor -> concatenated 16-hex-digit xxh3_64 of each block's sketch

@@ -13,9 +13,16 @@ import numpy as np
 import xxhash
 
 from . import blocks as B
-from .checkpoint import TensorInfo
+from .checkpoint import TensorInfo, read_header
 from .publish import layout
 from .sketch import SketchSpec
+
+
+def identity(path: Path) -> str:
+    """A sidecar's identity as a manifest records it: its size and header (which fixes every
+    tensor's place); each block's content is checked against its own hash as it is read."""
+    header = read_header(path)
+    return xxhash.xxh3_128_hexdigest(f"{header.size}:{header.header_hash}".encode())
 
 
 def sketched(info: TensorInfo) -> bool:
@@ -45,7 +52,7 @@ class SketchIndex:
     path: Path
     spec: SketchSpec
     size: int
-    hash: str  # xxh3_128 of the whole file
+    hash: str  # its identity (see `identity`)
     tensors: dict[str, SketchTensor]
 
     def bytes(self, name: str) -> np.ndarray | None:
@@ -82,13 +89,9 @@ class SidecarWriter:
     def finish(self, final: Path) -> SketchIndex:
         os.fsync(self.fd)
         os.close(self.fd)
-        h = xxhash.xxh3_128()
-        with open(self.tmp, "rb") as f:
-            while chunk := f.read(16 << 20):
-                h.update(chunk)
         os.replace(self.tmp, final)
         tensors = {n: SketchTensor(self.offsets[n], self.sizes[n], self.hashes[n], self.residual[n]) for n in self.sizes}
-        return SketchIndex(final, self.spec, self.layout.size, h.hexdigest(), tensors)
+        return SketchIndex(final, self.spec, self.layout.size, identity(final), tensors)
 
     def abort(self) -> None:
         os.close(self.fd)

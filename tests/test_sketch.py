@@ -123,3 +123,35 @@ def test_ties_with_sketch_fill(family, workdir):
     assert m.plan.fill == "sketch" and m.plan.planned_expert_bytes <= m.budget.bytes
     done = execute(m, workdir / "out")
     assert done.execution.expert_bytes_read == m.plan.planned_expert_bytes
+
+
+def test_a_plan_from_exported_sidecars_never_reads_the_experts(family, workdir, monkeypatch):
+    """Export on one copy of the family; on another copy, with a fresh catalog, plan without reading a
+    byte of any expert file: the same plan as from a full index, and the same output."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    import mergepipe.checkpoint as C
+    from mergepipe.cli import app
+    for name in ("a", "b"):
+        shutil.copytree(family["base"].parent, workdir / name)
+    fam_a = {k: workdir / "a" / v.name for k, v in family.items()}
+    fam_b = {k: workdir / "b" / v.name for k, v in family.items()}
+    experts = [str(p) for k, p in sorted(fam_a.items()) if k != "base"]
+    r = CliRunner().invoke(app, ["index", *experts, "--base", str(fam_a["base"]), "--catalog",
+                                 str(workdir / "a.sqlite"), "--export", "--json"])
+    assert r.exit_code == 0, r.output
+    for k, p in fam_a.items():
+        for side in p.glob("mergepipe-index-*.safetensors"):
+            shutil.copy(side, fam_b[k] / side.name)  # the sidecars travel with the model
+    full = plan_merge(load_config(write_config(workdir / "a.yml", fam_a)), "20%", Catalog(workdir / "full.sqlite"))
+    reads = []
+    real = C.Reader.read
+    monkeypatch.setattr(C.Reader, "read", lambda self, path, s, e: reads.append(str(path)) or real(self, path, s, e))
+    m = plan_merge(load_config(write_config(workdir / "b.yml", fam_b)), "20%", Catalog(workdir / "fresh.sqlite"))
+    assert reads and not [p for p in reads if "/expert" in p]  # the base was hashed, no expert byte read
+    monkeypatch.undo()
+    assert m.plan.tensors == full.plan.tensors and m.plan.certificate == full.plan.certificate
+    assert all(rec.sketch.path.startswith(str(fam_b[f"expert{k + 1}"])) for k, rec in enumerate(m.experts) if rec.sketch)
+    assert execute(m, workdir / "out-b").execution.root_hash == execute(full, workdir / "out-a").execution.root_hash
