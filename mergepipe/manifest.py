@@ -254,10 +254,11 @@ def _check(m: Manifest) -> None:
     for i, st in enumerate(m.stages):
         stages.get(st.kind, f"manifest: stages[{i}]").load(st.record, f"manifest: stages[{i}].record", k)
     for rec in [m.base, *m.experts]:
-        for f in rec.files:
-            for tensor, hx in f.blocks.items():
+        recorded = [(f.name, f.blocks) for f in rec.files] + ([(rec.sketch.path, rec.sketch.blocks)] if rec.sketch else [])
+        for where, blocks in recorded:
+            for tensor, hx in blocks.items():
                 if len(hx) % 16 or not all(c in "0123456789abcdef" for c in hx):
-                    raise MergepipeError(f"manifest: block hashes of {tensor!r} in {f.name} must be 16 hex digits each")
+                    raise MergepipeError(f"manifest: block hashes of {tensor!r} in {where} must be 16 hex digits each")
 
 
 def _check_sketched(m: Manifest, name: str, tp: TensorPlan) -> None:

@@ -8,6 +8,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import xxhash
+
 from . import blocks as B
 from . import stages
 from .checkpoint import Reader
@@ -51,12 +53,25 @@ def check_inputs(m: Manifest, opts: RunOptions, result: VerifyResult) -> None:
                         result.problems.append(f"{e} (input changed)")
                         break
             result.inputs_checked += len(rec.files)
+            _check_sketches(o, reader, result)
         for st in m.stages:
             module = stages.get(st.kind)
             record = module.load(st.record, f"manifest: stage {st.kind}", len(m.experts))
             result.problems += module.input_problems(record, opened[0].model.root, opts.root_path)
     finally:
         reader.close()
+
+
+def _check_sketches(o, reader: Reader, result: VerifyResult) -> None:
+    """The sketch blocks the plan fills from, against their recorded hashes."""
+    for name, st in (o.sketch or {}).items():
+        for b, (start, end, want) in enumerate(zip(st.starts, st.ends, st.hashes)):
+            if xxhash.xxh3_64_intdigest(reader.read(st.file, start, end)) != want:
+                result.problems.append(f"{st.file}: the sketch of block {b} of tensor {name!r} does not match its "
+                                       "recorded hash (sidecar changed)")
+                break
+    if o.sketch:
+        result.inputs_checked += 1
 
 
 def check_output(m: Manifest, out: Path, result: VerifyResult) -> None:

