@@ -395,7 +395,7 @@ def _scan(scan: _Scan) -> tuple[dict[int, dict[str, TensorDelta]], dict[int, Ske
                         d = raw_view(raw, info.dtype, blk.shape(info.shape), cpu).float() - base_f
                         _accumulate(stats[k], name, info.shape, b, delta_stats(d))
                         if k in writers and sketched(info):
-                            writers[k].block(name, b, d.numpy())
+                            writers[k].block(name, b, d)
                     if progress:
                         progress(len(raw))
     except BaseException:

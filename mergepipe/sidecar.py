@@ -5,7 +5,9 @@ catalog, each block's hash and exact residual norm ||Delta_b - S_b||_F.
 
 from __future__ import annotations
 
+import collections
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +62,16 @@ class SketchIndex:
         return None if t is None else t.sizes
 
 
+POOL = 2  # encoding threads (torch single-threaded in each, as everywhere in the stream)
+_POOLS: list[ThreadPoolExecutor] = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    if not _POOLS:
+        _POOLS.append(ThreadPoolExecutor(POOL, thread_name_prefix="mergepipe-sketch"))
+    return _POOLS[0]
+
+
 class SidecarWriter:
     """Writes one expert's sidecar as its blocks are encoded (in any order), then publishes it."""
 
@@ -74,19 +86,31 @@ class SidecarWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pending: collections.deque = collections.deque()
         os.ftruncate(self.fd, self.layout.size)
         os.pwrite(self.fd, self.layout.header, 0)
 
-    def block(self, name: str, b: int, delta: np.ndarray) -> None:
-        """Encode block b of tensor `name` (its float32 delta, any shape with rows first)."""
+    def block(self, name: str, b: int, delta) -> None:
+        """Encode block b of tensor `name` (its float32 delta as a torch tensor, rows first) on the
+        pool: the indexer's own thread goes on reading and hashing meanwhile."""
+        if len(self._pending) >= 2 * POOL:
+            self._pending.popleft().result()
+        self._pending.append(_pool().submit(self._encode, name, b, delta))
+
+    def _encode(self, name: str, b: int, delta) -> None:
+        import torch
         d = delta.reshape(delta.shape[0], -1)
         raw, approx = self.spec.encode(d)
-        off = self.offsets[name] + int(self.sizes[name][:b].sum())
-        os.pwrite(self.fd, memoryview(raw), off)
+        os.pwrite(self.fd, memoryview(raw), self.offsets[name] + int(self.sizes[name][:b].sum()))
         self.hashes[name][b] = xxhash.xxh3_64_intdigest(raw)
-        self.residual[name][b] = float(np.linalg.norm((d - approx).astype(np.float64)))
+        self.residual[name][b] = float(torch.linalg.vector_norm(d - approx, dtype=torch.float64))
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
 
     def finish(self, final: Path) -> SketchIndex:
+        self._drain()
         os.fsync(self.fd)
         os.close(self.fd)
         os.replace(self.tmp, final)
@@ -94,5 +118,9 @@ class SidecarWriter:
         return SketchIndex(final, self.spec, self.layout.size, identity(final), tensors)
 
     def abort(self) -> None:
+        try:
+            self._drain()
+        except BaseException:  # noqa: BLE001 - the run already failed; its error is the one to report
+            pass
         os.close(self.fd)
         self.tmp.unlink(missing_ok=True)

@@ -2,7 +2,8 @@
 by the indexer (which reads every expert byte once anyway) and used to fill the blocks a budgeted
 plan does not read exactly. Plain functions over float32 numpy arrays.
 
-A block's sketch is one run of bytes, so the plan can read it as one range and check it against one
+Encoding runs in torch, at index time (the indexer computes with it anyway); decoding in numpy, at
+execution (which may run without torch), to the same bits. A block's sketch is one run of bytes, so the plan can read it as one range and check it against one
 hash. Kinds (the byte counts are per element of a 2-D block):
 - `sign`: one bit per entry (the sign of the delta) and one float16 scale per `rows` rows, the mean
   |delta| there (the scale that minimises ||Delta - s * sign(Delta)|| for that group). 1/8 byte.
@@ -60,8 +61,9 @@ class SketchSpec:
         groups = -(-n // self.param("group"))
         return -(-n // 4) + (4 if self.kind == "q2" else 2) * groups
 
-    def encode(self, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(sketch bytes, decoded sketch) of a 2-D float32 block."""
+    def encode(self, delta) -> tuple[np.ndarray, object]:
+        """(sketch bytes, the decoded sketch) of a 2-D float32 torch tensor; decode(bytes) gives the
+        same values, bit for bit, in numpy (execution may run without torch)."""
         if self.kind == "sign":
             return _sign_encode(delta, self.param("rows"))
         if self.kind == "q2n":
@@ -78,17 +80,31 @@ class SketchSpec:
         return _q2_decode(raw, rows, cols, self.param("group"))
 
 
-def _sign_encode(d: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+def _groups(d, size: int):
+    """A float32 torch tensor's entries as [groups, size] (padded with its last entry)."""
+    import torch
+    flat = d.reshape(-1)
+    pad = -len(flat) % size
+    if pad:
+        flat = torch.cat([flat, flat[-1:].expand(pad)])
+    return flat.view(-1, size)
+
+
+def _sign_encode(d, rows: int):
+    import torch
     r, c = d.shape
     groups = -(-r // rows)
-    padded = np.zeros((groups * rows, c), np.float32)
-    padded[:r] = np.abs(d)
-    counts = np.full(groups, rows * c, np.float64)
+    a = d.abs()
+    sums = torch.zeros(groups * rows, dtype=torch.float64)
+    sums[:r] = a.sum(dim=1, dtype=torch.float64)
+    counts = torch.full((groups,), float(rows * c), dtype=torch.float64)
     counts[-1] = (r - (groups - 1) * rows) * c
-    scale = (padded.reshape(groups, -1).sum(axis=1, dtype=np.float64) / counts).astype(np.float16)
-    bits = np.packbits(d.reshape(-1) >= 0)
-    raw = np.concatenate([bits, scale.view(np.uint8)])
-    return raw, _sign_decode(raw, r, c, rows)
+    scale = (sums.view(groups, rows).sum(dim=1) / counts).to(torch.float16)
+    pos = d >= 0
+    bits = np.packbits(pos.reshape(-1).numpy())
+    per_row = scale.float().repeat_interleave(rows)[:r].unsqueeze(1)
+    approx = torch.where(pos, per_row, -per_row)
+    return np.concatenate([bits, scale.numpy().view(np.uint8)]), approx
 
 
 def _sign_decode(raw: np.ndarray, r: int, c: int, rows: int) -> np.ndarray:
@@ -100,24 +116,21 @@ def _sign_decode(raw: np.ndarray, r: int, c: int, rows: int) -> np.ndarray:
     return (signs.reshape(r, c) * per_row[:, None]).astype(np.float32)
 
 
-def _q2_encode(d: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+def _q2_encode(d, group: int):
+    import torch
     r, c = d.shape
-    flat = d.reshape(-1)
-    n = len(flat)
-    groups = -(-n // group)
-    padded = np.zeros(groups * group, np.float32)
-    padded[:n] = flat
-    if n % group:  # the last group's padding must not widen its range
-        padded[n:] = flat[(groups - 1) * group]
-    g = padded.reshape(groups, group)
-    lo = g.min(axis=1).astype(np.float16)
-    hi = g.max(axis=1).astype(np.float16)
-    lo32, hi32 = lo.astype(np.float32), hi.astype(np.float32)
-    step = (hi32 - lo32) / 3
-    q = np.where(step[:, None] > 0, np.rint((g - lo32[:, None]) / np.where(step > 0, step, 1)[:, None]), 0)
-    q = np.clip(q, 0, 3).astype(np.uint8).reshape(-1)[:n]
-    raw = np.concatenate([_pack2(q), np.stack([lo, hi], axis=1).reshape(-1).view(np.uint8)])
-    return raw, _q2_decode(raw, r, c, group)
+    n = r * c
+    g = _groups(d, group)
+    lo, hi = torch.aminmax(g, dim=1)
+    lo16, hi16 = lo.to(torch.float16), hi.to(torch.float16)
+    lo32 = lo16.float().unsqueeze(1)
+    step = ((hi16.float() - lo16.float()) / 3).unsqueeze(1)
+    inv = torch.where(step > 0, 1 / step, torch.zeros_like(step))
+    q = (g - lo32).mul_(inv).round_().clamp_(0, 3)
+    approx = (step * q).add_(lo32).reshape(-1)[:n].view(r, c)
+    raw = np.concatenate([_pack2(q.reshape(-1)[:n].to(torch.uint8).numpy()),
+                          torch.stack([lo16, hi16], dim=1).reshape(-1).numpy().view(np.uint8)])
+    return raw, approx
 
 
 def _q2_decode(raw: np.ndarray, r: int, c: int, group: int) -> np.ndarray:
@@ -125,9 +138,9 @@ def _q2_decode(raw: np.ndarray, r: int, c: int, group: int) -> np.ndarray:
     nc = -(-n // 4)
     q = _unpack2(raw[:nc], n)
     lohi = raw[nc:].view(np.float16).astype(np.float32).reshape(-1, 2)
-    idx = np.arange(n) // group
-    lo, hi = lohi[idx, 0], lohi[idx, 1]
-    return (lo + (hi - lo) / 3 * q.astype(np.float32)).reshape(r, c).astype(np.float32)
+    lo, step = lohi[:, :1], (lohi[:, 1:] - lohi[:, :1]) / np.float32(3)
+    q = np.concatenate([q, np.zeros(-n % group, np.uint8)]).reshape(-1, group).astype(np.float32)
+    return (step * q + lo).reshape(-1)[:n].reshape(r, c)
 
 
 def _pack2(q: np.ndarray) -> np.ndarray:
@@ -139,25 +152,28 @@ def _unpack2(codes: np.ndarray, n: int) -> np.ndarray:
     return np.stack([codes & 3, (codes >> 2) & 3, (codes >> 4) & 3, codes >> 6], axis=1).reshape(-1)[:n]
 
 
-def _q2n_encode(d: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+def _q2n_encode(d, group: int):
+    import torch
     r, c = d.shape
-    flat = d.reshape(-1)
-    n = len(flat)
-    groups = -(-n // group)
-    padded = np.zeros(groups * group, np.float32)
-    padded[:n] = flat
-    counts = np.full(groups, group, np.float64)
-    counts[-1] = n - (groups - 1) * group
-    rms = np.sqrt((padded.astype(np.float64) ** 2).reshape(groups, group).sum(axis=1) / counts).astype(np.float16)
-    scale = np.repeat(rms.astype(np.float32), group)[:n]
-    q = np.searchsorted(NORMAL_CUTS, np.divide(flat, scale, out=np.zeros(n, np.float32), where=scale > 0))
-    raw = np.concatenate([_pack2(q), rms.view(np.uint8)])
-    return raw, _q2n_decode(raw, r, c, group)
+    n = r * c
+    g = _groups(d, group)
+    counts = torch.full((g.shape[0],), float(group), dtype=torch.float64)
+    counts[-1] = n - (g.shape[0] - 1) * group
+    if n % group:  # padding must not count in the RMS
+        g = g.clone()
+        g[-1, n % group:] = 0
+    rms = torch.sqrt(g.square().sum(dim=1, dtype=torch.float64) / counts).to(torch.float16)
+    scale = rms.float().unsqueeze(1)
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    q = torch.bucketize(g * inv, torch.from_numpy(NORMAL_CUTS), right=True)
+    approx = (torch.from_numpy(NORMAL_LEVELS)[q] * scale).reshape(-1)[:n].view(r, c)
+    raw = np.concatenate([_pack2(q.reshape(-1)[:n].to(torch.uint8).numpy()), rms.numpy().view(np.uint8)])
+    return raw, approx
 
 
 def _q2n_decode(raw: np.ndarray, r: int, c: int, group: int) -> np.ndarray:
     n = r * c
     nc = -(-n // 4)
-    q = _unpack2(raw[:nc], n)
-    scale = np.repeat(raw[nc:].view(np.float16).astype(np.float32), group)[:n]
-    return (NORMAL_LEVELS[q] * scale).reshape(r, c).astype(np.float32)
+    q = np.concatenate([_unpack2(raw[:nc], n), np.zeros(-n % group, np.uint8)]).reshape(-1, group)
+    scale = raw[nc:].view(np.float16).astype(np.float32)[:, None]
+    return (NORMAL_LEVELS[q] * scale).reshape(-1)[:n].reshape(r, c)

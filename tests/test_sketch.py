@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import write_config
 from mergepipe import blocks as B
@@ -27,17 +28,18 @@ from mergepipe.sources import resolve_ref
 @pytest.mark.parametrize("shape", [(37, 40), (1, 7), (64, 64)])
 def test_codec_round_trip_size_and_error(spec, shape):
     d = (np.random.default_rng(sum(shape)).standard_normal(shape) * 1e-3).astype(np.float32)
-    raw, approx = spec.encode(d)
+    raw, approx = spec.encode(torch.from_numpy(d))
+    approx = approx.numpy()
     assert len(raw) == spec.nbytes(*shape)
-    assert np.array_equal(spec.decode(raw, *shape), approx)
+    assert np.array_equal(spec.decode(raw, *shape), approx)  # the executor's numpy decode: the same bits
     err = np.linalg.norm(d - approx) / np.linalg.norm(d)
     assert err < {"sign": 0.75, "q2": 0.65, "q2n": 0.45}[spec.kind]  # Gaussian: sign 0.60, q2 0.46, q2n 0.34
 
 
 def test_sign_scale_is_the_mean_magnitude():
     d = np.array([[1.0, -3.0], [2.0, -2.0]], np.float32)
-    _, approx = SketchSpec.make("sign", rows=2).encode(d)
-    assert np.allclose(approx, [[2, -2], [2, -2]])
+    _, approx = SketchSpec.make("sign", rows=2).encode(torch.from_numpy(d))
+    assert np.allclose(approx.numpy(), [[2, -2], [2, -2]])
 
 
 def test_specs_refuse_what_they_do_not_take():
