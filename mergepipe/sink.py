@@ -293,6 +293,11 @@ class Sink:
             self._tensor = xxhash.xxh3_64()
         self._partial = None
 
+    @property
+    def position(self) -> int:
+        """Where the next write lands in the file."""
+        return self._end
+
     def write(self, data: np.ndarray, hashed: bool = True) -> None:
         self._check()
         self._q.put(("data", (data, hashed), self._tensor, self._record))

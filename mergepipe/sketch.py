@@ -94,9 +94,8 @@ def _sign_encode(d, rows: int):
     import torch
     r, c = d.shape
     groups = -(-r // rows)
-    a = d.abs()
     sums = torch.zeros(groups * rows, dtype=torch.float64)
-    sums[:r] = a.sum(dim=1, dtype=torch.float64)
+    sums[:r] = d.abs().sum(dim=1)  # float32 per row is plenty: the scale is stored in float16
     counts = torch.full((groups,), float(rows * c), dtype=torch.float64)
     counts[-1] = (r - (groups - 1) * rows) * c
     scale = (sums.view(groups, rows).sum(dim=1) / counts).to(torch.float16)
@@ -121,7 +120,7 @@ def _q2_encode(d, group: int):
     r, c = d.shape
     n = r * c
     g = _groups(d, group)
-    lo, hi = torch.aminmax(g, dim=1)
+    lo, hi = g.amin(dim=1), g.amax(dim=1)  # two passes beat aminmax's one over short rows
     lo16, hi16 = lo.to(torch.float16), hi.to(torch.float16)
     lo32 = lo16.float().unsqueeze(1)
     step = ((hi16.float() - lo16.float()) / 3).unsqueeze(1)

@@ -163,8 +163,8 @@ def run_file(job: FileJob, ctx: WorkerContext) -> FileResult:
 
 def _finish(kernel, ot, sink: Sink, slow: float) -> None:
     kernel.finish(sink)
-    if sink._end != ot.offset + ot.nbytes:
-        raise RuntimeError(f"internal: {ot.name} ends at {sink._end}, expected {ot.offset + ot.nbytes}")
+    if sink.position != ot.offset + ot.nbytes:
+        raise RuntimeError(f"internal: {ot.name} ends at {sink.position}, expected {ot.offset + ot.nbytes}")
     if slow:
         sink.flush()
         time.sleep(slow)
