@@ -251,14 +251,6 @@ def _tensor_plans(op, names: list[str], base: Model, n_experts: int, c: Table, s
     return tensors, float(np.sqrt(tensor_sq.sum()))
 
 
-def _budget(op, base: Model, experts: list[Model], budget: str, shared: dict, source: str) -> tuple[int, int]:
-    """(expert bytes the operator may read, the budget in bytes)."""
-    floating = {n: info for n, info in base.tensors.items() if info.is_float}
-    readable = op.readable(floating, shared, source)
-    total = sum(e.tensors[n].end - e.tensors[n].start for n in readable for e in experts)
-    return total, parse_budget(budget, total)
-
-
 @dataclass
 class Selection:
     tensors: dict[str, TensorPlan]
@@ -273,8 +265,9 @@ def select(op, resolver: Resolver, base: Model, experts: list[Model], fam: Famil
     """The plan proper, from the catalog's statistics alone (no file is opened)."""
     floating = {n: info for n, info in base.tensors.items() if info.is_float}
     names = list(floating)
-    total, budget_bytes = _budget(op, base, experts, budget, resolver.shared, opts.source)
     readable = op.readable(floating, resolver.shared, opts.source)
+    total = sum(e.tensors[n].end - e.tensors[n].start for n in readable for e in experts)
+    budget_bytes = parse_budget(budget, total)
     table, data = _candidates(op, names, readable, experts, fam, resolver, opts.allow_nonfinite)
     state = choose(table, budget_bytes, opts.planner, opts.seed)
     tensors, bound = _tensor_plans(op, names, base, len(experts), table, state, data, resolver)

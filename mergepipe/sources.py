@@ -355,11 +355,8 @@ def open_recorded(records, root: Path | None, allow_pickle: bool) -> list[Opened
             for tensor, hx in f.blocks.items():
                 info = fh.tensors.get(tensor)
                 nb = B.n_blocks(info.shape) if info is not None else 0
-                try:
-                    values = tuple(int(v) for v in np.frombuffer(bytes.fromhex(hx), dtype=">u8"))
-                except ValueError:
-                    values = None
-                if info is None or values is None or len(values) != nb:
+                values = _hashes(hx, nb)
+                if info is None or values is None:
                     raise MergepipeError(f"manifest: block hashes of tensor {tensor!r} of {fh.path} do not fit "
                                          f"the file (expected {nb} hashes of 16 hex digits)")
                 hashes[(f.name, tensor)] = values
@@ -369,14 +366,13 @@ def open_recorded(records, root: Path | None, allow_pickle: bool) -> list[Opened
     return opened
 
 
-def _hashes(hx: str, n: int, where: str) -> tuple[int, ...]:
+def _hashes(hx: str, n: int) -> tuple[int, ...] | None:
+    """n block hashes from their concatenated 16-hex-digit form; None if it is not that."""
     try:
         values = tuple(int(v) for v in np.frombuffer(bytes.fromhex(hx), dtype=">u8"))
     except ValueError:
-        values = ()
-    if len(values) != n:
-        raise MergepipeError(f"manifest: {where} needs {n} hashes of 16 hex digits")
-    return values
+        return None
+    return values if len(values) == n else None
 
 
 def _open_sketch(rec, index: int, model: Model, root: Path | None) -> dict[str, StoredSketch]:
@@ -398,8 +394,11 @@ def _open_sketch(rec, index: int, model: Model, root: Path | None) -> dict[str, 
         if t is None or sizes is None or t.end - t.start != int(sizes.sum()):
             raise InputChangedError(f"{path}: the sketch of tensor {name!r} does not fit the model")
         ends = t.start + np.cumsum(sizes)
+        hashes = _hashes(hx, len(sizes))
+        if hashes is None:
+            raise MergepipeError(f"manifest: sketch blocks of {name!r} need {len(sizes)} hashes of 16 hex digits")
         out[name] = StoredSketch(index, str(path), rec.path, spec, tuple(int(e) for e in ends - sizes),
-                                 tuple(int(e) for e in ends), _hashes(hx, len(sizes), f"sketch blocks of {name!r}"))
+                                 tuple(int(e) for e in ends), hashes)
     return out
 
 
