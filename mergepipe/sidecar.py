@@ -103,7 +103,7 @@ class SidecarWriter:
         raw, approx = self.spec.encode(d)
         os.pwrite(self.fd, memoryview(raw), self.offsets[name] + int(self.sizes[name][:b].sum()))
         self.hashes[name][b] = xxhash.xxh3_64_intdigest(raw)
-        self.residual[name][b] = float(torch.linalg.vector_norm(d - approx, dtype=torch.float64))
+        self.residual[name][b] = float(torch.linalg.vector_norm(torch.sub(d, approx, out=approx), dtype=torch.float64))
 
     def _drain(self) -> None:
         while self._pending:

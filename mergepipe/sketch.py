@@ -27,6 +27,11 @@ KINDS = {"sign": {"rows": 16}, "q2": {"group": 64}, "q2n": {"group": 64}}
 # 2-bit code of normally distributed entries, in units of their group's RMS
 NORMAL_LEVELS = np.array([-1.5104, -0.4528, 0.4528, 1.5104], np.float32)
 NORMAL_CUTS = np.array([-0.9816, 0.0, 0.9816], np.float32)
+# decoding tables, one row per byte: its four 2-bit codes (low bits first) as values, and its eight
+# sign bits (high bit first, as np.packbits writes them) as +-1
+CODES = np.array([[(v >> (2 * i)) & 3 for i in range(4)] for v in range(256)], np.float32)
+NORMAL_CODES = NORMAL_LEVELS[CODES.astype(np.int64)]
+SIGNS = np.array([[1.0 if v >> (7 - i) & 1 else -1.0 for i in range(8)] for v in range(256)], np.float32)
 
 
 @dataclass(frozen=True)
@@ -109,46 +114,69 @@ def _sign_encode(d, rows: int):
 def _sign_decode(raw: np.ndarray, r: int, c: int, rows: int) -> np.ndarray:
     n = r * c
     nb = -(-n // 8)
-    signs = np.unpackbits(raw[:nb], count=n).astype(np.float32) * 2 - 1
+    signs = np.empty(nb * 8, np.float32)
+    np.take(SIGNS, raw[:nb], axis=0, out=signs.reshape(nb, 8))
     scale = raw[nb:].view(np.float16).astype(np.float32)
     per_row = np.repeat(scale, rows)[:r]
-    return (signs.reshape(r, c) * per_row[:, None]).astype(np.float32)
+    out = signs[:n].reshape(r, c)
+    np.multiply(out, per_row[:, None], out=out)
+    return out
 
 
 def _q2_encode(d, group: int):
-    import torch
     r, c = d.shape
     n = r * c
     g = _groups(d, group)
-    lo, hi = g.amin(dim=1), g.amax(dim=1)  # two passes beat aminmax's one over short rows
-    lo16, hi16 = lo.to(torch.float16), hi.to(torch.float16)
-    lo32 = lo16.float().unsqueeze(1)
-    step = ((hi16.float() - lo16.float()) / 3).unsqueeze(1)
-    inv = torch.where(step > 0, 1 / step, torch.zeros_like(step))
-    q = (g - lo32).mul_(inv).round_().clamp_(0, 3)
-    approx = (step * q).add_(lo32).reshape(-1)[:n].view(r, c)
-    raw = np.concatenate([_pack2(q.reshape(-1)[:n].to(torch.uint8).numpy()),
-                          torch.stack([lo16, hi16], dim=1).reshape(-1).numpy().view(np.uint8)])
-    return raw, approx
+    # torch reduces short rows far faster than numpy; the rest is numpy, whose calls cost less than
+    # torch's on arrays this small
+    lo16 = g.amin(dim=1).numpy().astype(np.float16)
+    hi16 = g.amax(dim=1).numpy().astype(np.float16)
+    lo = lo16.astype(np.float32)[:, None]
+    step = (hi16.astype(np.float32)[:, None] - lo) / np.float32(3)
+    inv = np.divide(np.float32(1), step, out=np.zeros_like(step), where=step > 0)
+    q = np.subtract(g.numpy(), lo)
+    np.multiply(q, inv, out=q)
+    np.rint(q, out=q)
+    np.clip(q, 0, 3, out=q)
+    codes = q.reshape(-1)[:n].astype(np.uint8)
+    np.multiply(q, step, out=q)  # the decoded sketch, as _q2_decode computes it
+    np.add(q, lo, out=q)
+    raw = np.concatenate([_pack2(codes), np.stack([lo16, hi16], axis=1).reshape(-1).view(np.uint8)])
+    return raw, _torch(q.reshape(-1)[:n].reshape(r, c))
+
+
+def _torch(a: np.ndarray):
+    import torch
+    return torch.from_numpy(a)
 
 
 def _q2_decode(raw: np.ndarray, r: int, c: int, group: int) -> np.ndarray:
     n = r * c
-    nc = -(-n // 4)
-    q = _unpack2(raw[:nc], n)
-    lohi = raw[nc:].view(np.float16).astype(np.float32).reshape(-1, 2)
+    q = _codes(raw, n, group, CODES)
+    lohi = raw[-(-n // 4):].view(np.float16).astype(np.float32).reshape(-1, 2)
     lo, step = lohi[:, :1], (lohi[:, 1:] - lohi[:, :1]) / np.float32(3)
-    q = np.concatenate([q, np.zeros(-n % group, np.uint8)]).reshape(-1, group).astype(np.float32)
-    return (step * q + lo).reshape(-1)[:n].reshape(r, c)
+    np.multiply(q, step, out=q)
+    np.add(q, lo, out=q)
+    return q.reshape(-1)[:n].reshape(r, c)
+
+
+def _codes(raw: np.ndarray, n: int, group: int, table: np.ndarray) -> np.ndarray:
+    """The 2-bit codes of n entries as table values, [groups, group] (the padding is zero): one
+    table lookup per byte instead of a shift, a mask and a conversion per entry."""
+    nc = -(-n // 4)
+    groups = -(-n // group)
+    out = np.zeros(groups * group, np.float32)
+    np.take(table, raw[:nc], axis=0, out=out[:nc * 4].reshape(nc, 4))
+    out[n:] = 0
+    return out.reshape(groups, group)
 
 
 def _pack2(q: np.ndarray) -> np.ndarray:
-    q = np.concatenate([q.astype(np.uint8), np.zeros(-len(q) % 4, np.uint8)]).reshape(-1, 4)
-    return (q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6)).astype(np.uint8)
-
-
-def _unpack2(codes: np.ndarray, n: int) -> np.ndarray:
-    return np.stack([codes & 3, (codes >> 2) & 3, (codes >> 4) & 3, codes >> 6], axis=1).reshape(-1)[:n]
+    """uint8 codes 0..3, four to a byte, the first in the low bits: four codes read as one
+    little-endian uint32 are folded into its low byte."""
+    q = np.concatenate([q.astype(np.uint8, copy=False), np.zeros(-len(q) % 4, np.uint8)])
+    v = q.view("<u4")
+    return ((v | (v >> 6) | (v >> 12) | (v >> 18)) & 0xFF).astype(np.uint8)
 
 
 def _q2n_encode(d, group: int):
@@ -166,13 +194,12 @@ def _q2n_encode(d, group: int):
     inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
     q = torch.bucketize(g * inv, torch.from_numpy(NORMAL_CUTS), right=True)
     approx = (torch.from_numpy(NORMAL_LEVELS)[q] * scale).reshape(-1)[:n].view(r, c)
-    raw = np.concatenate([_pack2(q.reshape(-1)[:n].to(torch.uint8).numpy()), rms.numpy().view(np.uint8)])
+    raw = np.concatenate([_pack2(q.reshape(-1)[:n].numpy().astype(np.uint8)), rms.numpy().view(np.uint8)])
     return raw, approx
 
 
 def _q2n_decode(raw: np.ndarray, r: int, c: int, group: int) -> np.ndarray:
     n = r * c
-    nc = -(-n // 4)
-    q = np.concatenate([_unpack2(raw[:nc], n), np.zeros(-n % group, np.uint8)]).reshape(-1, group)
-    scale = raw[nc:].view(np.float16).astype(np.float32)[:, None]
-    return (NORMAL_LEVELS[q] * scale).reshape(-1)[:n].reshape(r, c)
+    q = _codes(raw, n, group, NORMAL_CODES)
+    np.multiply(q, raw[-(-n // 4):].view(np.float16).astype(np.float32)[:, None], out=q)
+    return q.reshape(-1)[:n].reshape(r, c)

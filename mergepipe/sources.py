@@ -133,10 +133,7 @@ class Sketched:
 
     def view(self, raw: np.ndarray, base: F32Block) -> F32Block:
         rows = self.block.row_end - self.block.row_start
-        values = np.empty(base.numel, np.float32)
-        base.values(0, base.numel, values)
-        values += self.sketch.spec.decode(raw, rows, self.cols).reshape(-1)
-        return ArrayBlock(values)
+        return FilledBlock(base, self.sketch.spec.decode(raw, rows, self.cols).reshape(-1))
 
 
 @dataclass(frozen=True)
@@ -207,16 +204,17 @@ class F32Block:
         return self._dev[lo:hi].float()
 
 
-class ArrayBlock(F32Block):
-    """A block that exists only as float32 values (a sketch-filled expert block)."""
+class FilledBlock(F32Block):
+    """An expert block filled from its sketch: base + S, each range widened and added as it is asked
+    for (so the base is not widened twice over the whole block)."""
 
-    def __init__(self, values: np.ndarray) -> None:
-        self._values = values
+    def __init__(self, base: F32Block, sketch: np.ndarray) -> None:
+        self._base, self._sketch = base, sketch
         self._dev = None
 
     @property
     def numel(self) -> int:
-        return len(self._values)
+        return len(self._sketch)
 
     @property
     def numpy_ok(self) -> bool:
@@ -227,14 +225,15 @@ class ArrayBlock(F32Block):
         return False
 
     def values(self, lo: int, hi: int, out: np.ndarray, pairs: bool = False) -> np.ndarray:
-        out[...] = self._values[lo:hi]
+        self._base.values(lo, hi, out)
+        np.add(out, self._sketch[lo:hi], out=out)
         return out
 
     def tensor(self, dev, lo: int = 0, hi: int | None = None):
         import torch
         if self._dev is None:
-            self._dev = torch.from_numpy(self._values).to(dev)
-        return self._dev[lo:hi]
+            self._dev = torch.from_numpy(self._sketch).to(dev)
+        return self._base.tensor(dev, lo, hi) + self._dev[lo:hi]
 
 
 class BlockInputs:
