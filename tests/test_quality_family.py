@@ -81,20 +81,42 @@ def test_quality_table_end_to_end(mini, tmp_path):
     from bench.quality.table import run
 
     root, paths = mini
-    rows = run("mini", ["ta"], [100, 20], root / "a", tmp_path / "work", tmp_path / "out", log=lambda _: None)
+    rows = run("mini", ["ta"], [100, 20], root / "a", tmp_path / "work", tmp_path / "out", log=lambda _: None,
+               sketches=("q2", "sign"))
     names = [r["model"] for r in rows]
-    assert names == ["base", *[n for n in paths if n != "base"], "ta 100%", "ta 20%, sketch fill",
-                     "ta 20%, sketch fill (random planner)", "ta 20%, zero fill", "ta 20%, zero fill (random planner)"]
-    full, part, rand, zero, zero_rand = rows[-5:]
+    assert names == ["base", *[n for n in paths if n != "base"], "ta 100%", "ta 20%, sketch fill (q2)",
+                     "ta 20%, zero fill", "ta 20%, sketch fill (sign)", "ta 20%, sketch fill (q2) (random planner)"]
+    full, part, zero, sign, rand = rows[-5:]
     assert full["relative_deviation"] == 0.0 and part["relative_deviation"] > 0
-    assert [r["fill"] for r in (part, rand, zero, zero_rand)] == ["sketch", "sketch", "zero", "zero"]
-    assert part["sketch_bytes_read"] > 0 and zero["sketch_bytes_read"] == 0
-    for r in (part, rand, zero, zero_rand):
+    assert [r["fill"] for r in (part, zero, sign, rand)] == ["sketch", "zero", "sketch", "sketch"]
+    assert [r["sketch"] for r in (part, sign)] == ["q2", "sign"]
+    assert part["sketch_bytes_read"] > sign["sketch_bytes_read"] > 0 and zero["sketch_bytes_read"] == 0
+    for r in (part, zero, sign, rand):
         assert r["expert_bytes_read"] <= full["expert_bytes_read"] * 0.2 + 1
     assert part["relative_deviation"] < zero["relative_deviation"]
     md = (tmp_path / "out" / "quality.md").read_text()
-    assert "ta 20%, zero fill (random planner)" in md and (tmp_path / "out" / "quality.png").stat().st_size > 0
+    assert "ta 20%, sketch fill (q2) (random planner)" in md and (tmp_path / "out" / "quality.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "quality.json").read_text())["rows"][0]["model"] == "base"
+
+
+def test_scores_are_remembered_by_the_weights(mini, tmp_path):
+    """The table's evaluation cache scores a folder once, and again when its weights change."""
+    import shutil
+
+    from bench.quality.table import cached
+
+    root, paths = mini
+    calls = []
+    score = cached(lambda folder, tasks: calls.append(folder) or {"n": len(calls)}, tmp_path / "work")
+    copy = tmp_path / "copy"
+    shutil.copytree(paths["base"], copy)
+    assert score(copy, ["add"]) == score(copy, ["add"]) == {"n": 1}
+    assert cached(lambda f, t: 1 / 0, tmp_path / "work")(copy, ["add"]) == {"n": 1}  # kept on disk
+    assert score(copy, ["sub"]) == {"n": 2}  # another task set is another score
+    raw = bytearray((copy / "model.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(raw))
+    assert score(copy, ["add"]) == {"n": 3}
 
 
 def test_oracle_bound_is_below_every_feasible_choice():

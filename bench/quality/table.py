@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import xxhash
 import yaml
 
 from mergepipe.compare import compare
@@ -40,7 +41,7 @@ OPS: dict[str, tuple[str, dict, dict, dict | None]] = {
     **{f"ta+featcal{n}": ("task_arithmetic", {"weight": 0.3}, {}, {"samples": n, "seq_len": 64, "batch_size": 16})
        for n in (8, 32, 128)},
 }
-CONTROL_BUDGETS = (20, 10)  # where the random planner runs beside the score planner
+CONTROL_BUDGETS = (20,)  # where the random planner runs beside the score planner
 CALIB_SEED = 7  # calibration items: training-distribution prompts, none from the held-out pool
 
 
@@ -112,10 +113,35 @@ def family(scale: str, folder: Path):
     return build_family(folder, scale), list(r.tasks), evaluate, desc
 
 
+def cached(evaluate, work: Path):
+    """evaluate(folder, tasks), remembered by the folder's weights and config: the base and the experts
+    are scored once however often the table is rebuilt, and a merged folder is scored again only
+    when its bytes changed."""
+    store = work / "scores.json"
+    memo = json.loads(store.read_text()) if store.exists() else {}
+
+    def run(folder: Path, tasks: list[str]) -> dict:
+        h = xxhash.xxh3_128()
+        for f in sorted(Path(folder).glob("*.safetensors")) + [Path(folder) / "config.json"]:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        key = f"{evaluate.__module__}:{','.join(tasks)}:{h.hexdigest()}"
+        if key not in memo:
+            memo[key] = evaluate(folder, tasks)
+            work.mkdir(parents=True, exist_ok=True)
+            store.write_text(json.dumps(memo))
+        return memo[key]
+    return run
+
+
 def run(scale: str, ops: list[str], budgets: list[int], folder: Path, work: Path, out_dir: Path,
-        log=print, keep: bool = False, fills: tuple[str, ...] = ("sketch", "zero"), sketch: str = "q2") -> list[dict]:
+        log=print, keep: bool = False, fills: tuple[str, ...] = ("sketch", "zero"),
+        sketches: tuple[str, ...] = ("q2",)) -> list[dict]:
+    """Rows per operator and budget: every fill with the first sketch kind, and sketch fill with each
+    further kind (the kind comparison); the random planner at CONTROL_BUDGETS with the first fill."""
     t0 = time.perf_counter()
     paths, tasks, evaluate, desc = family(scale, folder)
+    evaluate = cached(evaluate, work)
     log(f"family ({scale}) ready in {time.perf_counter() - t0:.0f} s")
     rows, kept = [], []
     stem = "quality" if scale != "real" else "quality-real"
@@ -134,15 +160,14 @@ def run(scale: str, ops: list[str], budgets: list[int], folder: Path, work: Path
         for budget in sorted(budgets, reverse=True):
             if OPS[op][3] and budget != 100:
                 continue  # FeatCal rows: the full merge, calibrated; their axis is samples per task
-            runs = [(p, f) for f in (fills if budget < 100 else fills[:1])
-                    for p in (("score", "random") if budget in CONTROL_BUDGETS else ("score",))]
-            for planner, fill in runs:
+            for planner, fill, sketch in runs_at(budget, fills, sketches):
                 t1 = time.perf_counter()
                 out, ex = merge(paths, op, budget, planner, work, fill, sketch)
                 seconds = time.perf_counter() - t1
                 full = full or out
                 dev = compare(out, full, paths["base"])
                 label = f"{op} {budget}%" + (f", {fill} fill" if budget < 100 else "")
+                label += f" ({sketch})" if budget < 100 and fill == "sketch" and len(sketches) > 1 else ""
                 rows.append({"model": label + (" (random planner)" if planner == "random" else ""),
                              "op": op, "budget": budget, "planner": planner, "fill": ex["fill"], "sketch": sketch,
                              "scores": evaluate(out, tasks), "relative_deviation": dev.relative,
@@ -157,6 +182,17 @@ def run(scale: str, ops: list[str], budgets: list[int], folder: Path, work: Path
     plot(rows, ops_all, out_dir / f"{stem}.png")
     log(f"wrote {out_dir / (stem + '.md')}, {stem}.json, {stem}.png in {time.perf_counter() - t0:.0f} s")
     return rows
+
+
+def runs_at(budget: int, fills: tuple[str, ...], sketches: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """(planner, fill, sketch kind) of the merges at one budget."""
+    if budget >= 100:
+        return [("score", fills[0], sketches[0])]
+    runs = [("score", f, sketches[0]) for f in fills]
+    runs += [("score", "sketch", k) for k in sketches[1:] if "sketch" in fills]
+    if budget in CONTROL_BUDGETS:
+        runs.append(("random", fills[0], sketches[0]))
+    return runs
 
 
 def table(rows: list[dict], tasks: list[str], scale: str, ops: list[str], family_desc: str) -> str:
@@ -192,16 +228,20 @@ def plot(rows: list[dict], ops: list[str], path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     base_nll = mean(next(r for r in rows if r["model"] == "base")["scores"], "nll")
+    kinds = list(dict.fromkeys(r["sketch"] for r in rows if r.get("fill") == "sketch" and r["budget"] < 100))
+    lines = [("score", "sketch", k, "o-" if i == 0 else "^-.") for i, k in enumerate(kinds)]
+    lines += [("score", "zero", None, "s:"), ("random", "sketch", kinds[:1] and kinds[0], "x--"), ("random", "zero", None, "+:")]
     for op in ops:
-        for (planner, fill), style in ((("score", "sketch"), "o-"), (("score", "zero"), "s:"),
-                                       (("random", "sketch"), "x--"), (("random", "zero"), "+:")):
+        for planner, fill, kind, style in lines:
             pts = sorted((r["budget"], mean(r["scores"], "nll"), r["relative_deviation"])
                          for r in rows if r["op"] == op and r["planner"] == planner
-                         and (r.get("fill", "zero") == fill or r["budget"] == 100))
+                         and ((r.get("fill", "zero") == fill and (kind is None or r.get("sketch") == kind))
+                              or r["budget"] == 100))
             if len(pts) > 1:
                 x, nll, dev = zip(*pts)
-                ax1.plot(x, nll, style, label=f"{op} ({planner} planner, {fill} fill)")
-                ax2.plot(x, dev, style, label=f"{op} ({planner} planner, {fill} fill)")
+                what = f"{op} ({planner} planner, {fill} fill{' ' + kind if kind else ''})"
+                ax1.plot(x, nll, style, label=what)
+                ax2.plot(x, dev, style, label=what)
     ax1.axhline(base_nll, color="gray", ls=":", label="base")
     ax1.set(xlabel="I/O budget (% of expert bytes)", ylabel="mean answer NLL", title="Quality vs budget")
     ax2.set(xlabel="I/O budget (% of expert bytes)", ylabel="||M_A - M_100|| / ||M_100 - base||",
@@ -224,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--keep", action="store_true", help="keep other operators' rows from an existing quality.json")
     ap.add_argument("--fills", default="sketch,zero", help="fills of unread blocks to compare (the first at 100%%)")
-    ap.add_argument("--sketch", default="q2", help="sketch kind for sketch fill")
+    ap.add_argument("--sketches", default="q2", help="sketch kinds for sketch fill (comma-separated; all fills use the first)")
     args = ap.parse_args(argv)
     ops = args.ops.split(",")
     unknown = [o for o in ops if o not in OPS]
@@ -232,4 +272,4 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown operator {unknown[0]!r} (known: {', '.join(OPS)})")
     family = args.family or REPO / "bench" / "cache" / ("quality" if args.scale == "full" else f"quality-{args.scale}")
     run(args.scale, ops, [int(b) for b in args.budgets.split(",")], family, args.work, args.out, keep=args.keep,
-        fills=tuple(args.fills.split(",")), sketch=args.sketch)
+        fills=tuple(args.fills.split(",")), sketches=tuple(args.sketches.split(",")))
