@@ -76,13 +76,16 @@ class SketchSpec:
         return _q2_encode(delta, self.param("group"))
 
     def decode(self, raw: np.ndarray, rows: int, cols: int) -> np.ndarray:
+        return self.decode_range(raw, rows, cols, 0, rows * cols).reshape(rows, cols)
+
+    def decode_range(self, raw: np.ndarray, rows: int, cols: int, lo: int, hi: int) -> np.ndarray:
+        """Entries [lo, hi) (flat, row-major) of the decoded rows x cols block, the same values as
+        decode gives them: a merge decodes as it goes, a cache-sized range at a time."""
         if len(raw) != self.nbytes(rows, cols):
             raise MergepipeError(f"sketch block has {len(raw)} bytes, expected {self.nbytes(rows, cols)}")
         if self.kind == "sign":
-            return _sign_decode(raw, rows, cols, self.param("rows"))
-        if self.kind == "q2n":
-            return _q2n_decode(raw, rows, cols, self.param("group"))
-        return _q2_decode(raw, rows, cols, self.param("group"))
+            return _sign_decode(raw, rows, cols, self.param("rows"), lo, hi)
+        return _q2_decode(raw, rows * cols, self.param("group"), lo, hi, self.kind == "q2n")
 
 
 def _groups(d, size: int):
@@ -111,15 +114,15 @@ def _sign_encode(d, rows: int):
     return np.concatenate([bits, scale.numpy().view(np.uint8)]), approx
 
 
-def _sign_decode(raw: np.ndarray, r: int, c: int, rows: int) -> np.ndarray:
-    n = r * c
-    nb = -(-n // 8)
-    signs = np.empty(nb * 8, np.float32)
-    np.take(SIGNS, raw[:nb], axis=0, out=signs.reshape(nb, 8))
-    scale = raw[nb:].view(np.float16).astype(np.float32)
-    per_row = np.repeat(scale, rows)[:r]
-    out = signs[:n].reshape(r, c)
-    np.multiply(out, per_row[:, None], out=out)
+def _sign_decode(raw: np.ndarray, r: int, c: int, rows: int, lo: int, hi: int) -> np.ndarray:
+    nb = -(-r * c // 8)
+    b0, b1 = lo // 8, -(-hi // 8)
+    signs = np.empty((b1 - b0) * 8, np.float32)
+    np.take(SIGNS, raw[b0:b1], axis=0, out=signs.reshape(-1, 8))
+    out = signs[lo - 8 * b0:hi - 8 * b0]
+    r0, r1 = lo // c, -(-hi // c)
+    per_row = np.repeat(raw[nb:].view(np.float16).astype(np.float32), rows)[r0:r1]
+    np.multiply(out, np.repeat(per_row, c)[lo - r0 * c:hi - r0 * c], out=out)
     return out
 
 
@@ -150,25 +153,25 @@ def _torch(a: np.ndarray):
     return torch.from_numpy(a)
 
 
-def _q2_decode(raw: np.ndarray, r: int, c: int, group: int) -> np.ndarray:
-    n = r * c
-    q = _codes(raw, n, group, CODES)
-    lohi = raw[-(-n // 4):].view(np.float16).astype(np.float32).reshape(-1, 2)
-    lo, step = lohi[:, :1], (lohi[:, 1:] - lohi[:, :1]) / np.float32(3)
-    np.multiply(q, step, out=q)
-    np.add(q, lo, out=q)
-    return q.reshape(-1)[:n].reshape(r, c)
-
-
-def _codes(raw: np.ndarray, n: int, group: int, table: np.ndarray) -> np.ndarray:
-    """The 2-bit codes of n entries as table values, [groups, group] (the padding is zero): one
-    table lookup per byte instead of a shift, a mask and a conversion per entry."""
-    nc = -(-n // 4)
-    groups = -(-n // group)
-    out = np.zeros(groups * group, np.float32)
-    np.take(table, raw[:nc], axis=0, out=out[:nc * 4].reshape(nc, 4))
-    out[n:] = 0
-    return out.reshape(groups, group)
+def _q2_decode(raw: np.ndarray, n: int, group: int, lo: int, hi: int, normal: bool) -> np.ndarray:
+    """q2 (lo + step * code per group) or q2n (a Gaussian level per code times the group's RMS)."""
+    g0, g1 = lo // group, -(-hi // group)
+    e0, e1 = g0 * group, min(g1 * group, n)  # the whole groups that hold [lo, hi)
+    b0, b1 = e0 // 4, -(-e1 // 4)
+    codes = np.empty((b1 - b0) * 4, np.float32)  # one table lookup per byte, not a shift, mask and cast per entry
+    np.take(NORMAL_CODES if normal else CODES, raw[b0:b1], axis=0, out=codes.reshape(-1, 4))
+    q = np.zeros((g1 - g0) * group, np.float32)  # the last group's padding stays zero
+    q[:e1 - e0] = codes[e0 - 4 * b0:e1 - 4 * b0]
+    q = q.reshape(-1, group)
+    scales = raw[-(-n // 4):].view(np.float16).astype(np.float32)
+    if normal:
+        np.multiply(q, scales[g0:g1, None], out=q)
+    else:
+        lohi = scales.reshape(-1, 2)[g0:g1]
+        base, step = lohi[:, :1], (lohi[:, 1:] - lohi[:, :1]) / np.float32(3)
+        np.multiply(q, step, out=q)
+        np.add(q, base, out=q)
+    return q.reshape(-1)[lo - e0:hi - e0]
 
 
 def _pack2(q: np.ndarray) -> np.ndarray:
@@ -196,10 +199,3 @@ def _q2n_encode(d, group: int):
     approx = (torch.from_numpy(NORMAL_LEVELS)[q] * scale).reshape(-1)[:n].view(r, c)
     raw = np.concatenate([_pack2(q.reshape(-1)[:n].numpy().astype(np.uint8)), rms.numpy().view(np.uint8)])
     return raw, approx
-
-
-def _q2n_decode(raw: np.ndarray, r: int, c: int, group: int) -> np.ndarray:
-    n = r * c
-    q = _codes(raw, n, group, NORMAL_CODES)
-    np.multiply(q, raw[-(-n // 4):].view(np.float16).astype(np.float32)[:, None], out=q)
-    return q.reshape(-1)[:n].reshape(r, c)

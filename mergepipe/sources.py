@@ -132,8 +132,7 @@ class Sketched:
         return False  # a sketch of a finite delta is finite; a non-finite one is never sketched
 
     def view(self, raw: np.ndarray, base: F32Block) -> F32Block:
-        rows = self.block.row_end - self.block.row_start
-        return FilledBlock(base, self.sketch.spec.decode(raw, rows, self.cols).reshape(-1))
+        return FilledBlock(base, self.sketch.spec, raw, self.block.row_end - self.block.row_start, self.cols)
 
 
 @dataclass(frozen=True)
@@ -205,16 +204,16 @@ class F32Block:
 
 
 class FilledBlock(F32Block):
-    """An expert block filled from its sketch: base + S, each range widened and added as it is asked
-    for (so the base is not widened twice over the whole block)."""
+    """An expert block filled from its sketch: base + S, decoded and added range by range as the
+    kernel asks (so a range's operands stay in cache and the base is widened once per range)."""
 
-    def __init__(self, base: F32Block, sketch: np.ndarray) -> None:
-        self._base, self._sketch = base, sketch
+    def __init__(self, base: F32Block, spec: SketchSpec, raw: np.ndarray, rows: int, cols: int) -> None:
+        self._base, self._spec, self._raw, self._shape = base, spec, raw, (rows, cols)
         self._dev = None
 
     @property
     def numel(self) -> int:
-        return len(self._sketch)
+        return self._shape[0] * self._shape[1]
 
     @property
     def numpy_ok(self) -> bool:
@@ -226,14 +225,14 @@ class FilledBlock(F32Block):
 
     def values(self, lo: int, hi: int, out: np.ndarray, pairs: bool = False) -> np.ndarray:
         self._base.values(lo, hi, out)
-        np.add(out, self._sketch[lo:hi], out=out)
+        np.add(out, self._spec.decode_range(self._raw, *self._shape, lo, hi), out=out)
         return out
 
     def tensor(self, dev, lo: int = 0, hi: int | None = None):
         import torch
-        if self._dev is None:
-            self._dev = torch.from_numpy(self._sketch).to(dev)
-        return self._base.tensor(dev, lo, hi) + self._dev[lo:hi]
+        hi = self.numel if hi is None else hi
+        sketch = torch.from_numpy(self._spec.decode_range(self._raw, *self._shape, lo, hi))
+        return self._base.tensor(dev, lo, hi) + sketch.to(dev)
 
 
 class BlockInputs:

@@ -36,6 +36,21 @@ def test_codec_round_trip_size_and_error(spec, shape):
     assert err < {"sign": 0.75, "q2": 0.65, "q2n": 0.45}[spec.kind]  # Gaussian: sign 0.60, q2 0.46, q2n 0.34
 
 
+@pytest.mark.parametrize("spec", [SketchSpec.make("sign", rows=3), SketchSpec.make("q2", group=5),
+                                  SketchSpec.make("q2n", group=3), SketchSpec.make("q2")])
+def test_a_range_decodes_to_the_same_values_as_the_block(spec):
+    """Execution decodes a block range by range; every range must be the block's values, bit for bit,
+    wherever it starts and ends (groups and bytes straddled)."""
+    shape = (11, 13)
+    d = (np.random.default_rng(3).standard_normal(shape) * 1e-3).astype(np.float32)
+    raw, _ = spec.encode(torch.from_numpy(d))
+    whole = spec.decode(raw, *shape).reshape(-1)
+    rng = np.random.default_rng(4)
+    for lo, hi in [(0, 143), (0, 1), (142, 143), (64, 128), *(sorted(rng.integers(0, 144, 2)) for _ in range(40))]:
+        got = spec.decode_range(raw, *shape, int(lo), int(hi))
+        assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), whole[lo:hi].view(np.uint32)), (lo, hi)
+
+
 def test_sign_scale_is_the_mean_magnitude():
     d = np.array([[1.0, -3.0], [2.0, -2.0]], np.float32)
     _, approx = SketchSpec.make("sign", rows=2).encode(torch.from_numpy(d))
