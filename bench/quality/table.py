@@ -136,19 +136,21 @@ def cached(evaluate, work: Path):
 
 def run(scale: str, ops: list[str], budgets: list[int], folder: Path, work: Path, out_dir: Path,
         log=print, keep: bool = False, fills: tuple[str, ...] = ("sketch", "zero"),
-        sketches: tuple[str, ...] = ("q2",)) -> list[dict]:
+        sketches: tuple[str, ...] = ("q2",), controls: tuple[int, ...] = CONTROL_BUDGETS) -> list[dict]:
     """Rows per operator and budget: every fill with the first sketch kind, and sketch fill with each
-    further kind (the kind comparison); the random planner at CONTROL_BUDGETS with the first fill."""
+    further kind (the kind comparison); the random planner at `controls` with the first fill. keep: keep
+    the rows of an earlier table that this run does not redo (so a table can be built in parts)."""
     t0 = time.perf_counter()
     paths, tasks, evaluate, desc = family(scale, folder)
     evaluate = cached(evaluate, work)
     log(f"family ({scale}) ready in {time.perf_counter() - t0:.0f} s")
     rows, kept = [], []
     stem = "quality" if scale != "real" else "quality-real"
-    if keep and (out_dir / f"{stem}.json").exists():
+    planned = {_key(op, b, *r) for op in ops for b in budgets for r in runs_at(b, fills, sketches, controls)}
+    if keep and (out_dir / f"{stem}.json").exists():  # the rows this run does not redo
         old = json.loads((out_dir / f"{stem}.json").read_text())
-        kept = [r for r in old["rows"] if r["op"] is not None and r["op"] not in ops]
-        ops_all = [o for o in old["ops"] if o not in ops] + ops
+        kept = [r for r in old["rows"] if r["op"] is not None and _key(r["op"], r["budget"], r["planner"], r.get("fill"), r.get("sketch")) not in planned]
+        ops_all = list(dict.fromkeys([*old["ops"], *ops]))
     else:
         ops_all = ops
     for name, path in paths.items():
@@ -156,26 +158,24 @@ def run(scale: str, ops: list[str], budgets: list[int], folder: Path, work: Path
         log(f"evaluated {name}")
     rows += kept
     for op in ops:
-        full = None
+        full = None if 100 in budgets else _full_merge(work, op)
         for budget in sorted(budgets, reverse=True):
             if OPS[op][3] and budget != 100:
                 continue  # FeatCal rows: the full merge, calibrated; their axis is samples per task
-            for planner, fill, sketch in runs_at(budget, fills, sketches):
+            for planner, fill, sketch in runs_at(budget, fills, sketches, controls):
                 t1 = time.perf_counter()
                 out, ex = merge(paths, op, budget, planner, work, fill, sketch)
                 seconds = time.perf_counter() - t1
                 full = full or out
                 dev = compare(out, full, paths["base"])
-                label = f"{op} {budget}%" + (f", {fill} fill" if budget < 100 else "")
-                label += f" ({sketch})" if budget < 100 and fill == "sketch" and len(sketches) > 1 else ""
-                rows.append({"model": label + (" (random planner)" if planner == "random" else ""),
-                             "op": op, "budget": budget, "planner": planner, "fill": ex["fill"], "sketch": sketch,
+                rows.append({"model": label(op, budget, planner, fill, sketch), "op": op, "budget": budget,
+                             "planner": planner, "fill": ex["fill"], "sketch": sketch,
                              "scores": evaluate(out, tasks), "relative_deviation": dev.relative,
                              "expert_bytes_read": ex["expert_bytes_read"], "sketch_bytes_read": ex["sketch_bytes_read"],
                              "merge_seconds": round(seconds, 2), "peak_rss_bytes": ex["peak_rss_bytes"]})
                 log(f"merged and evaluated {rows[-1]['model']}: mean NLL {mean(rows[-1]['scores'], 'nll'):.3f}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = rows[:len(paths)] + sorted(rows[len(paths):], key=lambda r: ops_all.index(r["op"]))  # stable
+    rows = rows[:len(paths)] + sorted(rows[len(paths):], key=lambda r: (ops_all.index(r["op"]), -r["budget"]))  # stable
     (out_dir / f"{stem}.json").write_text(json.dumps({"scale": scale, "tasks": tasks, "ops": {o: OPS[o] for o in ops_all},
                                                        "rows": rows}, indent=2))
     (out_dir / f"{stem}.md").write_text(table(rows, tasks, scale, ops_all, desc))
@@ -184,13 +184,33 @@ def run(scale: str, ops: list[str], budgets: list[int], folder: Path, work: Path
     return rows
 
 
-def runs_at(budget: int, fills: tuple[str, ...], sketches: tuple[str, ...]) -> list[tuple[str, str, str]]:
+def label(op: str, budget: int, planner: str, fill: str, sketch: str) -> str:
+    name = f"{op} {budget}%" + (f", {fill} fill" if budget < 100 else "")
+    name += f" ({sketch})" if budget < 100 and fill == "sketch" else ""
+    return name + (" (random planner)" if planner == "random" else "")
+
+
+def _key(op: str, budget: int, planner: str, fill: str, sketch: str) -> tuple:
+    """What a row measures: at 100% neither fill nor sketch plays a part."""
+    return (op, budget, planner) + ((fill, sketch) if budget < 100 else ())
+
+
+def _full_merge(work: Path, op: str) -> Path:
+    """The 100% merge of an earlier run (the reference of a run without one); fill plays no part at 100%."""
+    found = sorted((work / "merged").glob(f"{op}-100-score-*"))
+    if not found:
+        raise SystemExit(f"no 100% merge of {op} under {work / 'merged'}: include 100 in --budgets")
+    return found[0]
+
+
+def runs_at(budget: int, fills: tuple[str, ...], sketches: tuple[str, ...],
+            controls: tuple[int, ...] = CONTROL_BUDGETS) -> list[tuple[str, str, str]]:
     """(planner, fill, sketch kind) of the merges at one budget."""
     if budget >= 100:
         return [("score", fills[0], sketches[0])]
     runs = [("score", f, sketches[0]) for f in fills]
     runs += [("score", "sketch", k) for k in sketches[1:] if "sketch" in fills]
-    if budget in CONTROL_BUDGETS:
+    if budget in controls:
         runs.append(("random", fills[0], sketches[0]))
     return runs
 
@@ -209,7 +229,8 @@ def table(rows: list[dict], tasks: list[str], scale: str, ops: list[str], family
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         s = row["scores"]
-        cells = [row["model"]] + [f"{s[t]['nll']:.3f} / {s[t]['exact']:.2f}" for t in tasks]
+        name = label(row["op"], row["budget"], row["planner"], row["fill"], row["sketch"]) if row["op"] else row["model"]
+        cells = [name] + [f"{s[t]['nll']:.3f} / {s[t]['exact']:.2f}" for t in tasks]
         gain = base_nll - full_nll.get(row["op"], base_nll)
         kept = f"{(base_nll - mean(s, 'nll')) / gain:.0%}" if row["op"] in full_nll and gain > 0 else "—"
         sk = row.get("sketch_bytes_read", 0)
@@ -262,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--family", type=Path, default=None, help="default: bench/cache/quality[-mini]")
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "cache" / "quality-run")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    ap.add_argument("--keep", action="store_true", help="keep other operators' rows from an existing quality.json")
+    ap.add_argument("--keep", action="store_true", help="keep the rows of an existing table that this run does not redo")
+    ap.add_argument("--controls", default=",".join(map(str, CONTROL_BUDGETS)), help="budgets with a random-planner row")
     ap.add_argument("--fills", default="sketch,zero", help="fills of unread blocks to compare (the first at 100%%)")
     ap.add_argument("--sketches", default="q2", help="sketch kinds for sketch fill (comma-separated; all fills use the first)")
     args = ap.parse_args(argv)
@@ -272,4 +294,5 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown operator {unknown[0]!r} (known: {', '.join(OPS)})")
     family = args.family or REPO / "bench" / "cache" / ("quality" if args.scale == "full" else f"quality-{args.scale}")
     run(args.scale, ops, [int(b) for b in args.budgets.split(",")], family, args.work, args.out, keep=args.keep,
-        fills=tuple(args.fills.split(",")), sketches=tuple(args.sketches.split(",")))
+        fills=tuple(args.fills.split(",")), sketches=tuple(args.sketches.split(",")),
+        controls=tuple(int(b) for b in args.controls.split(",") if b))
