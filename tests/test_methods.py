@@ -97,3 +97,183 @@ def test_deterministic_methods_match_mergekit(case, family, workdir, one_thread)
             m["parameters"].pop("weight")
     mp, mk, _ = both(workdir, cfg)
     assert max_ulps(mp, mk) == 0
+
+
+def test_passthrough_matches_mergekit(family, workdir, one_thread):
+    cfg = {"merge_method": "passthrough", "models": [{"model": str(family["expert2"])}], "dtype": "float32",
+           "out_dtype": "float32"}
+    mp, mk, done = both(workdir, cfg)
+    assert max_ulps(mp, mk) == 0
+    assert done.execution.expert_bytes_read == 0  # the one model is read as the base
+
+
+# --- the trimming and random methods: mergekit's pipeline with mergepipe's choice of entries --------
+
+@pytest.fixture(scope="module")
+def wide_family(tmp_path_factory):
+    """Tensors of several blocks (the embedding is 2 row blocks), and deltas of a few bf16 ulps, so
+    that many entries tie at a trim threshold, as low-learning-rate fine-tunes do."""
+    from mergepipe.synth import Shape, build_family
+    shape = Shape(vocab=8192, hidden=256, intermediate=128, layers=1, heads=4, kv_heads=2)
+    return build_family(tmp_path_factory.mktemp("wide"), shape, experts=3, seed=3, delta_scale=3e-4)
+
+
+def mergekit_with_our_choice(family, cfg: dict, rule: str, ours) -> dict[str, torch.Tensor]:
+    """mergekit's own merge of every tensor (merge_tensors, float32), its sparsification rule `rule`
+    replaced by `ours(delta, key, **mergekit's arguments)`, keyed as mergepipe keys (seed 0)."""
+    import mergekit.sparsify as mks
+    from mergekit.merge_methods import merge_tensors
+
+    from mergepipe.operators import positional as P
+    base = load_all(family["base"])
+    models = [load_all(m["model"]) for m in cfg["models"]]
+    out, keys = {}, []
+    original = getattr(mks, rule)
+
+    def patched(tensor, *args, **kwargs):
+        return ours(tensor, keys.pop(0), *args, **kwargs)
+    setattr(mks, rule, patched)
+    try:
+        for name, b in base.items():
+            keys[:] = [P.stream_key(0, name, k, "sparsify") for k in range(len(models))]
+            params = {p: [m["parameters"][p] for m in cfg["models"]] for p in cfg["models"][0]["parameters"]}
+            params.update(cfg.get("parameters") or {})
+            out[name] = merge_tensors([b, *(m[name] for m in models)], cfg["merge_method"], parameters=params,
+                                      base_index=0, dtype=torch.float32)
+    finally:
+        setattr(mks, rule, original)
+    return out
+
+
+def test_breadcrumbs_keeps_mergekits_k_and_differs_only_at_threshold_ties(wide_family, workdir, one_thread):
+    from mergepipe.operators import sparsify as S
+    density, gamma = 0.3, 0.02
+    cfg = recipe(wide_family, "breadcrumbs", 3, density=density, gamma=gamma)
+    mp, mk, _ = both(workdir, cfg)
+
+    def ours(tensor, key, density, rescale_norm=None, gamma=0.01):
+        return S.magnitude_outliers(tensor, density, gamma, key, rescale_norm is not None)
+    assert max_ulps(mp, mergekit_with_our_choice(wide_family, cfg, "magnitude_outliers", ours)) == 0
+    base = load_all(wide_family["base"])
+    experts = [load_all(wide_family[f"expert{k}"]) for k in (1, 2, 3)]
+    differing = tied_total = 0
+    for name, b in base.items():
+        tied = torch.zeros(b.shape, dtype=torch.bool)
+        for k, e in enumerate(experts):
+            d = e[name].float() - b.float()
+            n = d.numel()
+            mask = S.outliers_mask(d, density, gamma, 0)
+            assert int(mask.sum()) == int(density * n)  # exactly mergekit's count
+            ranked = d.abs().reshape(-1).sort().values
+            bottom = max(0, n - int(density * n) - int(gamma * n))
+            for edge in {bottom, bottom + int(density * n) - 1} - {-1, n}:
+                tied |= d.abs() == ranked[edge]  # mergekit's sort may put either of equal entries first
+        diff = ulps_map(mp[name], mk[name]) > 0
+        assert not (diff & ~tied).any(), f"{name}: differs from mergekit away from a threshold tie"
+        differing += int(diff.sum())
+        tied_total += int(tied.sum())
+    print(f"breadcrumbs vs mergekit: {differing} elements differ, all among {tied_total} threshold ties")
+
+
+def ulps_map(a, b):
+    def ordered(t):
+        i = t.float().contiguous().view(torch.int32).to(torch.int64)
+        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
+    return (ordered(a) - ordered(b)).abs()
+
+
+def test_ties_keeps_exactly_k_and_equals_mergekit_with_the_hash_tie_order(wide_family, workdir, one_thread):
+    """The streaming TIES kernel (thresholds from the index, a spill for the threshold bin) equals
+    mergekit's TIES with its argsort replaced by the exact-k hash order, and away from threshold
+    ties equals mergekit's own output."""
+    from mergepipe.operators import positional as P
+    from mergepipe.operators import sparsify as S
+    density = 0.3
+    cfg = recipe(wide_family, "ties", 3, density=density)
+    mp, mk, done = both(workdir, cfg)
+    base = load_all(wide_family["base"])
+    for name, tp in done.plan.tensors.items():
+        assert tp.data["tie"] == "hash" and tp.data["k"] == [max(1, int(density * base[name].numel()))] * 3
+
+    ref = {}
+    for name in base:  # TIES's tie stream is keyed "tie"
+        import mergekit.sparsify as mks
+        from mergekit.merge_methods import merge_tensors
+        models = [load_all(m["model"]) for m in cfg["models"]]
+        keys = [P.stream_key(0, name, k, "tie") for k in range(3)]
+        original = mks.magnitude
+        mks.magnitude = lambda t, density, rescale_norm=None: S.magnitude(t, density, keys.pop(0))
+        try:
+            ref[name] = merge_tensors([base[name], *(m[name] for m in models)], "ties",
+                                      parameters={"weight": list(WEIGHTS[:3]), "density": [density] * 3},
+                                      base_index=0, dtype=torch.float32)
+        finally:
+            mks.magnitude = original
+    assert max_ulps(mp, ref) == 0
+    experts = [load_all(wide_family[f"expert{k}"]) for k in (1, 2, 3)]
+    differing = ties = 0
+    for name, b in base.items():
+        tied = torch.zeros(b.shape, dtype=torch.bool)
+        for e in experts:
+            d = (e[name].float() - b.float()).abs()
+            tied |= d == d.reshape(-1).topk(max(1, int(density * d.numel()))).values[-1]
+        diff = ulps_map(mp[name], mk[name]) > 0
+        assert not (diff & ~tied).any(), f"{name}: differs from mergekit away from a threshold tie"
+        differing, ties = differing + int(diff.sum()), ties + int(tied.sum())
+    print(f"TIES vs mergekit: {differing} elements differ, all among {ties} threshold ties")
+
+
+RANDOM = {  # method: (per-model parameters, the rule it replaces in mergekit, ours with mergekit's signature)
+    "dare_linear": ({"density": 0.3}, "bernoulli"),
+    "dare_ties": ({"density": 0.3}, "bernoulli"),
+    "della": ({"density": 0.4, "epsilon": 0.1}, "della_magprune"),
+    "della_linear": ({"density": 0.4, "epsilon": 0.1}, "della_magprune"),
+}
+
+
+def _ours(rule):
+    from mergepipe.operators import sparsify as S
+    if rule == "bernoulli":
+        return lambda t, key, density, rescale_norm=None: S.bernoulli(t, density, key, rescale_norm is not None)
+    return lambda t, key, density, epsilon, rescale_norm=None: S.della_magprune(t, density, epsilon, key,
+                                                                                  rescale_norm is not None)
+
+
+@pytest.mark.parametrize("method", list(RANDOM))
+def test_random_methods_rescale_as_mergekit_and_replay(method, wide_family, workdir, one_thread):
+    """With mergekit's torch.bernoulli replaced by mergepipe's per-position draws, mergekit's own
+    pipeline (L1 rescale, consensus, normalisation) gives mergepipe's output bit for bit; executing
+    the manifest again gives the same root hash; another seed draws other entries."""
+    per_model, rule = RANDOM[method]
+    cfg = recipe(wide_family, method, 3, **per_model)
+    mp, _, done = both(workdir, cfg)
+    assert max_ulps(mp, mergekit_with_our_choice(wide_family, cfg, rule, _ours(rule))) == 0
+    again = execute(done, workdir / "again")
+    assert again.execution.root_hash == done.execution.root_hash
+    other = dict(cfg, parameters={"seed": 1})
+    (workdir / "seed1.yml").write_text(yaml.safe_dump(other))
+    m1 = execute(plan_merge(load_config(workdir / "seed1.yml"), "100%", Catalog(workdir / "c.sqlite")), workdir / "s1")
+    assert m1.execution.root_hash != done.execution.root_hash
+
+
+@pytest.mark.parametrize("rule", ["bernoulli", "della"])
+def test_random_rules_keep_the_requested_fraction(rule, wide_family, one_thread):
+    """Per (expert, tensor) of at least 2^16 entries, and over the family, the kept share is within
+    1% of density (DELLA's probabilities average to density over a row's ranks)."""
+    from mergepipe.operators import positional as P
+    from mergepipe.operators import sparsify as S
+    density = 0.3
+    base = load_all(wide_family["base"])
+    kept = total = 0
+    for k in (1, 2, 3):
+        e = load_all(wide_family[f"expert{k}"])
+        for name, b in base.items():
+            d = e[name].float() - b.float()
+            key = P.stream_key(0, name, k, "sparsify")
+            rows = d if d.dim() >= 2 else d.unsqueeze(0)
+            mask = S.bernoulli_mask(d, density, key) if rule == "bernoulli" else S.della_mask(rows, density, 0.1, key)
+            if d.numel() >= 1 << 16:
+                assert abs(float(mask.mean()) - density) < 0.01, name
+            kept, total = kept + int(mask.sum()), total + d.numel()
+    assert abs(kept / total - density) < 0.01
+    print(f"{rule}: kept {kept / total:.4f} of {total} entries at density {density}")

@@ -16,6 +16,9 @@ class Passthrough(Operator):
     base_policy = "input"
     experts_range = (1, 1)
 
+    def coefficients(self, tp) -> list[float]:
+        return [0.0]  # its one expert is the base: nothing to weigh
+
     def candidates(self, info, k, delta, tp, coef, data):
         empty = np.zeros(0, np.int64)  # the expert is the base itself: nothing to read
         return Candidates(empty, np.zeros(0), np.zeros(0))

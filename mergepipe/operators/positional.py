@@ -39,9 +39,24 @@ def mix(key: int, start: int, n: int, device) -> torch.Tensor:
     return x
 
 
+_M32 = 0xFFFFFFFF
+
+
+def order_at(key: int, positions: torch.Tensor) -> torch.Tensor:
+    """A 32-bit tie order per position (int64 tensor of flat positions): murmur3's fmix32 of
+    (position + key) mod 2^32, a bijection, so distinct positions of a tensor under 2^32 entries never
+    tie, and any two implementations that sort by it agree."""
+    x = (positions.to(torch.int64) + (key & _M32)) & _M32
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _M32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _M32
+    x ^= x >> 16
+    return x
+
+
 def order(key: int, start: int, n: int, device) -> torch.Tensor:
-    """A non-negative 31-bit tie order per position: below any |delta|'s float bits shifted by 31."""
-    return _shr(mix(key, start, n, device), 33)
+    return order_at(key, torch.arange(start, start + n, dtype=torch.int64, device=device))
 
 
 def uniform(key: int, start: int, n: int, device) -> torch.Tensor:
@@ -50,7 +65,7 @@ def uniform(key: int, start: int, n: int, device) -> torch.Tensor:
 
 
 def magnitude_key(a: torch.Tensor, key: int, start: int = 0) -> torch.Tensor:
-    """|delta| (float32, >= 0, flat) and its tie order as one int64 sort key: larger magnitude is a
-    larger key, equal magnitudes are ordered by the seeded hash of their position."""
+    """|delta| (float32, >= 0) and its tie order as one int64 sort key, distinct per position: a
+    larger magnitude is a larger key, equal magnitudes are ordered by the seeded hash of position."""
     bits = a.reshape(-1).view(torch.int32).to(torch.int64)
-    return (bits << 31) | order(key, start, a.numel(), a.device)
+    return (bits << 32) | order(key, start, a.numel(), a.device)

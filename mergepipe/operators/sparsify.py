@@ -28,59 +28,72 @@ def keep_count(density: float, numel: int) -> int:
     return max(1, int(density * numel))
 
 
+def magnitude_mask(delta: torch.Tensor, density: float, key: int) -> torch.Tensor:
+    """TIES trimming: 1.0 at exactly keep_count entries of largest |delta|, equal magnitudes taken in
+    the order of their positions' seeded hash."""
+    k = keep_count(density, delta.numel())
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    mask[torch.topk(P.magnitude_key(delta.abs(), key), k, sorted=False).indices] = 1
+    return mask.reshape_as(delta)
+
+
 def magnitude(delta: torch.Tensor, density: float, key: int, rescale: bool = False) -> torch.Tensor:
-    """TIES trimming: exactly keep_count entries of largest |delta|, equal magnitudes in hash order."""
     if density >= 1:
         return delta
     if delta.numel() == 0:
         return torch.zeros_like(delta)
-    k = keep_count(density, delta.numel())
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[torch.topk(P.magnitude_key(delta.abs(), key), k, sorted=False).indices] = 1
-    return rescaled(delta, mask.reshape_as(delta), rescale)
+    return rescaled(delta, magnitude_mask(delta, density, key), rescale)
 
 
-def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, key: int,
-                       rescale: bool = False) -> torch.Tensor:
+def outliers_mask(delta: torch.Tensor, density: float, gamma: float, key: int) -> torch.Tensor:
     """Breadcrumbs: drop the int(gamma * n) largest |delta| and enough of the smallest that exactly
     int(density * n) remain (fewer outliers dropped when both cannot hold)."""
-    if density >= 1:
-        return delta
     n = delta.numel()
     target, top = int(density * n), int(gamma * n)
     bottom = max(0, n - target - top)
     ranked = torch.argsort(P.magnitude_key(delta.abs(), key))  # ascending; the keys are distinct
     mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
     mask[ranked[bottom:bottom + target]] = 1
-    return rescaled(delta, mask.reshape_as(delta), rescale)
+    return mask.reshape_as(delta)
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, key: int,
+                       rescale: bool = False) -> torch.Tensor:
+    if density >= 1:
+        return delta
+    return rescaled(delta, outliers_mask(delta, density, gamma, key), rescale)
+
+
+def bernoulli_mask(delta: torch.Tensor, density: float, key: int) -> torch.Tensor:
+    """DARE: 1.0 where the entry's own uniform draw is below `density`."""
+    return (P.uniform(key, 0, delta.numel(), delta.device) < density).to(delta.dtype).reshape_as(delta)
 
 
 def bernoulli(delta: torch.Tensor, density: float, key: int, rescale: bool = True) -> torch.Tensor:
-    """DARE: keep each entry with probability `density`, by its own uniform draw."""
     if density >= 1:
         return delta
-    mask = (P.uniform(key, 0, delta.numel(), delta.device) < density).to(delta.dtype)
-    return rescaled(delta, mask.reshape_as(delta), rescale)
+    return rescaled(delta, bernoulli_mask(delta, density, key), rescale)
+
+
+def della_mask(rows: torch.Tensor, density: float, epsilon: float, key: int) -> torch.Tensor:
+    """DELLA: keep probabilities rising linearly with the |delta| rank inside each row (dim 1), from
+    density - epsilon to density + epsilon, then a draw per entry. `rows`: at least 2-D."""
+    # rank by (|delta|, tie order) along dim 1, as mergekit's argsort of an argsort does
+    sorted_idx = torch.argsort(P.magnitude_key(rows.abs(), key).reshape(rows.shape), dim=1)
+    pos = torch.arange(rows.shape[1], device=rows.device).view(1, -1, *([1] * (rows.dim() - 2)))
+    ranks = torch.empty_like(sorted_idx).scatter_(1, sorted_idx, pos.expand_as(sorted_idx).contiguous())
+    ranks = ranks.to(torch.float32) + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    return (P.uniform(key, 0, rows.numel(), rows.device).reshape(rows.shape) < probs).to(torch.float32)
 
 
 def della_magprune(delta: torch.Tensor, density: float, epsilon: float, key: int,
                    rescale: bool = True) -> torch.Tensor:
-    """DELLA: keep probabilities rising linearly with the |delta| rank inside each row (dim 1), from
-    density - epsilon to density + epsilon, then a Bernoulli draw per entry."""
     if density >= 1:
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
-    # rank by (|delta|, tie order) along dim 1, as mergekit's argsort of an argsort does
-    order_key = P.magnitude_key(rows.abs(), key).reshape(rows.shape)
-    sorted_idx = torch.argsort(order_key, dim=1)
-    ranks = torch.empty_like(sorted_idx)
-    pos = torch.arange(rows.shape[1], device=rows.device).view(1, -1, *([1] * (rows.dim() - 2))).expand_as(sorted_idx)
-    ranks.scatter_(1, sorted_idx, pos.contiguous())
-    ranks = ranks.to(torch.float32) + 1
-    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-    rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
-    probs = (density - epsilon) + rank_norm * 2 * epsilon
-    mask = (P.uniform(key, 0, rows.numel(), rows.device).reshape(rows.shape) < probs).to(torch.float32)
-    return rescaled(rows, mask, rescale).reshape(delta.shape)
+    return rescaled(rows, della_mask(rows, density, epsilon, key), rescale).reshape(delta.shape)
