@@ -277,3 +277,93 @@ def test_random_rules_keep_the_requested_fraction(rule, wide_family, one_thread)
             kept, total = kept + int(mask.sum()), total + d.numel()
     assert abs(kept / total - density) < 0.01
     print(f"{rule}: kept {kept / total:.4f} of {total} entries at density {density}")
+
+
+# --- budgets --------------------------------------------------------------------------------------
+
+BUDGETED = {  # id: (method, experts, base, shared, per-model, whether the certificate is recorded)
+    "linear-base": ("linear", 3, "listed", None, {}, True),
+    "linear-nobase": ("linear", 3, "none", None, {}, True),
+    "dare_linear": ("dare_linear", 3, "given", None, {"density": 0.5}, False),
+    "dare_ties": ("dare_ties", 3, "given", None, {"density": 0.5}, False),
+    "breadcrumbs": ("breadcrumbs", 3, "given", None, {"density": 0.5}, False),
+    "breadcrumbs_ties": ("breadcrumbs_ties", 3, "given", None, {"density": 0.5}, False),
+    "della": ("della", 3, "given", None, {"density": 0.5}, False),
+    "della_linear": ("della_linear", 3, "given", None, {"density": 0.5}, False),
+}
+
+
+@pytest.mark.parametrize("case", list(BUDGETED))
+def test_budgeted_methods_read_within_budget(case, wide_family, workdir, one_thread):
+    from mergepipe.compare import compare
+    method, n, base, shared, per_model, certified = BUDGETED[case]
+    path = workdir / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe(wide_family, method, n, base, shared, **per_model)))
+    cfg, catalog = load_config(path), Catalog(workdir / "c.sqlite")
+    full = execute(plan_merge(cfg, "100%", catalog), workdir / "full")
+    m = plan_merge(cfg, "20%", catalog)
+    done = execute(m, workdir / "part")
+    assert 0 < done.execution.expert_bytes_read == m.plan.planned_expert_bytes <= m.budget.bytes
+    assert m.budget.bytes <= 0.2 * m.budget.expert_bytes_total
+    assert done.execution.root_hash != full.execution.root_hash
+    if certified:
+        assert m.plan.certificate.kind == "frobenius"
+        assert 0 < compare(workdir / "part", workdir / "full").frobenius <= m.plan.certificate.bound
+    else:
+        assert m.plan.certificate.kind == "none" and method in m.plan.certificate.note
+
+
+@pytest.mark.parametrize("method", ["slerp", "nuslerp", "model_stock"])
+def test_unbudgetable_methods_refuse_a_partial_budget_in_one_line(method, family, workdir):
+    from mergepipe.errors import MergepipeError
+    shared = {"t": 0.5} if method == "slerp" else None
+    cfg = recipe(family, method, 1 if method == "slerp" else 2, "given", shared)
+    if method != "nuslerp":
+        for m in cfg["models"]:
+            m["parameters"].pop("weight")
+    path = workdir / "recipe.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(MergepipeError) as e:
+        plan_merge(load_config(path), "20%", Catalog(workdir / "c.sqlite"))
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and f"{method} cannot be budgeted" in msg
+
+
+# --- recipes as mergekit reads them ----------------------------------------------------------------
+
+def _parse(cfg, workdir):
+    path = workdir / "r.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_config(path), path
+
+
+def test_recipe_shapes(family, workdir):
+    from mergepipe.errors import MergepipeError
+    lin, _ = _parse(recipe(family, "linear", 2, "none"), workdir)
+    assert lin.base == str(family["expert1"]) and lin.experts == [str(family["expert1"]), str(family["expert2"])]
+    listed, _ = _parse(recipe(family, "linear", 2, "listed"), workdir)
+    assert listed.base == str(family["base"]) and listed.experts[1] == str(family["base"])
+    assert [p["weight"] for p in listed.expert_params] == [0.6, 0.4, 0.3]
+    ta, _ = _parse(recipe(family, "dare_ties", 2), workdir)
+    assert ta.params == {"lambda": 1.0, "normalize": False, "rescale": True, "int8_mask": False, "seed": 0}
+    assert ta.expert_params[0] == {"weight": 0.6, "density": 1.0}
+    della, _ = _parse(recipe(family, "della", 2), workdir)
+    assert della.params["normalize"] is True and della.expert_params[0]["epsilon"] == 0.15
+    bad = {
+        "linear base not listed": (recipe(family, "linear", 2, "given"), "must also be listed under models"),
+        "slerp two models": (recipe(family, "slerp", 2, "given", {"t": 0.5}), "exactly 1"),
+        "slerp without t": (recipe(family, "slerp", 1, "given"), "parameter 't'"),
+        "unknown parameter": (recipe(family, "dare_ties", 2, "given", {"densty": 0.5}), "takes no parameter 'densty'"),
+        "della epsilon": (recipe(family, "della", 2, density=0.1, epsilon=0.15), "epsilon"),
+        "ties without base": (recipe(family, "ties", 2, "none"), "missing required key 'base_model'"),
+        "passthrough two": ({"merge_method": "passthrough", "models": [{"model": str(family["expert1"])},
+                                                                     {"model": str(family["expert2"])}]}, "exactly 1"),
+    }
+    for what, (cfg, expect) in bad.items():
+        if what.startswith("slerp"):
+            for m in cfg["models"]:
+                m["parameters"].pop("weight")
+        with pytest.raises(MergepipeError, match=None) as e:
+            _parse(cfg, workdir)
+            pytest.fail(f"{what}: accepted")
+        assert expect in str(e.value) and "\n" not in str(e.value) and "r.yml" in str(e.value), (what, str(e.value))

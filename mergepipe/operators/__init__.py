@@ -156,6 +156,9 @@ class Operator:
                         raise MergepipeError(f"{where}: models[{i}]: parameter {p.name!r} is required for {self.name}")
             experts.append(e)
         shared_out = {p.name: g.get(p.name, p.default) for p in self.params if not p.per_expert}
+        missing = [k for k, v in shared_out.items() if v is None]
+        if missing:
+            raise MergepipeError(f"{where}: parameter {missing[0]!r} is required for {self.name}")
         try:
             self.validate(shared_out)
         except MergepipeError as e:
