@@ -277,6 +277,10 @@ def select(op, resolver: Resolver, base: Model, experts: list[Model], fam: Famil
                              f"plan it with --budget 100%")
     table, data = _candidates(op, names, readable, experts, fam, resolver, opts.allow_nonfinite, own)
     state = choose(table, budget_bytes, opts.planner, opts.seed)
+    whole = np.ones(len(names), bool)
+    np.logical_and.at(whole, table.t, state == EXACT)
+    tid = {n: i for i, n in enumerate(names)}
+    data = {n: op.settle(d, bool(whole[tid[n]])) for n, d in data.items()}
     tensors, bound = _tensor_plans(op, names, base, len(experts), table, state, data, resolver)
     return Selection(tensors, total, budget_bytes, sum(tp.planned_bytes for tp in tensors.values()),
                      op.certificate(bound if np.isfinite(bound) else None))
@@ -296,7 +300,7 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
     # the index sketches each expert as it reads it, also for a plan at 100%: a later budgeted plan
     # of the family then needs no second read
     sketch = SketchSpec.make(opts.sketch) if opts.fill == "sketch" and op.unit == "block" else None
-    fam = index_family(base, experts, catalog or Catalog(), opts.progress, sketch)
+    fam = index_family(base, experts, catalog or Catalog(), opts.progress, sketch, op.index_stats)
     sel = select(op, Resolver(op, config.params, config.expert_params), base, experts, fam, budget, opts)
     rel = Path(opts.relative_to).resolve() if opts.relative_to else None
     inputs = [_input(e, fam, rel) for e in experts]
