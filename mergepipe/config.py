@@ -45,12 +45,12 @@ def parse_config(doc: object, where: str = "<config>") -> MergeConfig:
     unknown = sorted(set(doc) - TOP_KEYS)
     if unknown:
         raise MergepipeError(f"{where}: unknown key {unknown[0]!r} (mergepipe reads {', '.join(sorted(TOP_KEYS))})")
-    for key in ("merge_method", "base_model", "models"):
+    for key in ("merge_method", "models"):
         if key not in doc:
             raise MergepipeError(f"{where}: missing required key {key!r}")
     op = operators.get(str(doc["merge_method"]))
-    base = doc["base_model"]
-    if not isinstance(base, str):
+    base = doc.get("base_model")
+    if base is not None and not isinstance(base, str):
         raise MergepipeError(f"{where}: base_model must be a path or hub id, got {type(base).__name__}")
     if doc.get("tokenizer_source", "base") != "base":
         raise MergepipeError(f"{where}: tokenizer_source {doc['tokenizer_source']!r} is not supported "
@@ -58,19 +58,21 @@ def parse_config(doc: object, where: str = "<config>") -> MergeConfig:
     models = doc["models"]
     if not isinstance(models, list) or not models:
         raise MergepipeError(f"{where}: models must be a non-empty list of {{model: PATH, parameters: ...}}")
-    experts, given = [], []
+    listed, listed_params = [], []
     for i, entry in enumerate(models):
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or set(entry) - {"model", "parameters"}:
             raise MergepipeError(f"{where}: models[{i}] must be a mapping with 'model' (a path) and optional 'parameters'")
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise MergepipeError(f"{where}: models[{i}].parameters must be a mapping")
-        if entry["model"] == base:
-            continue  # mergekit lets the base appear among the models; it is the base, not an expert
-        experts.append(entry["model"])
-        given.append(params)
-    if not experts:
+        listed.append(entry["model"])
+        listed_params.append(params)
+    if op.base_policy == "required" and base is not None and all(m == base for m in listed):
         raise MergepipeError(f"{where}: models lists no expert besides the base")
+    # mergekit lets the base appear among the models; unless the method merges it as an input, it
+    # is the base, not an expert
+    base, chosen = op.inputs(base, listed, where)
+    experts, given = [listed[i] for i in chosen], [listed_params[i] for i in chosen]
     shared = doc.get("parameters") or {}
     if not isinstance(shared, dict):
         raise MergepipeError(f"{where}: parameters must be a mapping")

@@ -25,7 +25,7 @@ from .budget import parse_budget
 from .checkpoint import Model, open_model
 from .config import MergeConfig
 from .errors import MergepipeError
-from .index import Catalog, FamilyIndex, TensorDelta, index_family
+from .index import Catalog, FamilyIndex, TensorDelta, index_family, same_model
 from .options import PlanOptions
 from .manifest import (SCHEMA, Budget, InputFile, InputModel, Manifest, OperatorSpec, Plan, SketchFile, Stage,
                        TensorPlan)
@@ -94,8 +94,9 @@ def _finite(td: TensorDelta, expert: Model, name: str, allow: bool) -> TensorDel
 
 
 def _candidates(op, names: list[str], readable: set[str], experts: list[Model], fam: FamilyIndex,
-                resolver: Resolver, allow_nonfinite: bool) -> tuple[Table, dict[str, dict | None]]:
-    """The operator's candidates for every readable tensor, and its per-tensor plan data."""
+                resolver: Resolver, allow_nonfinite: bool, own: set[int]) -> tuple[Table, dict[str, dict | None]]:
+    """The operator's candidates for every readable tensor, and its per-tensor plan data. Experts in
+    `own` are the base itself (a method that merges the base as an input): nothing to read."""
     cols: dict[str, list] = {c: [] for c in Table.__dataclass_fields__}
     data: dict[str, dict | None] = {}
     for ti, name in enumerate(names):
@@ -107,6 +108,8 @@ def _candidates(op, names: list[str], readable: set[str], experts: list[Model], 
         info = experts[0].tensors[name]
         data[name] = op.tensor_data(info, deltas, tp)
         for k, e in enumerate(experts):
+            if k in own:
+                continue
             c = op.candidates(e.tensors[name], k, deltas[k], tp, coef[k], data[name])
             if len(c.blocks) > 1 and not (np.diff(c.blocks) > 0).all():
                 raise MergepipeError(f"internal: {op.name}'s candidates for {name!r} are not ascending distinct blocks")
@@ -266,10 +269,18 @@ def select(op, resolver: Resolver, base: Model, experts: list[Model], fam: Famil
     floating = {n: info for n, info in base.tensors.items() if info.is_float}
     names = list(floating)
     readable = op.readable(floating, resolver.shared, opts.source)
-    total = sum(e.tensors[n].end - e.tensors[n].start for n in readable for e in experts)
+    own = {k for k, e in enumerate(experts) if same_model(e, base)}
+    total = sum(e.tensors[n].end - e.tensors[n].start for n in readable for k, e in enumerate(experts) if k not in own)
     budget_bytes = parse_budget(budget, total)
-    table, data = _candidates(op, names, readable, experts, fam, resolver, opts.allow_nonfinite)
+    if not op.budgeted and budget_bytes < total:
+        raise MergepipeError(f"{opts.source}: {op.name} cannot be budgeted (it needs every input tensor whole); "
+                             f"plan it with --budget 100%")
+    table, data = _candidates(op, names, readable, experts, fam, resolver, opts.allow_nonfinite, own)
     state = choose(table, budget_bytes, opts.planner, opts.seed)
+    whole = np.ones(len(names), bool)
+    np.logical_and.at(whole, table.t, state == EXACT)
+    tid = {n: i for i, n in enumerate(names)}
+    data = {n: op.settle(d, bool(whole[tid[n]])) for n, d in data.items()}
     tensors, bound = _tensor_plans(op, names, base, len(experts), table, state, data, resolver)
     return Selection(tensors, total, budget_bytes, sum(tp.planned_bytes for tp in tensors.values()),
                      op.certificate(bound if np.isfinite(bound) else None))
@@ -289,7 +300,7 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
     # the index sketches each expert as it reads it, also for a plan at 100%: a later budgeted plan
     # of the family then needs no second read
     sketch = SketchSpec.make(opts.sketch) if opts.fill == "sketch" and op.unit == "block" else None
-    fam = index_family(base, experts, catalog or Catalog(), opts.progress, sketch)
+    fam = index_family(base, experts, catalog or Catalog(), opts.progress, sketch, op.index_stats)
     sel = select(op, Resolver(op, config.params, config.expert_params), base, experts, fam, budget, opts)
     rel = Path(opts.relative_to).resolve() if opts.relative_to else None
     inputs = [_input(e, fam, rel) for e in experts]
