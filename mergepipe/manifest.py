@@ -120,6 +120,9 @@ class Execution:
     resumed_bytes: int = 0  # output bytes taken over from a killed run (verified, not recomputed)
     # per tensor, what a non-additive operator reports (GCWM: active experts, ranks, conflict, gate, ...)
     diagnostics: Optional[dict[str, dict[str, Any]]] = None
+    # per stage kind: the expert bytes it read, a second read after the merge's, charged to its own
+    # budget (FeatCal: calibrate.budget) and counted in bytes_read and expert_bytes_read too
+    stage_bytes_read: Optional[dict[str, int]] = None
 
 
 @dataclass

@@ -23,7 +23,8 @@ from mergepipe.plan import plan_merge
 
 from helpers import load_all, calibration
 
-PARAMS = {"samples": 6, "seq_len": 12, "batch_size": 4}
+# 16 sequences of 12-23 tokens: at least the 176 inputs of the tiny family's down_proj per expert
+PARAMS = {"samples": 16, "seq_len": 24, "batch_size": 8}
 
 
 def _data(workdir, experts=4, seed=0, tasks=False):
@@ -32,7 +33,7 @@ def _data(workdir, experts=4, seed=0, tasks=False):
     with open(path, "w") as f:
         for k in range(experts):
             for _ in range(PARAMS["samples"]):
-                n = int(torch.randint(4, 16, (1,), generator=g))
+                n = int(torch.randint(12, 24, (1,), generator=g))
                 rec = {"input_ids": torch.randint(0, 512, (n,), generator=g).tolist()}
                 if tasks:
                     rec["task"] = f"t{k}"
@@ -58,7 +59,7 @@ def _plan(family, workdir, **kw):
 def test_calibrated_merge_matches_the_loop_and_leaves_the_rest(family, workdir):
     m = _plan(family, workdir)
     c = calibration(m)
-    assert c.prefixes == [2, 2, 2, 2] and c.sequences == [6] * 4 and len(c.data) == 1
+    assert c.prefixes == [2, 2, 2, 2] and c.sequences == [16] * 4 and len(c.data) == 1
     assert c.statistics["self_attn.q_proj"] == [64, 64] and c.statistics["input_layernorm"] == [64]
     done = execute(m, workdir / "out")
     got = load_all(workdir / "out")
@@ -69,7 +70,7 @@ def test_calibrated_merge_matches_the_loop_and_leaves_the_rest(family, workdir):
     experts = [load_all(family[f"expert{k}"]) for k in range(1, 5)]
     from mergepipe.featcal.data import load_calibration
     arch = Arch.from_config(family["base"] / "config.json", tensor_names=base)
-    ids = load_calibration([workdir / "calib.jsonl"], 4, 512, 6, 12).ids
+    ids = load_calibration([workdir / "calib.jsonl"], 4, 512, 16, 24).ids
     ref = {}
     calibrate(arch, TensorSource(base), TensorSource(plain), [TensorSource(e) for e in experts], ids, c.params,
               lambda n, t: ref.__setitem__(n, t.to(plain[n].dtype)), store_dtype=torch.bfloat16)
