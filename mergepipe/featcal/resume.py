@@ -27,7 +27,7 @@ from .calibrate import LayerReport, Stream
 
 VERSION = 1
 # test-only: seconds slept after each journaled layer, so a test can kill a run between layers
-SLOW_ENV = "MERGEPIPE_TEST_SLOW_MS"
+SLOW_ENV = "MERGEPIPE_TEST_SLOW_FEATCAL_MS"
 
 
 def _line(body: dict) -> bytes:
