@@ -275,6 +275,12 @@ class _StreamPool:
         self.spilled += nbytes
         return Stream(lengths, d, self.dir / f"{tag}.f32")
 
+    def free(self, stream: Stream) -> None:
+        """Close a stream and give its RAM back to the limit."""
+        if stream.path is None:
+            self.ram -= stream.flat.numel() * 4
+        stream.close()
+
     def cleanup(self) -> None:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -427,6 +433,7 @@ class _Run:
     dev: torch.device
     store_dtype: torch.dtype | dict[str, torch.dtype] | None
     emit: Callable[[str, Tensor], None]
+    pool: _StreamPool
 
 
 def _plan(arch, params: FeatCalParams) -> _Plan:
@@ -538,7 +545,7 @@ def calibrate(arch, base: Source, merged: Source, experts: Sequence[Source],
             student, teacher = _stem(arch, merged, experts, seqs, prefixes, p, pool)
         diag.spilled_bytes = pool.spilled
         run = _Run(arch, base, merged, experts, seqs, prefixes, p, _plan(arch, p), torch.device(opt.device),
-                   opt.store_dtype, emit)
+                   opt.store_dtype, emit, pool)
         for layer in range(len(done), L):
             active = [i for i in range(len(experts)) if prefixes[i] > layer]
             if not active:
@@ -664,23 +671,80 @@ def _by_block(run: _Run, st: _LayerState, student: dict[int, Stream], teacher: d
 
 def _by_module(run: _Run, st: _LayerState, student: dict[int, Stream], teacher: dict[int, Stream]) -> None:
     """Module order: each group (or norm) solved on the inputs that the merged layer, its upstream
-    groups already calibrated, gives it; one forward of the layer per group and expert, stopped at
-    the group's input. Every active expert's layer is held for the layer's duration (read once)."""
+    groups already calibrated, gives it: one forward of the layer per group and expert, stopped at
+    the group's input. The expert layers do not change: each runs once, its Linear inputs kept as
+    streams for the layer's duration, and its calibrated tensors are held until the layer is solved
+    (each expert layer is read once)."""
     arch, p = run.arch, run.p
     e_t = {i: _expert_tensors(run, st, i) for i in st.active}
-    le = {i: arch.build_layer(st.layer, e_t[i]) for i in st.active} if p.alpha > 0 else {}
+    linear = [specs[0].name for specs in run.plan.groups.values()]
+    xe = {i: _teacher_inputs(run, st, i, arch.build_layer(st.layer, e_t[i]), teacher[i], linear)
+          for i in st.active} if p.alpha > 0 else {}
     for step in run.plan.steps:
         lm = arch.build_layer(st.layer, st.m_t)
         lin, nrm = _sums(step, st.m_t, run.dev)
+        name = step.hooked()[0]
         for i in st.active:
-            stats = _collect(run, step, lm, le.get(i) if step.groups else None, student[i], teacher.get(i),
-                             run.seqs[i], False)
+            stats = _step_stats(run, step, lm, student[i], xe[i][name] if i in xe and step.groups else None,
+                                run.seqs[i])
             _fold(step, lin, nrm, stats, e_t[i], st.rep, p.eps)
         del lm
         _store(run, st, _solve(step, lin, nrm, st.m_t, st.b_t, p), _targets(step, st.m_t, p))
-    for i in st.active:
-        if i in le and run.prefixes[i] > st.layer + 1:  # the expert streams: once through the whole layer
-            _advance(arch, le[i], teacher[i], run.seqs[i], p.batch_size, run.dev)
+    for streams in xe.values():
+        for s in streams.values():
+            run.pool.free(s)
+
+
+def _teacher_inputs(run: _Run, st: _LayerState, i: int, le, he: Stream, names: list[str]) -> dict[str, Stream]:
+    """Expert i's layer over its stream, once: the input of each named module, as streams; the
+    expert stream advances in place when the expert goes on to the next layer."""
+    arch, dev = run.arch, run.dev
+    lengths = [len(s) for s in run.seqs[i]]
+    out: dict[str, Stream] = {}
+    with _hooks(le, names) as seen:
+        j = 0
+        for _ids, mask in batches(run.seqs[i], run.p.batch_size):
+            b, width = mask.shape
+            y = _forward(arch, le, he.read(j, j + b, width).to(dev), mask.to(dev))
+            for name in names:
+                x = seen[name].float()
+                _check_rows(x, b, width, name)
+                if name not in out:
+                    out[name] = run.pool.new(lengths, x.shape[-1], f"expert{i}-{name}")
+                out[name].write(j, x)
+            if run.prefixes[i] > st.layer + 1:
+                he.write(j, y)
+            j += b
+    return out
+
+
+def _step_stats(run: _Run, step: _Plan, lm, hs: Stream, xe: Stream | None, seqs) -> tuple[dict, dict]:
+    """One expert's statistics for one step: the student forward stopped at the step's input, paired
+    with the expert's kept input (None: x_t = x_s, or a norm, which needs no teacher)."""
+    arch, p, dev = run.arch, run.p, run.dev
+    name = step.hooked()[0]
+    lin = {g: None for g in step.groups}
+    nrm = {spec.name: None for spec in step.norms}
+    with _hooks(lm, [name], stop=True) as seen:
+        j = 0
+        for _ids, mask in batches(seqs, p.batch_size):
+            b, width = mask.shape
+            mask = mask.to(dev)
+            omega = mask.to(torch.float32)
+            _forward(arch, lm, hs.read(j, j + b, width).to(dev), mask)
+            x = seen[name].float()
+            _check_rows(x, b, width, name)
+            for g in step.groups:
+                xt = None if xe is None else p.alpha * xe.read(j, j + b, width).to(dev) + (1 - p.alpha) * x
+                if lin[g] is None:
+                    lin[g] = S.LinearStats.zeros(x.shape[-1], same=xe is None, device=dev)
+                lin[g].add(x, xt, omega)
+            for spec in step.norms:
+                if nrm[spec.name] is None:
+                    nrm[spec.name] = S.NormStats.zeros(x.shape[-1], device=dev)
+                nrm[spec.name].add(x, omega, spec.kind, spec.eps)
+            j += b
+    return lin, nrm
 
 
 def _sums(plan: _Plan, m_t: dict[str, Tensor], dev) -> tuple[dict, dict]:
@@ -719,15 +783,14 @@ def _store(run: _Run, st: _LayerState, solved: dict[str, Tensor], targets: list[
 
 def _collect(run: _Run, plan: _Plan, lm, le, hs: Stream, he: Stream | None, seqs,
              write_teacher: bool) -> tuple[dict, dict]:
-    """One expert's statistics for the plan's modules; advances its expert stream in place when
-    asked. A plan of one module stops each forward at that module's input (module order)."""
+    """One expert's statistics for every module of the layer (block order); advances its expert
+    stream in place when asked."""
     arch, p, dev = run.arch, run.p, run.dev
     same = le is None
     names = plan.hooked()
-    stop = len(names) == 1 and not write_teacher
     lin = {g: None for g in plan.groups}
     nrm = {spec.name: None for spec in plan.norms}
-    with _hooks(lm, names, stop) as lm_in, _hooks(le, names, stop) if le is not None else nullcontext() as le_in:
+    with _hooks(lm, names) as lm_in, _hooks(le, names) if le is not None else nullcontext() as le_in:
         j = 0
         for _ids, mask in batches(seqs, p.batch_size):
             b, width = mask.shape
