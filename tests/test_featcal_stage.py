@@ -220,3 +220,30 @@ def test_interrupted_calibration_keeps_the_merge_for_the_rerun(family, workdir, 
     fresh = execute(m, workdir / "fresh")
     assert done.execution.root_hash == fresh.execution.root_hash
     assert done.execution.resumed_bytes == sum(f.size for f in fresh.execution.outputs.values())
+
+def test_too_few_tokens_is_one_line_naming_the_file(family, workdir, tmp_path):
+    """Fewer calibration tokens per expert than down_proj has inputs (176 here): refused at
+    planning, unless the user allows the underdetermined solve."""
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps({"input_ids": list(range(1, 21))}) + "\n" for _ in range(8)))  # 160 tokens
+    path = _config(family, workdir, short)
+    r = CliRunner().invoke(app, ["plan", str(path), "-o", str(workdir / "m.json")])
+    assert r.exit_code == 2 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert "short.jsonl" in r.output and "160 calibration tokens" in r.output and "176 inputs of mlp.down_proj" in r.output
+    assert not (workdir / "m.json").exists()
+    m = _plan(family, workdir, data=short, parameters={"allow_underdetermined": True}, name="ok.yml")
+    assert calibration(m).tokens == [160] * 4 and calibration(m).params["allow_underdetermined"] is True
+
+
+def test_reads_are_charged_to_the_calibration_budget(family, workdir):
+    """The calibration's expert reads are a second read: exactly what calibrate.budget granted,
+    recorded apart, and the merge's own reads are what its plan granted."""
+    m = _plan(family, workdir)
+    c = calibration(m)
+    assert c.params["order"] == "module"
+    ex = execute(m, workdir / "out").execution
+    assert ex.stage_bytes_read == {"featcal": c.budget.bytes}
+    assert ex.expert_bytes_read == m.plan.planned_expert_bytes + c.budget.bytes
+    saved = json.loads((workdir / "out" / MANIFEST_NAME).read_text())
+    assert saved["execution"]["stage_bytes_read"] == {"featcal": c.budget.bytes}
+    assert saved["stages"][0]["record"]["params"]["order"] == "module"
