@@ -140,7 +140,7 @@ class Manifest:
 
     def to_json(self) -> str:
         doc = dataclasses.asdict(self)
-        for key, empty in (("resumed_bytes", 0), ("diagnostics", None)):
+        for key, empty in (("resumed_bytes", 0), ("diagnostics", None), ("stage_bytes_read", None)):
             if doc["execution"] and doc["execution"][key] == empty:
                 del doc["execution"][key]  # absent unless used: older manifests stay canonical
         return dumps(doc)
