@@ -250,5 +250,6 @@ def _patch(journal: StageJournal, merged: Model) -> None:
 
 
 def describe(c: Calibration) -> str:
-    return (f"layer prefixes per expert {c.prefixes}, {c.budget.bytes} of {c.budget.expert_bytes_total} expert "
-            f"bytes; sequences {c.sequences}, tokens {c.tokens}; data {', '.join(f.path for f in c.data)}")
+    return (f"{c.params['order']} order; layer prefixes per expert {c.prefixes}, {c.budget.bytes} of "
+            f"{c.budget.expert_bytes_total} expert bytes; sequences {c.sequences}, tokens {c.tokens}; "
+            f"data {', '.join(f.path for f in c.data)}")
