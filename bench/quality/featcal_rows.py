@@ -76,7 +76,7 @@ def real_calibration_file(work: Path, tasks: list[str], n: int) -> Path:
 # Validation sweep
 
 
-def sweep(folder: Path, out: Path, lams=(1e-5, 1e-3, 1e-2, 0.05), alphas=(0.25, 0.5, 1.0), samples: int = 128,
+def sweep(folder: Path, out: Path, lams=(1e-5, 1e-3, 1e-2, 0.05), alphas=(0.5, 1.0), samples: int = 128,
           log=print) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -150,17 +150,25 @@ def _tokens(manifest: dict) -> list[int] | None:
 
 
 def rows(scale: str, paths: dict[str, Path], tasks: list[str], evaluate, ops: list[str], samples: list[int],
-         work: Path, out: Path, cached: dict | None = None, log=print) -> list[dict]:
+         work: Path, out: Path, cached: dict | None = None, keep: bool = False, log=print) -> list[dict]:
     stem = "featcal-quality" + ("-real" if scale == "real" else "")
     result: list[dict] = []
+    if keep and (out / f"{stem}.json").exists():  # rows measured before: kept, not measured again
+        result = json.loads((out / f"{stem}.json").read_text())["rows"]
+    done = {r["model"] for r in result}
     for name, path in paths.items():
-        scores = (cached or {}).get(name) or evaluate(path, tasks)
-        result.append({"model": name, "op": None, "scores": {t: scores[t] for t in tasks}})
-        log(f"{name}: mean NLL {mean(result[-1]['scores'], 'nll'):.3f}")
+        if name in done or name == "base":  # the base is in the quality tables; the gap needs only the experts
+            continue
+        own = [t for t in tasks if name.endswith((f"_{t}", f"-{t}"))]  # each expert on its own task only
+        scores = (cached or {}).get(name) or evaluate(path, own)
+        result.append({"model": name, "op": None, "scores": {t: scores[t] for t in own}})
+        log(f"{name}: own-task NLL {mean(result[-1]['scores'], 'nll'):.3f}")
     calib = real_calibration_file if scale == "real" else table.calibration_file
     for op in ops:
         for n in [None, *samples]:
             name = op if n is None else f"{op}+featcal{n}"
+            if name in done:
+                continue
             t0 = time.perf_counter()
             folder, ex = table.merge(paths, name, 100, "score", work, calibration=calib)
             seconds = time.perf_counter() - t0
@@ -190,14 +198,15 @@ def write(result: list[dict], tasks: list[str], scale: str, out: Path, stem: str
     head = ["model", *(f"{t} NLL / acc / exact" for t in tasks), "mean NLL", "mean token acc", "mean exact",
             "gap closed", "min tokens / expert", "merge s", "calibration reads MiB"]
     lines = [f"# TA, TIES and GCWM with and without FeatCal (module order), {'real SmolLM2' if scale == 'real' else 'trained'} family",
-             "", f"Test split. Experts' mean NLL on their own tasks: {own:.3f}. Gap closed: (operator alone - with "
+             "", f"Test split; experts scored on their own task only (their mean columns: that task). Experts' mean "
+             f"NLL on their own tasks: {own:.3f}. Gap closed: (operator alone - with "
              "FeatCal) / (operator alone - experts on their own tasks), in mean answer NLL. `*`: fewer calibration "
              "tokens per expert than down_proj has inputs (allowed here with allow_underdetermined).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result:
         s = r["scores"]
         cells = [r["model"] + (" *" if r.get("underdetermined") else "")]
-        cells += [f"{s[t]['nll']:.3f} / {s[t]['token_acc']:.3f} / {s[t]['exact']:.2f}" for t in tasks]
+        cells += [f"{s[t]['nll']:.3f} / {s[t]['token_acc']:.3f} / {s[t]['exact']:.2f}" if t in s else "—" for t in tasks]
         cells += [f"{mean(s, 'nll'):.3f}", f"{mean(s, 'token_acc'):.3f}", f"{mean(s, 'exact'):.3f}",
                   f"{r['gap_closed']:.0%}" if "gap_closed" in r else "—",
                   str(min(r["tokens"])) if r.get("tokens") else "—",
@@ -216,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", default="8,32,128")
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "cache" / "featcal-rows")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--keep", action="store_true", help="keep the rows of an earlier run, measure only new ones")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.what == "sweep":
@@ -231,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from .evaluate import evaluate
         paths, tasks, cached = trained_paths(args.family), list(TASKS), None
-    rows(args.scale, paths, tasks, evaluate, args.ops.split(","), samples, args.work / args.scale, args.out, cached)
+    rows(args.scale, paths, tasks, evaluate, args.ops.split(","), samples, args.work / args.scale, args.out, cached,
+         args.keep)
 
 
 if __name__ == "__main__":
