@@ -3,14 +3,18 @@
     python -m bench.featcal [--samples 8,32,128] [--out bench/results]
 
 For each number of calibration sequences per task it runs, through the real command line, the plain
-TA merge and the same merge with a `calibrate:` section, and measures both processes from outside
-(peak RSS of the process tree, wall time). The README's bound for the calibrated run is
+TA merge and the same merge with a `calibrate:` section (module order, its defaults), and measures
+both processes from outside (peak RSS of the process tree, wall time). The README's bound for the
+calibrated run is
 
     peak RSS <= RSS of the same merge without calibration (imports, merge, writer)
               + what importing FeatCal's modules and transformers' layer classes adds
-              + 3 x one decoder layer in float32 (merged, base, current expert)
+              + (2 + experts) x one decoder layer in float32 (merged, base, every active expert's:
+                module order holds the experts' layers while it solves the layer group by group)
               + one layer's statistics in float64 (per Linear group C_ss and C_st, per module a W-sized sum)
               + the activation streams: 2 x experts x real tokens x hidden x 4 bytes
+              + the experts' Linear inputs of the current layer: experts x real tokens x (sum of the
+                Linear groups' input widths) x 4 bytes (module order; past 4 GiB of streams they spill)
               + 64 MiB (one batch of hooked inputs, the stem's embedding rows, allocator slack)
 
 Writes featcal.md and featcal.json under --out.
@@ -40,13 +44,16 @@ def bound_parts(base_dir: Path, tokens: int, experts: int) -> dict[str, int]:
     arch = Arch.from_config(base_dir / "config.json", tensor_names=base.tensors)
     layer = [base.tensors[n] for n in arch.layer_tensor_names(0, base.tensors)]
     layer_f32 = sum(i.numel for i in layer) * 4
-    stats = 0
+    stats, widths = 0, {}
     for spec in arch.modules():
         w = base.tensors.get(f"{arch.layer_prefix(0)}{spec.name}.weight")
         if w is not None and spec.kind == "linear":
             stats += 2 * w.shape[1] ** 2 * 8 + w.numel * 8  # C_ss, C_st per input (an upper bound), W-sized sum
+            widths[spec.group] = w.shape[1]
     streams = 2 * experts * tokens * arch.hidden_size * 4
-    return {"layers": 3 * layer_f32, "statistics": stats, "streams": streams, "slack": SLACK}
+    inputs = experts * tokens * sum(widths.values()) * 4
+    return {"layers": (2 + experts) * layer_f32, "statistics": stats, "streams": streams, "expert_inputs": inputs,
+            "slack": SLACK}
 
 
 IMPORTS = "import mergepipe.cli, mergepipe.execute"
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for n in (int(x) for x in args.samples.split(",")):
         calib = {"data": str(calibration_file(args.work, tasks, n)), "tasks": tasks,
-                 "parameters": {"samples": n, "seq_len": 64}}
+                 "parameters": {"samples": n, "seq_len": 64, "allow_underdetermined": True}}
         r = execute({**cfg, "calibrate": calib}, args.work, f"ta-featcal{n}")
         parts = {"imports": imports, **bound_parts(paths["base"], max(r["calibration"]["tokens"]), len(experts))}
         bound = plain["peak_rss_bytes"] + sum(parts.values())
@@ -133,11 +140,11 @@ def main(argv: list[str] | None = None) -> None:
               f"{rows[-1]['within']}", flush=True)
     mib = 2 ** 20
     lines = ["# FeatCal memory and time on the quality family", "",
-             "TA (weight 0.3) over the 4 experts of the quality family, then FeatCal with the spec's defaults "
-             "(lambda 0.05, rho 2.2, alpha 0.25), sequences of at most 64 tokens. Peak RSS of the whole "
+             "TA (weight 0.3) over the 4 experts of the quality family, then FeatCal in module order with its "
+             "defaults, sequences of at most 64 tokens. Peak RSS of the whole "
              "`mergepipe execute` process tree, sampled from outside; bound as stated in the README "
-             "(plain merge's RSS + FeatCal's imports + 3 float32 layers + float64 statistics + activation streams "
-             "+ 64 MiB).", "",
+             "(plain merge's RSS + FeatCal's imports + (2 + experts) float32 layers + float64 statistics + "
+             "activation streams + the experts' Linear inputs of one layer + 64 MiB).", "",
              "| sequences per task | tokens per expert | wall s | peak RSS | plain TA peak RSS | bound | within |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -28,7 +28,10 @@ from mergepipe.sketch import SketchSpec  # noqa: E402
 from mergepipe.plan import plan_merge  # noqa: E402
 from mergepipe.synth import TINY, build_family  # noqa: E402
 
-CALIB = {"data": "calib.jsonl", "parameters": {"samples": 4, "seq_len": 16, "batch_size": 2}}
+# block order and the reference's defaults: the manifest predates module order (its record has no
+# `order`, which means block) and its 39 tokens per expert predate the token check
+CALIB = {"data": "calib.jsonl", "parameters": {"samples": 4, "seq_len": 16, "batch_size": 2, "order": "block",
+                                               "allow_underdetermined": True}}
 CASES = {  # name: (method, per-model parameters, shared parameters, budget, calibrate section)
     "ta-100": ("task_arithmetic", {}, {}, "100%", None),
     "ta-20": ("task_arithmetic", {}, {}, "20%", None),
@@ -54,21 +57,26 @@ def replay_family(root: Path) -> dict[str, Path]:
     return paths
 
 
+def plan_case(root: Path, paths: dict[str, Path], name: str):
+    """The manifest of case `name`, planned on the family under root (not executed)."""
+    method, params, shared, budget, calibrate = CASES[name]
+    cfg = demo_config(paths, method, **shared)
+    for m in cfg["models"]:
+        m["parameters"].update(params)
+    if calibrate:
+        cfg["calibrate"] = {**calibrate, "data": str(root / calibrate["data"])}
+    (root / f"{name}.yml").write_text(yaml.safe_dump(cfg))
+    fill = "zero" if name.endswith("-zero") else "sketch"
+    return plan_merge(load_config(root / f"{name}.yml"), budget, Catalog(root / "catalog.sqlite"),
+                      relative_to=root, fill=fill)
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = replay_family(root)
-        catalog = Catalog(root / "catalog.sqlite")
-        for name, (method, params, shared, budget, calibrate) in CASES.items():
-            cfg = demo_config(paths, method, **shared)
-            for m in cfg["models"]:
-                m["parameters"].update(params)
-            if calibrate:
-                cfg["calibrate"] = {**calibrate, "data": str(root / calibrate["data"])}
-            (root / f"{name}.yml").write_text(yaml.safe_dump(cfg))
-            fill = "zero" if name.endswith("-zero") else "sketch"
-            m = plan_merge(load_config(root / f"{name}.yml"), budget, catalog, relative_to=root, fill=fill)
-            done = execute(m, root / "out" / name, root=root)
+        for name in CASES:
+            done = execute(plan_case(root, paths, name), root / "out" / name, root=root)
             done.save(HERE / f"{name}.json")
             print(f"{name}: root hash {done.execution.root_hash}")
 

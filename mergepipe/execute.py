@@ -137,17 +137,25 @@ def _merge_and_stages(run: _Run, staging: Staging, reader: Reader) -> Manifest:
     _copy_sidecars(base.root, staging.folder, run.m.out_dtype)
     diagnostics = {k: v for r in results.values() for k, v in r.meta.items()}
     before = dict(reader.bytes_read)
+    stage_reads: dict[str, int] = {}
     for st in run.m.stages:
         ctx = stages.StageContext(base, [o.model for o in run.opened[1:]], staging.folder, reader, run.dev,
                                   run.opts.root_path)
+        snap = dict(reader.bytes_read)
         for name, d in stages.get(st.kind).run(_record(st, len(ctx.experts)), ctx).diagnostics.items():
             diagnostics[name] = {**diagnostics.get(name, {}), **d}
+        experts = {str(fh.path) for o in run.opened[1:] for fh in o.model.files}
+        stage_reads[st.kind] = stage_reads.get(st.kind, 0) + sum(
+            n - snap.get(path, 0) for path, n in reader.bytes_read.items() if path in experts)
     outputs = {name: r.output for name, r in results.items()}
     if run.m.stages:  # the stages rewrote tensors in place
         outputs = {j.layout.name: OutputFile(j.layout.size, *hash_file(staging.folder / j.layout.name, j.layout))
                    for j in run.jobs}
     read = _bytes_read(run, results, reader, before)
-    return _complete(run, outputs, read, resumed, dict(sorted(diagnostics.items())) or None)
+    done = _complete(run, outputs, read, resumed, dict(sorted(diagnostics.items())) or None)
+    if stage_reads:
+        done.execution.stage_bytes_read = stage_reads
+    return done
 
 
 def _resume(run: _Run, staging: Staging, records: list[Record]) -> tuple[dict[str, Resume], list[Record]]:

@@ -120,6 +120,9 @@ class Execution:
     resumed_bytes: int = 0  # output bytes taken over from a killed run (verified, not recomputed)
     # per tensor, what a non-additive operator reports (GCWM: active experts, ranks, conflict, gate, ...)
     diagnostics: Optional[dict[str, dict[str, Any]]] = None
+    # per stage kind: the expert bytes it read, a second read after the merge's, charged to its own
+    # budget (FeatCal: calibrate.budget) and counted in bytes_read and expert_bytes_read too
+    stage_bytes_read: Optional[dict[str, int]] = None
 
 
 @dataclass
@@ -137,7 +140,7 @@ class Manifest:
 
     def to_json(self) -> str:
         doc = dataclasses.asdict(self)
-        for key, empty in (("resumed_bytes", 0), ("diagnostics", None)):
+        for key, empty in (("resumed_bytes", 0), ("diagnostics", None), ("stage_bytes_read", None)):
             if doc["execution"] and doc["execution"][key] == empty:
                 del doc["execution"][key]  # absent unless used: older manifests stay canonical
         return dumps(doc)

@@ -34,7 +34,7 @@ from helpers import load_all, calibration
 
 VOCAB = 128
 EXPERTS = 2
-PARAMS = {"samples": 4, "seq_len": 12, "batch_size": 2}
+PARAMS = {"samples": 6, "seq_len": 16, "batch_size": 2}  # >= 60 tokens: down_proj has 48 inputs
 
 DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -89,7 +89,7 @@ def write_data(path: Path) -> Path:
     g = torch.Generator().manual_seed(7)
     with open(path, "w") as f:
         for _ in range(6):
-            n = int(torch.randint(5, 13, (1,), generator=g))
+            n = int(torch.randint(10, 17, (1,), generator=g))
             f.write(json.dumps({"input_ids": torch.randint(0, VOCAB, (n,), generator=g).tolist()}) + "\n")
     return path
 

@@ -23,7 +23,8 @@ from mergepipe.plan import plan_merge
 
 from helpers import load_all, calibration
 
-PARAMS = {"samples": 6, "seq_len": 12, "batch_size": 4}
+# 16 sequences of 12-23 tokens: at least the 176 inputs of the tiny family's down_proj per expert
+PARAMS = {"samples": 16, "seq_len": 24, "batch_size": 8}
 
 
 def _data(workdir, experts=4, seed=0, tasks=False):
@@ -32,7 +33,7 @@ def _data(workdir, experts=4, seed=0, tasks=False):
     with open(path, "w") as f:
         for k in range(experts):
             for _ in range(PARAMS["samples"]):
-                n = int(torch.randint(4, 16, (1,), generator=g))
+                n = int(torch.randint(12, 24, (1,), generator=g))
                 rec = {"input_ids": torch.randint(0, 512, (n,), generator=g).tolist()}
                 if tasks:
                     rec["task"] = f"t{k}"
@@ -58,7 +59,7 @@ def _plan(family, workdir, **kw):
 def test_calibrated_merge_matches_the_loop_and_leaves_the_rest(family, workdir):
     m = _plan(family, workdir)
     c = calibration(m)
-    assert c.prefixes == [2, 2, 2, 2] and c.sequences == [6] * 4 and len(c.data) == 1
+    assert c.prefixes == [2, 2, 2, 2] and c.sequences == [16] * 4 and len(c.data) == 1
     assert c.statistics["self_attn.q_proj"] == [64, 64] and c.statistics["input_layernorm"] == [64]
     done = execute(m, workdir / "out")
     got = load_all(workdir / "out")
@@ -69,7 +70,7 @@ def test_calibrated_merge_matches_the_loop_and_leaves_the_rest(family, workdir):
     experts = [load_all(family[f"expert{k}"]) for k in range(1, 5)]
     from mergepipe.featcal.data import load_calibration
     arch = Arch.from_config(family["base"] / "config.json", tensor_names=base)
-    ids = load_calibration([workdir / "calib.jsonl"], 4, 512, 6, 12).ids
+    ids = load_calibration([workdir / "calib.jsonl"], 4, 512, 16, 24).ids
     ref = {}
     calibrate(arch, TensorSource(base), TensorSource(plain), [TensorSource(e) for e in experts], ids, c.params,
               lambda n, t: ref.__setitem__(n, t.to(plain[n].dtype)), store_dtype=torch.bfloat16)
@@ -219,3 +220,30 @@ def test_interrupted_calibration_keeps_the_merge_for_the_rerun(family, workdir, 
     fresh = execute(m, workdir / "fresh")
     assert done.execution.root_hash == fresh.execution.root_hash
     assert done.execution.resumed_bytes == sum(f.size for f in fresh.execution.outputs.values())
+
+def test_too_few_tokens_is_one_line_naming_the_file(family, workdir, tmp_path):
+    """Fewer calibration tokens per expert than down_proj has inputs (176 here): refused at
+    planning, unless the user allows the underdetermined solve."""
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps({"input_ids": list(range(1, 21))}) + "\n" for _ in range(8)))  # 160 tokens
+    path = _config(family, workdir, short)
+    r = CliRunner().invoke(app, ["plan", str(path), "-o", str(workdir / "m.json")])
+    assert r.exit_code == 2 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert "short.jsonl" in r.output and "160 calibration tokens" in r.output and "176 inputs of mlp.down_proj" in r.output
+    assert not (workdir / "m.json").exists()
+    m = _plan(family, workdir, data=short, parameters={"allow_underdetermined": True}, name="ok.yml")
+    assert calibration(m).tokens == [160] * 4 and calibration(m).params["allow_underdetermined"] is True
+
+
+def test_reads_are_charged_to_the_calibration_budget(family, workdir):
+    """The calibration's expert reads are a second read: exactly what calibrate.budget granted,
+    recorded apart, and the merge's own reads are what its plan granted."""
+    m = _plan(family, workdir)
+    c = calibration(m)
+    assert c.params["order"] == "module"
+    ex = execute(m, workdir / "out").execution
+    assert ex.stage_bytes_read == {"featcal": c.budget.bytes}
+    assert ex.expert_bytes_read == m.plan.planned_expert_bytes + c.budget.bytes
+    saved = json.loads((workdir / "out" / MANIFEST_NAME).read_text())
+    assert saved["execution"]["stage_bytes_read"] == {"featcal": c.budget.bytes}
+    assert saved["stages"][0]["record"]["params"]["order"] == "module"

@@ -11,7 +11,7 @@ from mergepipe.verify import verify
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 sys.path.insert(0, str(MANIFESTS))
-from regenerate import replay_family  # noqa: E402
+from regenerate import plan_case, replay_family  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +19,18 @@ def replay_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("replay")
     replay_family(root)
     return root
+
+
+def test_featcal_block_order_replans_to_the_recorded_root_hash(replay_root, tmp_path):
+    """The recorded FeatCal manifest has no `order` (block, the reference's order); planned again
+    with `order: block` it records the order and still gives the same bytes."""
+    recorded = load_manifest(MANIFESTS / "ta-featcal.json")
+    assert "order" not in recorded.stages[0].record["params"]
+    m = plan_case(replay_root, {p.name: p for p in (replay_root / "family").iterdir() if p.is_dir()}, "ta-featcal")
+    assert m.stages[0].record["params"]["order"] == "block"
+    done = execute(m, tmp_path / "out", root=replay_root)
+    assert done.execution.root_hash == recorded.execution.root_hash
+    assert done.execution.stage_bytes_read == {"featcal": m.stages[0].record["budget"]["bytes"]}
 
 
 @pytest.mark.parametrize("path", sorted(MANIFESTS.glob("*.json")), ids=lambda p: p.stem)

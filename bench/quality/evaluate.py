@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .tasks import TASKS, test_set
+from .tasks import TASKS, test_set, val_set
 
 
 @torch.no_grad()
@@ -67,12 +67,14 @@ def _greedy_exact(model, tok, items, batch_size, max_new):
     return hits / len(items)
 
 
-def evaluate_model(model, tok, tasks=TASKS, n: int = 200, batch_size: int = 250, test_seed: int = 0):
-    """Metrics for an in-memory model (used directly by the family builder's checks)."""
+def evaluate_model(model, tok, tasks=TASKS, n: int = 200, batch_size: int = 250, test_seed: int = 0,
+                   split: str = "test"):
+    """Metrics for an in-memory model (used directly by the family builder's checks), on the test
+    split or (split="val") the validation split."""
     model.eval()
     res = {}
     for task in tasks:
-        items = test_set(task, n, test_seed)
+        items = test_set(task, n, test_seed) if split == "test" else val_set(task, n, test_seed=test_seed)
         nll, acc = _teacher_forced(model, tok, items, batch_size)
         max_new = max(len(a) for _, a in items) + 1
         res[task] = {"nll": nll, "token_acc": acc, "exact": _greedy_exact(model, tok, items, batch_size, max_new)}
@@ -80,13 +82,13 @@ def evaluate_model(model, tok, tasks=TASKS, n: int = 200, batch_size: int = 250,
 
 
 def evaluate(model_dir: str | Path, tasks=TASKS, n: int = 200, batch_size: int = 250,
-             test_seed: int = 0) -> dict[str, dict[str, float]]:
+             test_seed: int = 0, split: str = "test") -> dict[str, dict[str, float]]:
     """{task: {"nll", "token_acc", "exact"}} for the Hugging Face folder `model_dir`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return evaluate_model(model, tok, tasks, n, batch_size, test_seed)
+    return evaluate_model(model, tok, tasks, n, batch_size, test_seed, split)
 
 
 def _table(cache_dir: str, scale: str = "full", weights=(0.3, 0.5, 1.0)) -> None:

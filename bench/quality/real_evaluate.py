@@ -75,24 +75,26 @@ def _greedy_exact(model, tok, items, batch_size):
 
 
 def evaluate_model(model, tok, tasks=TASKS, cache: str | Path = CACHE, tok_dir: str | Path | None = None,
-                   batch_size: int = 16) -> dict[str, dict[str, float]]:
+                   batch_size: int = 16, split_name: str = "test") -> dict[str, dict[str, float]]:
     """{task: {"nll", "nll_noeos", "token_acc", "exact"}} for an in-memory model. The splits are
     cut with the tokenizer in `tok_dir` (default: the family's base)."""
     tok_dir = tok_dir or Path(cache) / "smollm2" / "base"
     model.eval()
     res = {}
     for task in tasks:
-        items = split(task, "test", cache, tok_dir)
+        items = split(task, split_name, cache, tok_dir)
         nll, nll_noeos, acc = _teacher_forced(model, tok, items, batch_size)
         res[task] = {"nll": nll, "nll_noeos": nll_noeos, "token_acc": acc,
                      "exact": _greedy_exact(model, tok, items, batch_size)}
     return res
 
 
-def evaluate(model_dir: str | Path, tasks=TASKS, cache: str | Path = CACHE) -> dict[str, dict[str, float]]:
-    """Metrics for the Hugging Face folder `model_dir` (loaded in float32)."""
+def evaluate(model_dir: str | Path, tasks=TASKS, cache: str | Path = CACHE,
+             split_name: str = "test") -> dict[str, dict[str, float]]:
+    """Metrics for the Hugging Face folder `model_dir` (loaded in float32), on the test split or
+    (split_name="val") the validation split."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return evaluate_model(model, tok, tasks, cache)
+    return evaluate_model(model, tok, tasks, cache, split_name=split_name)

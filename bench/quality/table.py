@@ -38,9 +38,13 @@ OPS: dict[str, tuple[str, dict, dict, dict | None]] = {
     "gcwm": ("gcwm", {}, {}, None),  # the reference's defaults: lambda 0.2, Adam 100 steps at lr 1e-5
     "gcwm-exact": ("gcwm", {}, {"solver": "exact"}, None),
     "gcwm-l0.3": ("gcwm", {}, {"lambda": 0.3}, None),  # the same outer scale as ta's 0.3 per expert
-    **{f"ta+featcal{n}": ("task_arithmetic", {"weight": 0.3}, {}, {"samples": n, "seq_len": 64, "batch_size": 16})
-       for n in (8, 32, 128)},
 }
+# FeatCal rows (module order, its defaults): every operator above at 8 / 32 / 128 sequences per task.
+# Fewer tokens per expert than down_proj has inputs are allowed here, to show what they cost.
+FEATCAL = {"seq_len": 64, "batch_size": 16, "allow_underdetermined": True}
+OPS.update({f"{op}+featcal{n}": (*OPS[op][:3], {"samples": n, **FEATCAL})
+            for op in ("ta", "ties", "gcwm") for n in (8, 32, 128)})
+OPS["ta+featcal-block128"] = (*OPS["ta"][:3], {"samples": 128, "order": "block", **FEATCAL})  # the reference's
 CONTROL_BUDGETS = (20,)  # where the random planner runs beside the score planner
 CALIB_SEED = 7  # calibration items: training-distribution prompts, none from the held-out pool
 
@@ -64,7 +68,9 @@ def calibration_file(work: Path, tasks: list[str], n: int) -> Path:
 
 
 def merge(paths: dict[str, Path], op: str, budget: int, planner: str, work: Path,
-          fill: str = "sketch", sketch: str = "q2") -> tuple[Path, dict]:
+          fill: str = "sketch", sketch: str = "q2", calibration=calibration_file) -> tuple[Path, dict]:
+    """Plan and execute one merge through the CLI; `calibration(work, tasks, n)` writes the data of
+    a FeatCal row (default: the trained family's)."""
     method, per_model, shared, calib = OPS[op]
     experts = [n for n in paths if n != "base"]
     cfg = {"merge_method": method, "base_model": str(paths["base"]),
@@ -73,9 +79,9 @@ def merge(paths: dict[str, Path], op: str, budget: int, planner: str, work: Path
     if shared:
         cfg["parameters"] = shared
     if calib:
-        tasks = [n.removeprefix("expert_") for n in experts]
+        tasks = [n.removeprefix("expert_").removeprefix("expert-") for n in experts]
         work.mkdir(parents=True, exist_ok=True)
-        cfg["calibrate"] = {"data": str(calibration_file(work, tasks, calib["samples"])), "tasks": tasks,
+        cfg["calibrate"] = {"data": str(calibration(work, tasks, calib["samples"])), "tasks": tasks,
                             "parameters": calib}
     name = f"{op}-{budget}-{planner}-{fill}-{sketch}"
     (work / "configs").mkdir(parents=True, exist_ok=True)

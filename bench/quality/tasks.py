@@ -6,7 +6,8 @@ task tag, so one model can be trained on a mixture and the experts are clearly s
 
 Splits are seeded with string seeds (`random.Random("add/test/0")`), which Python hashes with
 sha512, so items are identical across runs and machines regardless of PYTHONHASHSEED. The train
-stream skips every prompt that is in the test set, so train and test are disjoint.
+stream skips every prompt that is in the test set, so train and test are disjoint; the validation
+split (for choosing hyperparameters) is disjoint from test too.
 """
 
 from __future__ import annotations
@@ -71,6 +72,20 @@ def test_set(task: str, n: int = TEST_SIZE, seed: int = 0) -> list[tuple[str, st
     while len(out) < n:
         p, a = GENERATORS[task](r)
         if p not in seen:
+            seen.add(p)
+            out.append((p, a))
+    return out
+
+
+def val_set(task: str, n: int = 200, seed: int = 0, test_seed: int = 0) -> list[tuple[str, str]]:
+    """n validation items of `task` (distinct prompts), none in the held-out test pool: what
+    hyperparameters are chosen on. They may coincide with training items (the small tasks have
+    only ten thousand prompts); they never do with test items."""
+    held = {p for p, _ in test_set(task, TEST_SIZE, test_seed)}
+    r, seen, out = random.Random(f"{task}/val/{seed}"), set(), []
+    while len(out) < n:
+        p, a = GENERATORS[task](r)
+        if p not in held and p not in seen:
             seen.add(p)
             out.append((p, a))
     return out

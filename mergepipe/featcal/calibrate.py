@@ -18,6 +18,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable, Collection, Iterable, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,22 +40,43 @@ CPU = torch.device("cpu")
 # Hyperparameters and diagnostics
 
 
+ORDERS = ("module", "block")
+# lambda, rho, alpha when not given, per order. block: the reference's (egangu/featcal, tuned on CLIP
+# under its all-at-once solve, which needs heavy damping). module: chosen on the validation split of
+# the trained quality family (bench/results/featcal-quality.md); each module then sees inputs its
+# calibrated upstream already corrected, so little damping is needed.
+DEFAULTS = {"block": {"lam": 0.05, "rho": 2.2, "alpha": 0.25},
+            "module": {"lam": 1e-5, "rho": 2.2, "alpha": 1.0}}
+
+
 @dataclass(frozen=True)
 class FeatCalParams:
-    """Spec §4 defaults. `lam` is the relative ridge λ, `rho` the anchor extrapolation, `alpha` the
-    teacher mix x_t = αx_e + (1−α)x_s, `eps` the ε_c floor; n, seq_len, batch_size shape the data."""
-    lam: float = 0.05
-    rho: float = 2.2
-    alpha: float = 0.25
+    """Spec §4 hyperparameters. `order`: how a layer's modules are solved: `module` (default) each
+    group on the inputs its already-calibrated upstream groups produce, `block` all of a layer's
+    groups at once from statistics behind the uncalibrated layer (the reference's). `lam` is the
+    relative ridge λ, `rho` the anchor extrapolation, `alpha` the teacher mix x_t = αx_e + (1−α)x_s
+    (these three default per order, see DEFAULTS), `eps` the ε_c floor; n, seq_len, batch_size shape
+    the data; `allow_underdetermined` lets planning accept fewer calibration tokens per expert than
+    the widest calibrated input has features (λ alone then holds the solve)."""
+    lam: float | None = None
+    rho: float | None = None
+    alpha: float | None = None
     eps: float = 1e-8
     calibrate_bias: bool = True
     calibrate_norms: bool = True
     n: int = 256
     seq_len: int = 512
     batch_size: int = 16
+    order: str = "module"
+    allow_underdetermined: bool = False
 
     # user-facing names (manifest, config) -> field names
     ALIASES = {"lambda": "lam", "samples": "n", "S": "seq_len"}
+
+    def __post_init__(self) -> None:
+        for name, value in DEFAULTS.get(self.order, DEFAULTS["module"]).items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "FeatCalParams":
@@ -74,6 +96,8 @@ class FeatCalParams:
     def check(self) -> None:
         def fail(what: str) -> None:
             raise MergepipeError(f"featcal: {what}")
+        if self.order not in ORDERS:
+            fail(f"order must be one of {', '.join(ORDERS)} (got {self.order!r})")
         for name in ("lam", "rho", "alpha", "eps"):
             v = getattr(self, name)
             if type(v) not in (int, float) or v != v or abs(v) == float("inf"):
@@ -82,7 +106,7 @@ class FeatCalParams:
             fail(f"lambda must be >= 0 and eps > 0 (got {self.lam}, {self.eps})")
         if not 0 <= self.alpha <= 1:
             fail(f"alpha must lie in [0, 1] (got {self.alpha})")
-        for name in ("calibrate_bias", "calibrate_norms"):
+        for name in ("calibrate_bias", "calibrate_norms", "allow_underdetermined"):
             if type(getattr(self, name)) is not bool:
                 fail(f"{name} must be true or false")
         for name in ("n", "seq_len", "batch_size"):
@@ -251,6 +275,12 @@ class _StreamPool:
         self.spilled += nbytes
         return Stream(lengths, d, self.dir / f"{tag}.f32")
 
+    def free(self, stream: Stream) -> None:
+        """Close a stream and give its RAM back to the limit."""
+        if stream.path is None:
+            self.ram -= stream.flat.numel() * 4
+        stream.close()
+
     def cleanup(self) -> None:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -329,21 +359,44 @@ def unit_costs(arch, experts: Sequence[Model], ids: Sequence[Sequence[Sequence[i
 # The loop
 
 
-def _hook(layer: torch.nn.Module, names: Iterable[str]) -> dict[str, Tensor]:
-    """Forward pre-hooks storing each named submodule's input in the returned dict (per call)."""
+class _Stop(Exception):
+    """Raised by a hook once the input it waits for is captured: the rest of the layer need not run."""
+
+
+@contextmanager
+def _hooks(layer: torch.nn.Module, names: Sequence[str], stop: bool = False):
+    """Forward pre-hooks storing each named submodule's input in the yielded dict (per call), removed
+    on exit; with `stop`, the forward ends (_Stop) once the last of `names` has its input."""
     seen: dict[str, Tensor] = {}
+    handles = []
     for name in names:
         def grab(_mod, args, kwargs, name=name):
             seen[name] = args[0] if args else next(iter(kwargs.values()))
-        layer.get_submodule(name).register_forward_pre_hook(grab, with_kwargs=True)
-    return seen
+            if stop and len(seen) == len(names):
+                raise _Stop
+        handles.append(layer.get_submodule(name).register_forward_pre_hook(grab, with_kwargs=True))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward(arch, layer: torch.nn.Module, hidden: Tensor, mask: Tensor) -> Tensor | None:
+    """The layer's output, or None where a hook stopped it early."""
+    try:
+        return arch.forward_layer(layer, hidden, mask)
+    except _Stop:
+        return None
 
 
 @dataclass
 class _Plan:
-    """Which modules the layer calibrates and how: Linear groups share one input (hooked once)."""
+    """Which modules the layer calibrates and how: Linear groups share one input (hooked once).
+    `steps` is the data-flow order of the groups and norms, what module order solves one by one."""
     groups: dict[str, list]  # group -> Linear ModuleSpecs
     norms: list
+    steps: list = field(default_factory=list)  # _Plan of one group or one norm each, in data-flow order
 
     def hooked(self) -> list[str]:
         return [specs[0].name for specs in self.groups.values()] + [n.name for n in self.norms]
@@ -360,6 +413,7 @@ class CalibrateOptions:
     tmp_dir: str | Path | None = None
     device: str | torch.device = "cpu"
     store_dtype: torch.dtype | dict[str, torch.dtype] | None = None
+    journal: Any = None  # a LayerJournal: resume after the layers it kept, keep each finished one
 
 
 @dataclass(frozen=True)
@@ -379,20 +433,25 @@ class _Run:
     dev: torch.device
     store_dtype: torch.dtype | dict[str, torch.dtype] | None
     emit: Callable[[str, Tensor], None]
+    pool: _StreamPool
 
 
 def _plan(arch, params: FeatCalParams) -> _Plan:
     groups: dict[str, list] = {}
-    norms = []
+    norms, steps = [], []
     for spec in arch.modules():
         if spec.kind == "linear":
-            groups.setdefault(spec.group, []).append(spec)
+            if spec.group not in groups:  # a group's members are adjacent: its step is its first
+                groups[spec.group] = []
+                steps.append(_Plan({spec.group: groups[spec.group]}, []))  # the same list
+            groups[spec.group].append(spec)
         elif spec.kind in ("rmsnorm", "layernorm"):
             if params.calibrate_norms:
                 norms.append(spec)
+                steps.append(_Plan({}, [spec]))
         else:
             raise MergepipeError(f"featcal: module {spec.name} has unknown kind {spec.kind!r}")
-    return _Plan(groups, norms)
+    return _Plan(groups, norms, steps)
 
 
 def _targets(plan: _Plan, layer_tensors: Collection[str], params: FeatCalParams) -> list[str]:
@@ -435,22 +494,31 @@ def _layer_tensors(arch, layer: int, src: Source, dev: torch.device,
     return {k: src.get(prefix + k).to(dev, torch.float32) for k in only}
 
 
+class LayerJournal(Protocol):
+    """Where a run keeps each finished layer so that a killed one continues after it (the stage's
+    journal in the staging folder). Streams are named student<i> / expert<i>."""
+    def resumed(self) -> list[LayerReport]: ...  # layers 0.. an earlier run finished, in order
+    def restore(self, streams: dict[str, Stream]) -> None: ...  # the streams as the last of them left them
+    def finished(self, rep: LayerReport, streams: dict[str, Stream]) -> None: ...  # after its tensors are emitted
+
+
 @torch.no_grad()  # forwards only: no autograd graph behind the hooked inputs
 def calibrate(arch, base: Source, merged: Source, experts: Sequence[Source],
               ids: Sequence[Sequence[Sequence[int]]], params: FeatCalParams | dict | None,
               emit: Callable[[str, Tensor], None], **options: Any) -> Diagnostics:
-    """Run FeatCal and `emit(name, fp32 CPU tensor)` each calibrated tensor once, right after its layer
-    is solved. `options` are the keywords of `CalibrateOptions`: prefixes=None, ram_limit=4 << 30,
-    tmp_dir=None, device="cpu", store_dtype=None. Expert i calibrates layers < prefixes[i] (default:
-    all); a layer no expert reaches keeps θ_m and is not emitted, nor is any tensor outside the layers
-    or not calibratable.
+    """Run FeatCal and `emit(name, fp32 CPU tensor)` each calibrated tensor once, right after it is
+    solved. `options` are the keywords of `CalibrateOptions`: prefixes=None, ram_limit=4 << 30,
+    tmp_dir=None, device="cpu", store_dtype=None, journal=None. Expert i calibrates layers <
+    prefixes[i] (default: all); a layer no expert reaches keeps θ_m and is not emitted, nor is any
+    tensor outside the layers or not calibratable.
 
     Layers, statistics and solves run on `device`; sources, the stem and the activation streams stay
     on the host (streams past `ram_limit` bytes are memory-mapped under `tmp_dir`). With `store_dtype`
-    (the output dtype, or one per tensor name) each solution is rounded to it before it is emitted and before the
-    student streams pass through it, so later layers are calibrated against the weights as stored."""
+    (the output dtype, or one per tensor name) each solution is rounded to it before it is emitted and
+    before anything downstream runs through it, so later modules are calibrated against the weights as
+    stored. With a `journal`, layers it reports finished are skipped (not read, not emitted) and the
+    streams restored from it."""
     opt = CalibrateOptions(**options)
-    dev = torch.device(opt.device)
     p = params if isinstance(params, FeatCalParams) else FeatCalParams.from_dict(params)
     p.check()
     if len(ids) != len(experts):
@@ -466,12 +534,19 @@ def calibrate(arch, base: Source, merged: Source, experts: Sequence[Source],
         if any(not 0 <= t < arch.vocab_size for s in x for t in s):
             raise MergepipeError(f"featcal: expert {i}'s calibration ids leave [0, {arch.vocab_size})")
     diag = Diagnostics(list(prefixes), [sum(map(len, x)) for x in seqs])
+    done = opt.journal.resumed() if opt.journal is not None else []
+    diag.layers = list(done)
     pool = _StreamPool(opt.ram_limit, opt.tmp_dir)
     try:
-        student, teacher = _stem(arch, merged, experts, seqs, prefixes, p, pool)
+        if done:
+            student, teacher = _streams(arch, seqs, prefixes, p, pool, len(done))
+            opt.journal.restore(_named(student, teacher))
+        else:
+            student, teacher = _stem(arch, merged, experts, seqs, prefixes, p, pool)
         diag.spilled_bytes = pool.spilled
-        run = _Run(arch, base, merged, experts, seqs, prefixes, p, _plan(arch, p), dev, opt.store_dtype, emit)
-        for layer in range(L):
+        run = _Run(arch, base, merged, experts, seqs, prefixes, p, _plan(arch, p), torch.device(opt.device),
+                   opt.store_dtype, emit, pool)
+        for layer in range(len(done), L):
             active = [i for i in range(len(experts)) if prefixes[i] > layer]
             if not active:
                 break
@@ -481,9 +556,32 @@ def calibrate(arch, base: Source, merged: Source, experts: Sequence[Source],
                     for st in (student.pop(i), teacher.pop(i, None)):
                         if st is not None:
                             st.close()
+            if opt.journal is not None:
+                opt.journal.finished(diag.layers[-1], _named(student, teacher))
     finally:
         pool.cleanup()
     return diag
+
+
+def _named(student: dict[int, Stream], teacher: dict[int, Stream]) -> dict[str, Stream]:
+    out = {}
+    for i in sorted(student):
+        out[f"student{i}"] = student[i]
+        if i in teacher:
+            out[f"expert{i}"] = teacher[i]
+    return out
+
+
+def _streams(arch, seqs, prefixes, p: FeatCalParams, pool: _StreamPool,
+             layer: int) -> tuple[dict[int, Stream], dict[int, Stream]]:
+    """Empty streams of the experts still active at `layer`, for a journal to fill."""
+    student, teacher = {}, {}
+    for i in (i for i in range(len(seqs)) if prefixes[i] > layer):
+        lengths = [len(s) for s in seqs[i]]
+        student[i] = pool.new(lengths, arch.hidden_size, f"student{i}")
+        if p.alpha > 0:
+            teacher[i] = pool.new(lengths, arch.hidden_size, f"expert{i}")
+    return student, teacher
 
 
 def _stem(arch, merged: Source, experts: Sequence[Source], seqs, prefixes, p: FeatCalParams,
@@ -513,93 +611,210 @@ def _fill(stream: Stream, seqs, batch_size: int, embed: Callable[[Tensor], Tenso
         j += x.shape[0]
 
 
+@dataclass
+class _LayerState:
+    """One layer in progress: its index and active experts, the merged tensors (replaced by their
+    solutions as they are stored), the base's calibrated tensors and the report."""
+    layer: int
+    active: list[int]
+    m_t: dict[str, Tensor]
+    b_t: dict[str, Tensor]
+    rep: LayerReport
+
+
 def _layer(run: _Run, layer: int, active: list[int], student: dict[int, Stream],
            teacher: dict[int, Stream]) -> LayerReport:
-    """One layer: statistics per active expert folded into running sums, solve, emit, advance."""
-    arch, plan, p, dev, store_dtype = run.arch, run.plan, run.p, run.dev, run.store_dtype
-    seqs, prefixes = run.seqs, run.prefixes
-    pre = arch.layer_prefix(layer)
-    rep = LayerReport(layer, list(active))
-    m_t = _layer_tensors(arch, layer, run.merged, dev)
-    targets = _targets(plan, m_t, p)
-    b_t = _layer_tensors(arch, layer, run.base, dev, targets)
-    lm = arch.build_layer(layer, m_t)
-    lm_in = _hook(lm, plan.hooked())
-    lin = {g: S.LinearSums.zeros(m_t[f"{specs[0].name}.weight"].shape[1], dev)
-           for g, specs in plan.groups.items()}
-    nrm = {spec.name: S.NormSums.zeros(m_t[f"{spec.name}.weight"].shape[-1], dev) for spec in plan.norms}
+    """One layer: statistics per active expert folded into running sums, solved and emitted (all
+    groups at once, or group by group in module order), then the student streams advance."""
+    arch, plan, p = run.arch, run.plan, run.p
+    m_t = _layer_tensors(arch, layer, run.merged, run.dev)
+    st = _LayerState(layer, active, m_t, _layer_tensors(arch, layer, run.base, run.dev, _targets(plan, m_t, p)),
+                     LayerReport(layer, list(active)))
     for g, specs in plan.groups.items():
         for spec in specs:
             d = m_t[f"{spec.name}.weight"].shape[1]
-            rep.shapes[spec.name] = (d, d)
+            st.rep.shapes[spec.name] = (d, d)
     for spec in plan.norms:
-        rep.shapes[spec.name] = tuple(m_t[f"{spec.name}.weight"].shape)
-    for i in active:
-        e_t = _layer_tensors(arch, layer, run.experts[i], dev, None if p.alpha > 0 else targets)
-        le = arch.build_layer(layer, e_t) if p.alpha > 0 else None
-        lin_stats, nrm_stats = _collect(run, lm, lm_in, le, student[i], teacher.get(i), seqs[i],
-                                        write_teacher=prefixes[i] > layer + 1)
-        for g, specs in plan.groups.items():
-            mom = lin_stats[g].moments()
-            s = S.fold_linear(lin[g], mom, {sp.name: (e_t[f"{sp.name}.weight"], e_t.get(f"{sp.name}.bias"))
-                                            for sp in specs}, p.eps)
-            rep.scales.setdefault(g, []).append(s)
-        for spec in plan.norms:
-            m, e = nrm_stats[spec.name].moments()
-            S.fold_norm(nrm[spec.name], m, e, e_t[f"{spec.name}.weight"],
-                        e_t.get(f"{spec.name}.bias") if spec.kind == "layernorm" else None)
-        del e_t, le, lin_stats, nrm_stats
-    del lm, lm_in
-    solved = _solve(plan, lin, nrm, m_t, b_t, p)  # consumes lin and nrm
-    del b_t
+        st.rep.shapes[spec.name] = tuple(m_t[f"{spec.name}.weight"].shape)
+    (_by_block if p.order == "block" else _by_module)(run, st, student, teacher)
+    nxt = [i for i in active if run.prefixes[i] > layer + 1]
+    if nxt:
+        lc = arch.build_layer(layer, st.m_t)
+        for i in nxt:
+            _advance(arch, lc, student[i], run.seqs[i], p.batch_size, run.dev)
+    return st.rep
+
+
+def _expert_tensors(run: _Run, st: _LayerState, i: int) -> dict[str, Tensor]:
+    """Expert i's layer: every tensor where its layer runs (α > 0), else only the calibrated ones."""
+    whole = run.p.alpha > 0
+    return _layer_tensors(run.arch, st.layer, run.experts[i], run.dev,
+                          None if whole else _targets(run.plan, st.m_t, run.p))
+
+
+def _by_block(run: _Run, st: _LayerState, student: dict[int, Stream], teacher: dict[int, Stream]) -> None:
+    """The reference's order: every module's statistics behind the uncalibrated merged layer, one
+    expert at a time (its stream advancing on the way), then every module solved at once."""
+    arch, plan, p = run.arch, run.plan, run.p
+    lm = arch.build_layer(st.layer, st.m_t)
+    lin, nrm = _sums(plan, st.m_t, run.dev)
+    for i in st.active:
+        e_t = _expert_tensors(run, st, i)
+        le = arch.build_layer(st.layer, e_t) if p.alpha > 0 else None
+        stats = _collect(run, plan, lm, le, student[i], teacher.get(i), run.seqs[i],
+                         run.prefixes[i] > st.layer + 1)
+        _fold(plan, lin, nrm, stats, e_t, st.rep, p.eps)
+        del e_t, le, stats
+    del lm
+    _store(run, st, _solve(plan, lin, nrm, st.m_t, st.b_t, p), _targets(plan, st.m_t, p))
+
+
+def _by_module(run: _Run, st: _LayerState, student: dict[int, Stream], teacher: dict[int, Stream]) -> None:
+    """Module order: each group (or norm) solved on the inputs that the merged layer, its upstream
+    groups already calibrated, gives it: one forward of the layer per group and expert, stopped at
+    the group's input. The expert layers do not change: each runs once, its Linear inputs kept as
+    streams for the layer's duration, and its calibrated tensors are held until the layer is solved
+    (each expert layer is read once)."""
+    arch, p = run.arch, run.p
+    e_t = {i: _expert_tensors(run, st, i) for i in st.active}
+    linear = [specs[0].name for specs in run.plan.groups.values()]
+    xe = {i: _teacher_inputs(run, st, i, arch.build_layer(st.layer, e_t[i]), teacher[i], linear)
+          for i in st.active} if p.alpha > 0 else {}
+    for step in run.plan.steps:
+        lm = arch.build_layer(st.layer, st.m_t)
+        lin, nrm = _sums(step, st.m_t, run.dev)
+        name = step.hooked()[0]
+        for i in st.active:
+            stats = _step_stats(run, step, lm, student[i], xe[i][name] if i in xe and step.groups else None,
+                                run.seqs[i])
+            _fold(step, lin, nrm, stats, e_t[i], st.rep, p.eps)
+        del lm
+        _store(run, st, _solve(step, lin, nrm, st.m_t, st.b_t, p), _targets(step, st.m_t, p))
+    for streams in xe.values():
+        for s in streams.values():
+            run.pool.free(s)
+
+
+def _teacher_inputs(run: _Run, st: _LayerState, i: int, le, he: Stream, names: list[str]) -> dict[str, Stream]:
+    """Expert i's layer over its stream, once: the input of each named module, as streams; the
+    expert stream advances in place when the expert goes on to the next layer."""
+    arch, dev = run.arch, run.dev
+    lengths = [len(s) for s in run.seqs[i]]
+    out: dict[str, Stream] = {}
+    with _hooks(le, names) as seen:
+        j = 0
+        for _ids, mask in batches(run.seqs[i], run.p.batch_size):
+            b, width = mask.shape
+            y = _forward(arch, le, he.read(j, j + b, width).to(dev), mask.to(dev))
+            for name in names:
+                x = seen[name].float()
+                _check_rows(x, b, width, name)
+                if name not in out:
+                    out[name] = run.pool.new(lengths, x.shape[-1], f"expert{i}-{name}")
+                out[name].write(j, x)
+            if run.prefixes[i] > st.layer + 1:
+                he.write(j, y)
+            j += b
+    return out
+
+
+def _step_stats(run: _Run, step: _Plan, lm, hs: Stream, xe: Stream | None, seqs) -> tuple[dict, dict]:
+    """One expert's statistics for one step: the student forward stopped at the step's input, paired
+    with the expert's kept input (None: x_t = x_s, or a norm, which needs no teacher)."""
+    arch, p, dev = run.arch, run.p, run.dev
+    name = step.hooked()[0]
+    lin = {g: None for g in step.groups}
+    nrm = {spec.name: None for spec in step.norms}
+    with _hooks(lm, [name], stop=True) as seen:
+        j = 0
+        for _ids, mask in batches(seqs, p.batch_size):
+            b, width = mask.shape
+            mask = mask.to(dev)
+            omega = mask.to(torch.float32)
+            _forward(arch, lm, hs.read(j, j + b, width).to(dev), mask)
+            x = seen[name].float()
+            _check_rows(x, b, width, name)
+            for g in step.groups:
+                xt = None if xe is None else p.alpha * xe.read(j, j + b, width).to(dev) + (1 - p.alpha) * x
+                if lin[g] is None:
+                    lin[g] = S.LinearStats.zeros(x.shape[-1], same=xe is None, device=dev)
+                lin[g].add(x, xt, omega)
+            for spec in step.norms:
+                if nrm[spec.name] is None:
+                    nrm[spec.name] = S.NormStats.zeros(x.shape[-1], device=dev)
+                nrm[spec.name].add(x, omega, spec.kind, spec.eps)
+            j += b
+    return lin, nrm
+
+
+def _sums(plan: _Plan, m_t: dict[str, Tensor], dev) -> tuple[dict, dict]:
+    lin = {g: S.LinearSums.zeros(m_t[f"{specs[0].name}.weight"].shape[1], dev) for g, specs in plan.groups.items()}
+    nrm = {spec.name: S.NormSums.zeros(m_t[f"{spec.name}.weight"].shape[-1], dev) for spec in plan.norms}
+    return lin, nrm
+
+
+def _fold(plan: _Plan, lin: dict, nrm: dict, stats: tuple[dict, dict], e_t: dict[str, Tensor],
+          rep: LayerReport, eps: float) -> None:
+    """One expert's statistics and weights into the running sums of the plan's modules."""
+    lin_stats, nrm_stats = stats
+    for g, specs in plan.groups.items():
+        s = S.fold_linear(lin[g], lin_stats[g].moments(),
+                          {sp.name: (e_t[f"{sp.name}.weight"], e_t.get(f"{sp.name}.bias")) for sp in specs}, eps)
+        rep.scales.setdefault(g, []).append(s)
+    for spec in plan.norms:
+        m, e = nrm_stats[spec.name].moments()
+        S.fold_norm(nrm[spec.name], m, e, e_t[f"{spec.name}.weight"],
+                    e_t.get(f"{spec.name}.bias") if spec.kind == "layernorm" else None)
+
+
+def _store(run: _Run, st: _LayerState, solved: dict[str, Tensor], targets: list[str]) -> None:
+    """Round each solution to its stored dtype, emit it, and put it in the layer in place of θ_m."""
+    pre = run.arch.layer_prefix(st.layer)
     for k in targets:
-        new, old = solved.pop(k), m_t[k]
-        dtype = store_dtype.get(pre + k) if isinstance(store_dtype, dict) else store_dtype
+        new, old = solved.pop(k), st.m_t[k]
+        dtype = run.store_dtype.get(pre + k) if isinstance(run.store_dtype, dict) else run.store_dtype
         if dtype is not None:
             new = new.to(dtype).float()
-        rep.rel_change[pre + k] = float((new.double() - old.double()).norm() / max(float(old.double().norm()), 1e-30))
+        st.rep.rel_change[pre + k] = float((new.double() - old.double()).norm()
+                                           / max(float(old.double().norm()), 1e-30))
         run.emit(pre + k, new.to(CPU, copy=True))  # a copy: the caller may convert it in place
-        m_t[k] = new
-    nxt = [i for i in active if prefixes[i] > layer + 1]
-    if nxt:
-        lc = arch.build_layer(layer, m_t)
-        for i in nxt:
-            _advance(arch, lc, student[i], seqs[i], p.batch_size, dev)
-    return rep
+        st.m_t[k] = new
 
 
-def _collect(run: _Run, lm, lm_in: dict[str, Tensor], le, hs: Stream, he: Stream | None, seqs,
+def _collect(run: _Run, plan: _Plan, lm, le, hs: Stream, he: Stream | None, seqs,
              write_teacher: bool) -> tuple[dict, dict]:
-    """One expert's statistics for every module of the layer; advances its expert stream in place."""
-    arch, plan, p, dev = run.arch, run.plan, run.p, run.dev
+    """One expert's statistics for every module of the layer (block order); advances its expert
+    stream in place when asked."""
+    arch, p, dev = run.arch, run.p, run.dev
     same = le is None
+    names = plan.hooked()
     lin = {g: None for g in plan.groups}
     nrm = {spec.name: None for spec in plan.norms}
-    le_in = _hook(le, plan.hooked()) if le is not None else None
-    j = 0
-    for _ids, mask in batches(seqs, p.batch_size):
-        b, width = mask.shape
-        mask = mask.to(dev)
-        omega = mask.to(torch.float32)
-        arch.forward_layer(lm, hs.read(j, j + b, width).to(dev), mask)
-        if le is not None:
-            out = arch.forward_layer(le, he.read(j, j + b, width).to(dev), mask)
-            if write_teacher:
-                he.write(j, out)
-        for g, specs in plan.groups.items():
-            xs = lm_in[specs[0].name].float()
-            _check_rows(xs, b, width, specs[0].name)
-            xt = None if same else p.alpha * le_in[specs[0].name].float() + (1 - p.alpha) * xs
-            if lin[g] is None:
-                lin[g] = S.LinearStats.zeros(xs.shape[-1], same=same, device=dev)
-            lin[g].add(xs, xt, omega)
-        for spec in plan.norms:
-            x = lm_in[spec.name].float()
-            _check_rows(x, b, width, spec.name)
-            if nrm[spec.name] is None:
-                nrm[spec.name] = S.NormStats.zeros(x.shape[-1], device=dev)
-            nrm[spec.name].add(x, omega, spec.kind, spec.eps)
-        j += b
+    with _hooks(lm, names) as lm_in, _hooks(le, names) if le is not None else nullcontext() as le_in:
+        j = 0
+        for _ids, mask in batches(seqs, p.batch_size):
+            b, width = mask.shape
+            mask = mask.to(dev)
+            omega = mask.to(torch.float32)
+            _forward(arch, lm, hs.read(j, j + b, width).to(dev), mask)
+            if le is not None:
+                out = _forward(arch, le, he.read(j, j + b, width).to(dev), mask)
+                if write_teacher:
+                    he.write(j, out)
+            for g, specs in plan.groups.items():
+                xs = lm_in[specs[0].name].float()
+                _check_rows(xs, b, width, specs[0].name)
+                xt = None if same else p.alpha * le_in[specs[0].name].float() + (1 - p.alpha) * xs
+                if lin[g] is None:
+                    lin[g] = S.LinearStats.zeros(xs.shape[-1], same=same, device=dev)
+                lin[g].add(xs, xt, omega)
+            for spec in plan.norms:
+                x = lm_in[spec.name].float()
+                _check_rows(x, b, width, spec.name)
+                if nrm[spec.name] is None:
+                    nrm[spec.name] = S.NormStats.zeros(x.shape[-1], device=dev)
+                nrm[spec.name].add(x, omega, spec.kind, spec.eps)
+            j += b
     return lin, nrm
 
 

@@ -1,11 +1,17 @@
-"""FeatCal as a stage of a merge: planned with it (data hashed, layer prefixes chosen under the
-calibration budget) and run after it, over the merged files in the staging folder: each decoder layer
-is calibrated in forward order and its solutions overwrite their bytes in place."""
+"""FeatCal as a stage of a merge: planned with it (data hashed, enough tokens checked, layer prefixes
+chosen under the calibration budget) and run after it, over the merged files in the staging folder:
+each decoder layer is calibrated in forward order and journaled (resume.py), and once every layer is
+solved the solutions overwrite their bytes in place.
+
+Its reads of the experts are a second read, after the merge's: the merge's plan does not cover them,
+`calibrate.budget` does (the record's `budget`), and the manifest's execution counts them in
+`bytes_read` and apart in `stage_bytes_read`."""
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +29,9 @@ from ..tensors import to_bytes, torch_dtype
 from .calibrate import FeatCalParams, SafetensorsSource, calibrate, plan_prefixes, unit_costs
 from .data import load_calibration
 from .layers import Arch
+from .resume import StageJournal
+
+RESUME_DIR = ".featcal-resume"  # in the staging folder; removed before the output is published
 
 KEYS = {"method", "data", "tasks", "budget", "parameters"}
 
@@ -108,6 +117,8 @@ def plan(cc: Section, base: Model, experts: list[Model], relative_to: Path | Non
     total = sum(map(sum, costs))
     budget = parse_budget(cc.budget, total)
     prefixes = plan_prefixes(costs, budget)
+    if not p.allow_underdetermined:
+        _check_tokens(cc, base, arch, data.ids, prefixes)
     layer0 = arch.layer_prefix(0)
     stats = {}
     for spec in arch.modules():
@@ -127,9 +138,36 @@ def plan(cc: Section, base: Model, experts: list[Model], relative_to: Path | Non
     )
 
 
+def _check_tokens(cc: Section, base: Model, arch: Arch, ids, prefixes: list[int]) -> None:
+    """Each calibrating expert needs at least as many tokens as the widest calibrated Linear has
+    inputs (down_proj's intermediate size): with fewer, C_ss is singular and λ alone holds the solve."""
+    layer0 = arch.layer_prefix(0)
+    widths = {spec.name: base.tensors[f"{layer0}{spec.name}.weight"].shape[1] for spec in arch.modules()
+              if spec.kind == "linear" and f"{layer0}{spec.name}.weight" in base.tensors}
+    if not widths:
+        return
+    widest = max(widths, key=widths.get)
+    for i, seqs in enumerate(ids):
+        tokens = sum(map(len, seqs))
+        if prefixes[i] and tokens < widths[widest]:
+            who = f"task {cc.tasks[i]!r}" if cc.tasks else f"expert {i + 1}"
+            raise MergepipeError(
+                f"{cc.data[i if len(cc.data) > 1 else 0]}: {tokens} calibration tokens for {who}, fewer than the "
+                f"{widths[widest]} inputs of {widest} (the solve would be underdetermined): give more or longer "
+                f"sequences, or set parameters.allow_underdetermined: true")
+
+
+def _upgraded(params: dict) -> dict:
+    """Parameters as recorded by a version without `order` (which solved in block order) or
+    `allow_underdetermined` (which planned without the token check), completed."""
+    return {"order": "block", "allow_underdetermined": False, **params}
+
+
 def load(doc: dict, where: str, experts: int | None) -> Calibration:
     """The record from a manifest, validated; `experts`: how many the manifest merges."""
     c = load_record(Calibration, doc, where)
+    if isinstance(c.params, dict):
+        c.params = _upgraded(c.params)
     if FeatCalParams.from_dict(c.params).to_dict() != c.params:
         raise MergepipeError(f"{where}.params must list exactly FeatCal's parameters")
     k = experts if experts is not None else len(c.prefixes)
@@ -158,35 +196,34 @@ def input_problems(c: Calibration, base_root: Path, root: Path | None) -> list[s
 
 
 def run(c: Calibration, ctx: StageContext) -> StageResult:
-    """Calibrate the merged model in ctx.folder in place, layer by layer; each calibrated tensor
-    overwrites its bytes as soon as its layer is solved, so no layer outlives its solve."""
+    """Calibrate the merged model in ctx.folder, layer by layer, each finished layer journaled so a
+    killed run continues after it; then write the solutions over their merged bytes."""
     arch = _arch(ctx.base)
     p = FeatCalParams.from_dict(c.params)
     data = _data([resolve_ref(rec.path, ctx.root) for rec in c.data], c.tasks, ctx.base, arch, p, len(ctx.experts))
     if [len(x) for x in data.ids] != c.sequences:
         raise InputChangedError(f"{c.data[0].path}: calibration data no longer gives {c.sequences} sequences per expert")
     merged = open_model(ctx.folder)
-    dev = torch.device(ctx.device)
-    fds: dict[str, int] = {}
     store = {n: torch_dtype(info.dtype) for n, info in merged.tensors.items()}  # each solution as it is stored
+    key = xxhash.xxh3_128_hexdigest(json.dumps([asdict(c), str(ctx.device)], sort_keys=True).encode())
+    journal = StageJournal(ctx.folder / RESUME_DIR, key)
 
     def emit(name: str, t: torch.Tensor) -> None:
         info = merged.tensors[name]
         raw = to_bytes(t.to(torch_dtype(info.dtype)))
         assert raw.nbytes == info.end - info.start, name
-        path = str(info.file)
-        if path not in fds:
-            fds[path] = os.open(path, os.O_WRONLY)
-        os.pwrite(fds[path], memoryview(raw), info.start)
+        journal.emit(name, raw)
 
     try:
         diag = calibrate(arch, SafetensorsSource(ctx.base, ctx.reader), SafetensorsSource(merged, ctx.reader),
                          [SafetensorsSource(e, ctx.reader) for e in ctx.experts], data.ids, p, emit,
-                         prefixes=c.prefixes, tmp_dir=ctx.folder / ".featcal-streams", device=dev,
-                         store_dtype=store)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+                         prefixes=c.prefixes, tmp_dir=journal.stream_dir, device=torch.device(ctx.device),
+                         store_dtype=store, journal=journal)
+        _patch(journal, merged)
+    except BaseException:
+        journal.close()  # kept for the rerun
+        raise
+    journal.close(remove=True)  # the merged files hold every solution now
     report = {}
     for rep in diag.layers:
         for name, change in rep.rel_change.items():
@@ -194,6 +231,25 @@ def run(c: Calibration, ctx: StageContext) -> StageResult:
     return StageResult(report)
 
 
+def _patch(journal: StageJournal, merged: Model) -> None:
+    fds: dict[str, int] = {}
+
+    def write(name: str, raw: bytes) -> None:
+        info = merged.tensors[name]
+        path = str(info.file)
+        if path not in fds:
+            fds[path] = os.open(path, os.O_WRONLY)
+        view, done = memoryview(raw), 0
+        while done < len(view):
+            done += os.pwrite(fds[path], view[done:], info.start + done)
+    try:
+        journal.patch(write)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
 def describe(c: Calibration) -> str:
-    return (f"layer prefixes per expert {c.prefixes}, {c.budget.bytes} of {c.budget.expert_bytes_total} expert "
-            f"bytes; sequences {c.sequences}, tokens {c.tokens}; data {', '.join(f.path for f in c.data)}")
+    return (f"{c.params['order']} order; layer prefixes per expert {c.prefixes}, {c.budget.bytes} of "
+            f"{c.budget.expert_bytes_total} expert bytes; sequences {c.sequences}, tokens {c.tokens}; "
+            f"data {', '.join(f.path for f in c.data)}")
