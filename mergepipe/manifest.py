@@ -105,6 +105,21 @@ class OutputFile:
 
 
 @dataclass
+class JobRun:
+    """How one file job (or part of a file) ran: where, how long, what it read. Not part of what the
+    output depends on."""
+    file: str
+    first: int  # its first tensor in the file's layout
+    tensors: int  # how many
+    node: str  # the Ray node id, or "local"
+    host: str  # the node's address (Ray) or this machine's name
+    wall_s: float  # from its first submission to its result, every attempt included
+    bytes_read: int  # input bytes, every attempt included (a killed one: up to its last journal record)
+    attempts: int = 1
+    resumed_bytes: int = 0  # output bytes its first attempt found journaled
+
+
+@dataclass
 class Execution:
     device: str
     wall_s: float
@@ -120,6 +135,8 @@ class Execution:
     resumed_bytes: int = 0  # output bytes taken over from a killed run (verified, not recomputed)
     # per tensor, what a non-additive operator reports (GCWM: active experts, ranks, conflict, gate, ...)
     diagnostics: Optional[dict[str, dict[str, Any]]] = None
+    executor: Optional[str] = None  # local or ray
+    jobs: Optional[list[JobRun]] = None  # in file order
 
 
 @dataclass
@@ -137,7 +154,7 @@ class Manifest:
 
     def to_json(self) -> str:
         doc = dataclasses.asdict(self)
-        for key, empty in (("resumed_bytes", 0), ("diagnostics", None)):
+        for key, empty in (("resumed_bytes", 0), ("diagnostics", None), ("executor", None), ("jobs", None)):
             if doc["execution"] and doc["execution"][key] == empty:
                 del doc["execution"][key]  # absent unless used: older manifests stay canonical
         return dumps(doc)

@@ -1,0 +1,271 @@
+"""Runs a plan's file jobs as tasks on a Ray cluster. Each task runs the same pure worker as the local
+executor on one file or one part of a file: it reads its planned byte ranges of the shared inputs,
+checks their hashes, merges, and writes its bytes into the staging folder on the shared output file
+system. It streams back each journal record as its sink makes it; the driver alone appends them to the
+journal, checks what every part wrote, and publishes.
+
+A task whose worker dies is submitted again by the driver, with every record journaled for its part
+so far, and the new attempt resumes from what those records prove is on disk. (Ray's own retries run a
+task again with its first arguments: it would start over.) Ray is imported only here, and only when
+a run asks for it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+from . import __version__
+from .checkpoint import Reader
+from .errors import IOFailure, MergepipeError
+from .executor import LocalExecutor, Ran, RunEnv
+from .journal import Record
+from .manifest import JobRun
+from .options import RunOptions
+from .sink import Resume, recover
+from .worker import SLOW_ENV, FileJob, FileResult, WorkerContext, cuts, kernels, run_file, split
+
+SCRATCH = ".mergepipe-scratch"  # as execute.SCRATCH, which removes it before publishing
+# Output files larger than this run as parts of about this size (whole tensors each), so that one large
+# shard spreads over several workers and a lost worker costs at most one part.
+PART_BYTES = 1 << 30
+ATTEMPTS = 4  # per part: a part whose worker died this many times fails the run
+CPUS_PER_TASK = 1  # and as many compute threads
+INSTALL = "--executor ray needs Ray, which is not installed: pip install 'mergepipe[ray]' (or pip install 'ray>=2.40')"
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise MergepipeError(INSTALL) from None
+    return ray
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What a task needs besides its job: where the worker finds the staging folder, and how to run."""
+    staging: str
+    device: str
+    allow_nonfinite: bool
+    threads: int
+    slow_ms: str | None  # the test hook of worker.SLOW_ENV, passed on to the worker's process
+
+
+class _Relay:
+    """The journal a task's sink writes to: each record goes to the driver instead of a file."""
+
+    def __init__(self, q: queue.Queue) -> None:
+        self.q = q
+
+    def append(self, rec: Record, sync: bool = True) -> None:
+        self.q.put(("record", rec, sync))
+
+
+def part_task(job: FileJob, records: list[Record], cfg: TaskConfig) -> Iterator[tuple]:
+    """The body of one Ray task (a generator: each item reaches the driver as it is yielded)."""
+    import ray
+    if cfg.slow_ms is None:
+        os.environ.pop(SLOW_ENV, None)
+    else:
+        os.environ[SLOW_ENV] = cfg.slow_ms
+    staging = Path(cfg.staging)
+    resume = recover(staging / job.layout.name, job.layout, cuts(job, kernels(job, cfg.device, staging)), records,
+                     (job.start, job.end))
+    yield ("start", ray.get_runtime_context().get_node_id(), os.getpid(), __version__, resume.done)
+    q: queue.Queue = queue.Queue()
+    progress = [0]
+    reader = Reader()
+    scratch = staging / SCRATCH / f"{job.layout.name.replace('/', '_')}-{job.first}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    ctx = WorkerContext(staging, _Relay(q), resume, reader, cfg.device, cfg.allow_nonfinite,
+                        lambda n: progress.__setitem__(0, progress[0] + n), cfg.threads, scratch=scratch)
+
+    def work() -> None:
+        try:
+            with LocalExecutor().session():
+                q.put(("done", run_file(job, ctx)))
+        except BaseException as e:  # noqa: BLE001 - raised again in the task, which reports it
+            q.put(("error", e))
+
+    threading.Thread(target=work, daemon=True, name="mergepipe-part").start()
+    try:
+        while True:
+            item = q.get()
+            if item[0] == "error":
+                raise item[1]
+            n, progress[0] = progress[0], 0
+            if item[0] == "done":
+                yield ("done", item[1], n)
+                return
+            yield ("record", item[1], item[2], n, dict(ctx.reads))
+    finally:
+        reader.close()
+
+
+@dataclass
+class _Part:
+    """The driver's view of one part while it runs."""
+    job: FileJob
+    records: list[Record]  # journaled for it: the kept ones, then what its attempts sent
+    t0: float
+    attempts: int = 0
+    node: str = ""
+    resumed: int | None = None  # what its first attempt found done
+    reads: dict | None = None  # of the running attempt, as last reported
+    read_before: dict | None = None  # of the attempts that died
+
+
+class RayExecutor:
+    name = "ray"
+    shared = True  # the driver checks on disk what the workers wrote
+
+    def __init__(self, opts: RunOptions) -> None:
+        for entry in opts.path_map or ():
+            here, sep, there = entry.partition("=")
+            if not sep or not here.startswith("/") or not there.startswith("/"):
+                raise MergepipeError(f"--path-map {entry!r}: expected DRIVER_PATH=WORKER_PATH, both absolute")
+        self.opts = opts
+        self._ray = _ray()
+
+    def parts(self, jobs: list[FileJob]) -> list[FileJob]:
+        return [p for j in jobs for p in split(j, PART_BYTES)]
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Joined to the cluster (a caller that already called ray.init keeps its connection)."""
+        ray = self._ray
+        started = not ray.is_initialized()
+        if started:
+            try:
+                ray.init(address=self.opts.ray_address, log_to_driver=False, logging_level="ERROR",
+                         include_dashboard=False if self.opts.ray_address is None else None)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise MergepipeError(f"ray: cannot join the cluster at {self.opts.ray_address or 'RAY_ADDRESS'} "
+                                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        try:
+            yield
+        finally:
+            if started:
+                ray.shutdown()
+
+    def run_all(self, jobs: list[FileJob], resumes: dict[tuple[str, int], Resume], env: RunEnv) -> dict[tuple[str, int], Ran]:
+        from .placement import place
+        ray = self._ray
+        mapped = {job.key: _mapped(job, self.opts) for job in jobs}
+        staging = self.opts.worker_path(env.staging)
+        strategies = place(ray, list(mapped.values()), staging)
+        cfg = TaskConfig(staging, "cuda" if env.device.startswith("cuda") else "cpu", env.allow_nonfinite,
+                         CPUS_PER_TASK, os.environ.get(SLOW_ENV))
+        task = ray.remote(part_task).options(num_cpus=CPUS_PER_TASK, num_gpus=0 if cfg.device == "cpu" else 1,
+                                             max_retries=0, num_returns="streaming", name="mergepipe-part")
+        hosts = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        state = {job.key: _Part(job, list(resumes[job.key].kept), time.perf_counter()) for job in jobs}
+        running: dict = {}
+
+        def submit(key) -> None:
+            state[key].attempts += 1
+            opts = {"scheduling_strategy": strategies[key]} if strategies.get(key) else {}
+            running[task.options(**opts).remote(mapped[key], state[key].records, cfg)] = key
+
+        for job in jobs:
+            submit(job.key)
+        done: dict[tuple[str, int], Ran] = {}
+        try:
+            while running:
+                ready, _ = ray.wait(list(running), num_returns=1)
+                gen = ready[0]
+                key = running[gen]
+                try:
+                    item = ray.get(next(gen))
+                except StopIteration:
+                    del running[gen]
+                    continue
+                except ray.exceptions.RayTaskError as e:
+                    raise _cause(e) from None
+                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                        ray.exceptions.LocalRayletDiedError, ray.exceptions.ObjectLostError) as e:
+                    del running[gen]
+                    self._died(state[key], e, env)
+                    submit(key)
+                    continue
+                except ray.exceptions.TaskUnschedulableError:
+                    raise IOFailure(f"ray: {state[key].job.label()} can run only on a node that holds its inputs, "
+                                    f"and that node has left the cluster; the work done so far is kept in "
+                                    f"{env.staging} for a rerun to resume") from None
+                if self._take(state[key], item, env):
+                    done[key] = _ran(state[key], item[1], hosts)
+        finally:
+            for gen in running:
+                ray.cancel(gen, force=True)
+        return done
+
+    def _take(self, part: _Part, item: tuple, env: RunEnv) -> bool:
+        """Act on one item a task sent; True once its part is done."""
+        kind = item[0]
+        if kind == "start":
+            _, node, _pid, version, resumed = item
+            if version != __version__:
+                raise MergepipeError(f"ray: node {node} runs mergepipe {version}, this driver {__version__}: "
+                                     "install the same version on every node")
+            part.node = node
+            part.resumed = resumed if part.resumed is None else part.resumed
+            return False
+        n = item[3] if kind == "record" else item[2]  # input bytes read since the last item
+        if env.progress and n:
+            env.progress(n)
+        if kind == "record":
+            _, rec, sync, _n, reads = item
+            env.journal.append(rec, sync)
+            part.records.append(rec)
+            part.reads = reads
+            return False
+        return True
+
+    def _died(self, part: _Part, e: Exception, env: RunEnv) -> None:
+        """A part's worker died: count what it read, and give up after ATTEMPTS."""
+        part.read_before = _add(part.read_before or {}, part.reads or {})
+        part.reads = None
+        if part.attempts >= ATTEMPTS:
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise IOFailure(f"ray: the worker of {part.job.label()} died {part.attempts} times (last on node "
+                            f"{part.node or '?'}: {first}); the work done so far is kept in {env.staging} "
+                            "for a rerun to resume")
+
+
+def _ran(part: _Part, result: FileResult, hosts: dict[str, str]) -> Ran:
+    reads = _add(part.read_before or {}, result.bytes_read)
+    result = replace(result, bytes_read=reads)
+    run = JobRun(part.job.layout.name, part.job.first, len(part.job.tensors), part.node, hosts.get(part.node, "?"),
+                 round(time.perf_counter() - part.t0, 4), sum(reads.values()), part.attempts, part.resumed or 0)
+    return Ran(result, run)
+
+
+def _add(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, n in b.items():
+        out[k] = out.get(k, 0) + n
+    return out
+
+
+def _cause(e) -> BaseException:
+    """The exception a task raised, as the worker raised it (bad input stays one line)."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else RuntimeError(str(e).splitlines()[0])
+
+
+def _mapped(job: FileJob, opts: RunOptions) -> FileJob:
+    """The job with every input path as the workers see it."""
+    if not opts.path_map:
+        return job
+
+    def tensor(t):
+        return replace(t, base=replace(t.base, file=opts.worker_path(t.base.file)),
+                       experts=tuple(replace(e, file=opts.worker_path(e.file)) for e in t.experts),
+                       sketches=tuple(s and replace(s, file=opts.worker_path(s.file)) for s in t.sketches))
+    return replace(job, tensors=tuple(tensor(t) for t in job.tensors))
