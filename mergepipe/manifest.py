@@ -116,7 +116,7 @@ class JobRun:
     wall_s: float  # from its first submission to its result, every attempt included
     bytes_read: int  # input bytes, every attempt included (a killed one: up to its last journal record)
     attempts: int = 1
-    resumed_bytes: int = 0  # output bytes its first attempt found journaled
+    resumed_bytes: int = 0  # output bytes its last attempt took over, journaled and on disk (not rewritten)
 
 
 @dataclass

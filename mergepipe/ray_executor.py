@@ -116,7 +116,7 @@ class _Part:
     t0: float
     attempts: int = 0
     node: str = ""
-    resumed: int | None = None  # what its first attempt found done
+    resumed: int | None = None  # what its latest attempt found done
     reads: dict | None = None  # of the running attempt, as last reported
     read_before: dict | None = None  # of the attempts that died
 
@@ -142,6 +142,7 @@ class RayExecutor:
         ray = self._ray
         started = not ray.is_initialized()
         if started:
+            _reachable(self.opts.ray_address)
             try:
                 ray.init(address=self.opts.ray_address, log_to_driver=False, logging_level="ERROR",
                          include_dashboard=False if self.opts.ray_address is None else None)
@@ -162,15 +163,16 @@ class RayExecutor:
         strategies = place(ray, list(mapped.values()), staging)
         cfg = TaskConfig(staging, "cuda" if env.device.startswith("cuda") else "cpu", env.allow_nonfinite,
                          CPUS_PER_TASK, os.environ.get(SLOW_ENV))
-        task = ray.remote(part_task).options(num_cpus=CPUS_PER_TASK, num_gpus=0 if cfg.device == "cpu" else 1,
-                                             max_retries=0, num_returns="streaming", name="mergepipe-part")
+        task = ray.remote(part_task)
+        base = {"num_cpus": CPUS_PER_TASK, "num_gpus": 0 if cfg.device == "cpu" else 1, "max_retries": 0,
+                "num_returns": "streaming", "name": "mergepipe-part"}
         hosts = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
         state = {job.key: _Part(job, list(resumes[job.key].kept), time.perf_counter()) for job in jobs}
         running: dict = {}
 
         def submit(key) -> None:
             state[key].attempts += 1
-            opts = {"scheduling_strategy": strategies[key]} if strategies.get(key) else {}
+            opts = {**base, "scheduling_strategy": strategies[key]} if strategies.get(key) else base
             running[task.options(**opts).remote(mapped[key], state[key].records, cfg)] = key
 
         for job in jobs:
@@ -214,7 +216,7 @@ class RayExecutor:
                 raise MergepipeError(f"ray: node {node} runs mergepipe {version}, this driver {__version__}: "
                                      "install the same version on every node")
             part.node = node
-            part.resumed = resumed if part.resumed is None else part.resumed
+            part.resumed = resumed
             return False
         n = item[3] if kind == "record" else item[2]  # input bytes read since the last item
         if env.progress and n:
@@ -236,6 +238,18 @@ class RayExecutor:
             raise IOFailure(f"ray: the worker of {part.job.label()} died {part.attempts} times (last on node "
                             f"{part.node or '?'}: {first}); the work done so far is kept in {env.staging} "
                             "for a rerun to resume")
+
+
+def _reachable(address: str | None) -> None:
+    """A HOST:PORT that nothing listens on fails now, in one line (ray.init would retry for minutes)."""
+    import socket
+    host, sep, port = (address or "").rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        raise MergepipeError(f"ray: cannot join the cluster at {address} ({e.strerror or e})") from None
 
 
 def _ran(part: _Part, result: FileResult, hosts: dict[str, str]) -> Ran:
