@@ -113,7 +113,7 @@ class JobRun:
     tensors: int  # how many
     node: str  # the Ray node id, or "local"
     host: str  # the node's address (Ray) or this machine's name
-    wall_s: float  # from its first submission to its result, every attempt included
+    wall_s: float  # how long it ran on its workers (from each attempt's start to its end), every attempt included
     bytes_read: int  # input bytes, every attempt included (a killed one: up to its last journal record)
     attempts: int = 1
     resumed_bytes: int = 0  # output bytes its last attempt took over, journaled and on disk (not rewritten)

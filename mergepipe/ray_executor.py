@@ -33,7 +33,7 @@ from .worker import SLOW_ENV, FileJob, FileResult, WorkerContext, cuts, kernels,
 SCRATCH = ".mergepipe-scratch"  # as execute.SCRATCH, which removes it before publishing
 # Output files larger than this run as parts of about this size (whole tensors each), so that one large
 # shard spreads over several workers and a lost worker costs at most one part.
-PART_BYTES = 1 << 30
+PART_BYTES = 128 << 20
 ATTEMPTS = 4  # per part: a part whose worker died this many times fails the run
 CPUS_PER_TASK = 1  # and as many compute threads
 INSTALL = "--executor ray needs Ray, which is not installed: pip install 'mergepipe[ray]' (or pip install 'ray>=2.40')"
@@ -113,9 +113,10 @@ class _Part:
     """The driver's view of one part while it runs."""
     job: FileJob
     records: list[Record]  # journaled for it: the kept ones, then what its attempts sent
-    t0: float
     attempts: int = 0
     node: str = ""
+    started: float = 0.0  # when the running attempt reported its start
+    ran_s: float = 0.0  # how long its ended attempts ran
     resumed: int | None = None  # what its latest attempt found done
     reads: dict | None = None  # of the running attempt, as last reported
     read_before: dict | None = None  # of the attempts that died
@@ -167,7 +168,7 @@ class RayExecutor:
         base = {"num_cpus": CPUS_PER_TASK, "num_gpus": 0 if cfg.device == "cpu" else 1, "max_retries": 0,
                 "num_returns": "streaming", "name": "mergepipe-part"}
         hosts = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-        state = {job.key: _Part(job, list(resumes[job.key].kept), time.perf_counter()) for job in jobs}
+        state = {job.key: _Part(job, list(resumes[job.key].kept)) for job in jobs}
         running: dict = {}
 
         def submit(key) -> None:
@@ -215,7 +216,7 @@ class RayExecutor:
             if version != __version__:
                 raise MergepipeError(f"ray: node {node} runs mergepipe {version}, this driver {__version__}: "
                                      "install the same version on every node")
-            part.node = node
+            part.node, part.started = node, time.perf_counter()
             part.resumed = resumed
             return False
         n = item[3] if kind == "record" else item[2]  # input bytes read since the last item
@@ -233,6 +234,8 @@ class RayExecutor:
         """A part's worker died: count what it read, and give up after ATTEMPTS."""
         part.read_before = _add(part.read_before or {}, part.reads or {})
         part.reads = None
+        part.ran_s += time.perf_counter() - part.started if part.started else 0.0
+        part.started = 0.0
         if part.attempts >= ATTEMPTS:
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise IOFailure(f"ray: the worker of {part.job.label()} died {part.attempts} times (last on node "
@@ -256,7 +259,8 @@ def _ran(part: _Part, result: FileResult, hosts: dict[str, str]) -> Ran:
     reads = _add(part.read_before or {}, result.bytes_read)
     result = replace(result, bytes_read=reads)
     run = JobRun(part.job.layout.name, part.job.first, len(part.job.tensors), part.node, hosts.get(part.node, "?"),
-                 round(time.perf_counter() - part.t0, 4), sum(reads.values()), part.attempts, part.resumed or 0)
+                 round(part.ran_s + time.perf_counter() - part.started, 4), sum(reads.values()), part.attempts,
+                 part.resumed or 0)
     return Ran(result, run)
 
 
