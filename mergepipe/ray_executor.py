@@ -11,11 +11,13 @@ a run asks for it."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +38,7 @@ SCRATCH = ".mergepipe-scratch"  # as execute.SCRATCH, which removes it before pu
 PART_BYTES = 128 << 20
 ATTEMPTS = 4  # per part: a part whose worker died this many times fails the run
 CPUS_PER_TASK = 1  # and as many compute threads
+STOP_WAIT_S = 120  # a failed run waits this long for its running parts to stop
 INSTALL = "--executor ray needs Ray, which is not installed: pip install 'mergepipe[ray]' (or pip install 'ray>=2.40')"
 
 
@@ -55,6 +58,7 @@ class TaskConfig:
     allow_nonfinite: bool
     threads: int
     slow_ms: str | None  # the test hook of worker.SLOW_ENV, passed on to the worker's process
+    stop: str  # a file the driver creates when the run fails: its tasks end where they are
 
 
 class _Relay:
@@ -75,6 +79,8 @@ def part_task(job: FileJob, records: list[Record], cfg: TaskConfig) -> Iterator[
     else:
         os.environ[SLOW_ENV] = cfg.slow_ms
     staging = Path(cfg.staging)
+    if os.path.exists(cfg.stop):
+        return
     resume = recover(staging / job.layout.name, job.layout, cuts(job, kernels(job, cfg.device, staging)), records,
                      (job.start, job.end))
     yield ("start", ray.get_runtime_context().get_node_id(), os.getpid(), __version__, resume.done)
@@ -84,7 +90,7 @@ def part_task(job: FileJob, records: list[Record], cfg: TaskConfig) -> Iterator[
     scratch = staging / SCRATCH / f"{job.layout.name.replace('/', '_')}-{job.first}"
     scratch.mkdir(parents=True, exist_ok=True)
     ctx = WorkerContext(staging, _Relay(q), resume, reader, cfg.device, cfg.allow_nonfinite,
-                        lambda n: progress.__setitem__(0, progress[0] + n), cfg.threads, scratch=scratch)
+                        _stopper(cfg.stop, progress), cfg.threads, scratch=scratch)
 
     def work() -> None:
         try:
@@ -157,56 +163,80 @@ class RayExecutor:
                 ray.shutdown()
 
     def run_all(self, jobs: list[FileJob], resumes: dict[tuple[str, int], Resume], env: RunEnv) -> dict[tuple[str, int], Ran]:
+        """Every part to the end, a cluster's worth of them running at a time (the rest wait here, not
+        in Ray's queue: on a failure, nothing of this run starts later). When the run fails, the
+        running parts are asked to stop and are waited for: when this returns or raises, no task of
+        the run still writes (ray.cancel is not used: Ray 2.40 can crash the driver when a cancel
+        races a task's end)."""
         from .placement import place
         ray = self._ray
         mapped = {job.key: _mapped(job, self.opts) for job in jobs}
         staging = self.opts.worker_path(env.staging)
         strategies = place(ray, list(mapped.values()), staging)
+        stop = env.staging / SCRATCH / f"stop-{uuid.uuid4().hex[:12]}"
         cfg = TaskConfig(staging, "cuda" if env.device.startswith("cuda") else "cpu", env.allow_nonfinite,
-                         CPUS_PER_TASK, os.environ.get(SLOW_ENV))
+                         CPUS_PER_TASK, os.environ.get(SLOW_ENV), self.opts.worker_path(stop))
         task = ray.remote(part_task)
         base = {"num_cpus": CPUS_PER_TASK, "num_gpus": 0 if cfg.device == "cpu" else 1, "max_retries": 0,
                 "num_returns": "streaming", "name": "mergepipe-part"}
         hosts = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        window = 1 + int(ray.cluster_resources().get("GPU" if cfg.device != "cpu" else "CPU", 1) // max(1, CPUS_PER_TASK))
         state = {job.key: _Part(job, list(resumes[job.key].kept)) for job in jobs}
-        running: dict = {}
+        todo, running = collections.deque(job.key for job in jobs), {}
+        retry = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError,
+                 ray.exceptions.ObjectLostError)  # the worker or its node died: the part runs again
 
         def submit(key) -> None:
             state[key].attempts += 1
             opts = {**base, "scheduling_strategy": strategies[key]} if strategies.get(key) else base
             running[task.options(**opts).remote(mapped[key], state[key].records, cfg)] = key
 
-        for job in jobs:
-            submit(job.key)
         done: dict[tuple[str, int], Ran] = {}
         try:
-            while running:
-                ready, _ = ray.wait(list(running), num_returns=1)
-                gen = ready[0]
+            while todo or running:
+                while todo and len(running) < window:
+                    submit(todo.popleft())
+                gen = ray.wait(list(running), num_returns=1)[0][0]
                 key = running[gen]
                 try:
                     item = ray.get(next(gen))
                 except StopIteration:
                     del running[gen]
                     continue
-                except ray.exceptions.RayTaskError as e:
-                    raise _cause(e) from None
-                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-                        ray.exceptions.LocalRayletDiedError, ray.exceptions.ObjectLostError) as e:
+                except retry as e:
                     del running[gen]
                     self._died(state[key], e, env)
-                    submit(key)
+                    todo.appendleft(key)
                     continue
-                except ray.exceptions.TaskUnschedulableError:
-                    raise IOFailure(f"ray: {state[key].job.label()} can run only on a node that holds its inputs, "
-                                    f"and that node has left the cluster; the work done so far is kept in "
-                                    f"{env.staging} for a rerun to resume") from None
                 if self._take(state[key], item, env):
                     done[key] = _ran(state[key], item[1], hosts)
-        finally:
-            for gen in running:
-                ray.cancel(gen, force=True)
+        except ray.exceptions.RayTaskError as e:
+            raise self._failed(running, stop, _cause(e)) from None
+        except ray.exceptions.TaskUnschedulableError:
+            raise self._failed(running, stop, IOFailure(
+                f"ray: {state[key].job.label()} can run only on a node that holds its inputs, and that node has "
+                f"left the cluster; the work done so far is kept in {env.staging} for a rerun to resume")) from None
+        except BaseException as e:
+            raise self._failed(running, stop, e) from None
         return done
+
+    def _failed(self, running: dict, stop: Path, error: BaseException) -> BaseException:
+        """Stop the running parts and wait for them to end; then `error` is the run's."""
+        ray = self._ray
+        stop.parent.mkdir(parents=True, exist_ok=True)
+        stop.touch()
+        deadline = time.monotonic() + STOP_WAIT_S
+        while running and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            for gen in ready:
+                try:
+                    ray.get(next(gen))
+                except BaseException:  # noqa: BLE001 - StopIteration, the stop itself, or its death
+                    del running[gen]
+        for gen in running:  # hung past the wait: the only case left for a cancel
+            ray.cancel(gen, force=True)
+        stop.unlink(missing_ok=True)
+        return error
 
     def _take(self, part: _Part, item: tuple, env: RunEnv) -> bool:
         """Act on one item a task sent; True once its part is done."""
@@ -253,6 +283,25 @@ def _reachable(address: str | None) -> None:
         socket.create_connection((host, int(port)), timeout=10).close()
     except OSError as e:
         raise MergepipeError(f"ray: cannot join the cluster at {address} ({e.strerror or e})") from None
+
+
+class Stopped(Exception):
+    """A task ended early: its run failed elsewhere."""
+
+
+def _stopper(path: str, progress: list):
+    """The worker's progress callback: counts bytes, and ends the task once `path` exists (looked at
+    no more than twice a second)."""
+    last = [0.0]
+
+    def seen(n: int) -> None:
+        progress[0] += n
+        now = time.monotonic()
+        if now - last[0] >= 0.5:
+            last[0] = now
+            if os.path.exists(path):
+                raise Stopped(path)
+    return seen
 
 
 def _ran(part: _Part, result: FileResult, hosts: dict[str, str]) -> Ran:

@@ -276,3 +276,44 @@ def test_without_ray_the_flag_says_how_to_install(family, workdir):
                        env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert r.returncode == 2 and "pip install 'mergepipe[ray]'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (workdir / "o").exists()
+
+
+def test_a_node_lost_for_good_fails_in_one_line_and_a_rerun_resumes(cluster, family, workdir, monkeypatch):
+    """Every part is placed on a third node (as if only it held copies of the inputs); that node is
+    taken out of the cluster mid-run: the parts cannot run anywhere else, so the run fails in one line
+    and keeps its staging folder; a rerun on the nodes left resumes what the lost node journaled."""
+    import mergepipe.placement as P
+    m = _plan(family, workdir, "task_arithmetic")
+    local = execute(m, workdir / "local")
+    node = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    doomed = node.node_id
+    assert doomed in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    monkeypatch.setattr(P, "assign", lambda jobs, sees, staging: {j.key: doomed for j in jobs})
+    monkeypatch.setattr(RX, "PART_BYTES", 48 << 10)
+    monkeypatch.setenv(SLOW_ENV, "100")
+    out, key = workdir / "ray", plan_key(m, "cpu")
+    staging = staging_for(out.resolve(), key)
+    box: dict = {}
+
+    def run():
+        try:
+            execute(m, out, executor="ray")
+        except MergepipeError as e:
+            box["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 120
+    while t.is_alive() and time.monotonic() < deadline and len(read_records(staging.journal, key)) < 4:
+        time.sleep(0.05)
+    cluster.remove_node(node, allow_graceful=False)
+    t.join(180)
+    monkeypatch.delenv(SLOW_ENV)
+    err = str(box["error"])
+    print(err)
+    assert "\n" not in err and str(staging.folder) in err and ("left the cluster" in err or "died" in err), err
+    assert not out.exists() and read_records(staging.journal, key)
+    monkeypatch.undo()
+    done = execute(m, out, executor="ray")
+    assert done.execution.outputs == local.execution.outputs and done.execution.resumed_bytes > 0
+    assert doomed not in {j.node for j in done.execution.jobs}
