@@ -45,7 +45,10 @@ def cluster():
     # the raylets and their workers inherit this environment: they import this checkout's mergepipe
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *([old] if old else [])])
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    # a lost node is declared dead after 1.5 s instead of Ray's 15 s default (the node-loss test waits for it)
+    system = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                      "_system_config": system})
     c.add_node(num_cpus=1)
     ray.init(address=c.address, log_to_driver=False, logging_level="ERROR")
     c.wait_for_nodes()
@@ -131,6 +134,8 @@ def test_sigkilled_worker_is_retried_and_resumes_from_the_journal(cluster, famil
                 records_then = records
         time.sleep(0.05)
     assert victim is not None, "no worker was found mid-part"
+    with pytest.raises(MergepipeError, match="another mergepipe execute is writing"):
+        execute(m, out, executor="ray")  # a second driver on the same OUT, while the first runs
     t.join(180)
     monkeypatch.delenv(SLOW_ENV)
     ex = result["done"].execution
