@@ -143,7 +143,7 @@ def _merge_and_stages(run: _Run, staging: Staging, reader: Reader) -> Manifest:
             journal.close()
     shutil.rmtree(staging.folder / SCRATCH, ignore_errors=True)  # a killed part's spill files: not output
     results = {p.key: ran[p.key].result for p in parts}
-    outputs = _outputs(run, parts, results, staging) if executor.shared else {
+    outputs = _outputs(run, parts, results, staging, executor.read_back) if executor.shared else {
         k[0]: r.output for k, r in results.items()}
     base = run.opened[0].model
     _copy_sidecars(base.root, staging.folder, run.m.out_dtype)
@@ -163,15 +163,18 @@ def _merge_and_stages(run: _Run, staging: Staging, reader: Reader) -> Manifest:
     return done
 
 
-def _outputs(run: _Run, parts: list[FileJob], results: dict[tuple[str, int], FileResult],
-             staging: Staging) -> dict[str, OutputFile]:
+def _outputs(run: _Run, parts: list[FileJob], results: dict[tuple[str, int], FileResult], staging: Staging,
+             read_back: dict[str, OutputFile]) -> dict[str, OutputFile]:
     """The output files as the disk holds them, each part checked against what its worker reported:
-    workers elsewhere wrote them through a shared file system, and only what is on disk is published."""
+    workers elsewhere wrote them through a shared file system, and only what is on disk is published.
+    `read_back`: files the executor has already read back (elsewhere, in parallel); the others are
+    read here."""
     outputs = {}
     for job in run.jobs:
         path = staging.folder / job.layout.name
-        size = path.stat().st_size
-        file_hash, tensors = hash_file(path, job.layout)
+        disk = read_back.get(job.layout.name)
+        size, (file_hash, tensors) = (disk.size, (disk.hash, disk.tensors)) if disk else (
+            path.stat().st_size, hash_file(path, job.layout))
         for part in (p for p in parts if p.layout.name == job.layout.name):
             reported = results[part.key].output.tensors
             bad = next((t for t in part.out_tensors if reported.get(t.name) != tensors[t.name]), None)

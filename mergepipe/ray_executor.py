@@ -27,9 +27,9 @@ from .checkpoint import Reader
 from .errors import IOFailure, MergepipeError
 from .executor import LocalExecutor, Ran, RunEnv
 from .journal import Record
-from .manifest import JobRun
+from .manifest import JobRun, OutputFile
 from .options import RunOptions
-from .sink import Resume, recover
+from .sink import Resume, hash_file, recover
 from .worker import SLOW_ENV, FileJob, FileResult, WorkerContext, cuts, kernels, run_file, split
 
 SCRATCH = ".mergepipe-scratch"  # as execute.SCRATCH, which removes it before publishing
@@ -59,6 +59,11 @@ class TaskConfig:
     threads: int
     slow_ms: str | None  # the test hook of worker.SLOW_ENV, passed on to the worker's process
     stop: str  # a file the driver creates when the run fails: its tasks end where they are
+
+
+def read_back(path: str, layout) -> tuple[int, str, dict[str, str]]:
+    """The body of a read-back task: an output file's size and hashes, from the bytes on disk."""
+    return (os.path.getsize(path), *hash_file(Path(path), layout))
 
 
 class _Relay:
@@ -139,9 +144,13 @@ class RayExecutor:
                 raise MergepipeError(f"--path-map {entry!r}: expected DRIVER_PATH=WORKER_PATH, both absolute")
         self.opts = opts
         self._ray = _ray()
+        # per output file, its size and hashes read back from the shared file system once all its parts
+        # were done: what the driver checks against the workers' reports
+        self.read_back: dict[str, OutputFile] = {}
 
     def parts(self, jobs: list[FileJob]) -> list[FileJob]:
         return [p for j in jobs for p in split(j, PART_BYTES)]
+
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
@@ -192,11 +201,16 @@ class RayExecutor:
             running[task.options(**opts).remote(mapped[key], state[key].records, cfg)] = key
 
         done: dict[tuple[str, int], Ran] = {}
+        left = collections.Counter(job.layout.name for job in jobs)
+        hashing: dict = {}  # read-back tasks of the files whose parts are all done
         try:
-            while todo or running:
+            while todo or running or hashing:
                 while todo and len(running) < window:
                     submit(todo.popleft())
-                gen = ray.wait(list(running), num_returns=1)[0][0]
+                gen = ray.wait([*running, *hashing], num_returns=1)[0][0]
+                if gen in hashing:
+                    self.read_back[hashing.pop(gen)] = OutputFile(*ray.get(gen))
+                    continue
                 key = running[gen]
                 try:
                     item = ray.get(next(gen))
@@ -210,6 +224,9 @@ class RayExecutor:
                     continue
                 if self._take(state[key], item, env):
                     done[key] = _ran(state[key], item[1], hosts)
+                    left[key[0]] -= 1
+                    if not left[key[0]]:
+                        hashing[self._read_back(state[key].job, staging, strategies.get(key))] = key[0]
         except ray.exceptions.RayTaskError as e:
             raise self._failed(running, stop, _cause(e)) from None
         except ray.exceptions.TaskUnschedulableError:
@@ -219,6 +236,12 @@ class RayExecutor:
         except BaseException as e:
             raise self._failed(running, stop, e) from None
         return done
+
+    def _read_back(self, job: FileJob, staging: str, strategy):
+        """A task that hashes one finished output file as the shared file system holds it (on a node
+        that sees the staging folder; idempotent, so Ray's own retries fit)."""
+        opts = {"num_cpus": 0, "max_retries": 3, **({"scheduling_strategy": strategy} if strategy else {})}
+        return self._ray.remote(read_back).options(**opts).remote(str(Path(staging) / job.layout.name), job.layout)
 
     def _failed(self, running: dict, stop: Path, error: BaseException) -> BaseException:
         """Stop the running parts and wait for them to end; then `error` is the run's."""

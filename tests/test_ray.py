@@ -322,3 +322,32 @@ def test_a_node_lost_for_good_fails_in_one_line_and_a_rerun_resumes(cluster, fam
     done = execute(m, out, executor="ray")
     assert done.execution.outputs == local.execution.outputs and done.execution.resumed_bytes > 0
     assert doomed not in {j.node for j in done.execution.jobs}
+
+
+def test_the_driver_refuses_a_part_the_disk_does_not_hold(family, workdir):
+    """The read-back check: a staged byte that changed after its worker hashed it stops the publish."""
+    from mergepipe import execute as E
+    from mergepipe.checkpoint import Reader
+    from mergepipe.executor import LocalExecutor, RunEnv
+    from mergepipe.journal import Journal
+    from mergepipe.publish import prepare_destination
+    m = _plan(family, workdir, "task_arithmetic")
+    run = E._prepare(m, RunOptions())
+    staging = prepare_destination(workdir / "out", False, run.key)
+    parts = [p for j in run.jobs for p in split(j, 48 << 10)]
+    resumes, _ = E._resume(run, staging, parts, [])
+    journal = Journal(staging.journal, run.key, [])
+    ran = LocalExecutor().run_all(parts, resumes, RunEnv(staging.folder, journal, Reader(), "cpu", False, None))
+    journal.close()
+    results = {p.key: ran[p.key].result for p in parts}
+    outputs = E._outputs(run, parts, results, staging, {})
+    assert {k: o.tensors for k, o in outputs.items()} == {k: o.tensors for k, o in execute(m, workdir / "ref").execution.outputs.items()}
+    victim = parts[len(parts) // 2]
+    path = staging.folder / victim.layout.name
+    with open(path, "r+b") as f:  # one byte inside that part's first tensor
+        f.seek(victim.out_tensors[0].offset)
+        b = f.read(1)
+        f.seek(victim.out_tensors[0].offset)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(MergepipeError, match=f"{victim.label()} does not hold what its worker wrote"):
+        E._outputs(run, parts, results, staging, {})
