@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def family(shape: str, cache: Path) -> dict[str, Path]:
-    from mergepipe.synth import QWEN25_05B, TINY, build_family
+    from mergepipe.synth import TINY, build_family
     if shape == "qwen05b":
         from bench.root_hashes import family_for
         return family_for(cache)

@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 import mergepipe.ray_executor as RX
-import mergepipe.sink as S
 from mergepipe.config import load_config
 from mergepipe.demo import demo_config
 from mergepipe.errors import MergepipeError
