@@ -216,6 +216,8 @@ class RayExecutor:
                     item = ray.get(next(gen))
                 except StopIteration:
                     del running[gen]
+                    if key not in done:
+                        raise RuntimeError(f"internal: the task of {state[key].job.label()} ended without its result")
                     continue
                 except retry as e:
                     del running[gen]
