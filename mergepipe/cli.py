@@ -70,7 +70,7 @@ FLAGS = {
     "allow_nonfinite": (bool, typer.Option(False, "--allow-nonfinite",
                                            help="Merge inputs that hold NaN or Inf (recorded in the manifest).")),
     "executor": (str, typer.Option("local", "--executor",
-                                   help="local (this process) or ray (tasks on a Ray cluster; pip install 'mergepipe[ray]').")),
+                                   help="local (this process) or ray (tasks on a Ray cluster; pip install 'mergepipe\\[ray]').")),
     "ray_address": (Optional[str], typer.Option(None, "--ray-address",
                                                 help="Ray cluster to join: auto or HOST:PORT (default: RAY_ADDRESS, "
                                                      "else a new local one).")),
