@@ -28,6 +28,7 @@ from mergepipe.options import RunOptions
 from mergepipe.placement import assign
 from mergepipe.plan import plan_merge
 from mergepipe.publish import staging_for
+from mergepipe.verify import verify
 from mergepipe.worker import SLOW_ENV, build_jobs, split
 
 from conftest import write_config
@@ -94,6 +95,7 @@ def test_ray_output_is_the_local_executors(cluster, family, workdir, monkeypatch
     assert not (workdir / "ray" / ".mergepipe-scratch").exists()
     reloaded = load_manifest(workdir / "ray" / "mergepipe.manifest.json")  # the new fields load back
     assert reloaded.execution.jobs == ex.jobs
+    assert verify(reloaded, workdir / "ray").ok
 
 
 def _worker_pids() -> set[int]:
