@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import queue
 import threading
@@ -21,6 +22,8 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
+
+import xxhash
 
 from . import __version__
 from .checkpoint import Reader
@@ -40,6 +43,17 @@ ATTEMPTS = 4  # per part: a part whose worker died this many times fails the run
 CPUS_PER_TASK = 1  # and as many compute threads
 STOP_WAIT_S = 120  # a failed run waits this long for its running parts to stop
 INSTALL = "--executor ray needs Ray, which is not installed: pip install 'mergepipe[ray]' (or pip install 'ray>=2.40')"
+
+
+@functools.lru_cache(maxsize=1)
+def code_id() -> str:
+    """This process's mergepipe: its version and a hash of its source files."""
+    h = xxhash.xxh3_64()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(f"{path.relative_to(root)}\0".encode())
+        h.update(path.read_bytes())
+    return f"{__version__} ({h.hexdigest()})"
 
 
 def _ray():
@@ -88,7 +102,7 @@ def part_task(job: FileJob, records: list[Record], cfg: TaskConfig) -> Iterator[
         return
     resume = recover(staging / job.layout.name, job.layout, cuts(job, kernels(job, cfg.device, staging)), records,
                      (job.start, job.end))
-    yield ("start", ray.get_runtime_context().get_node_id(), os.getpid(), __version__, resume.done)
+    yield ("start", ray.get_runtime_context().get_node_id(), os.getpid(), code_id(), resume.done)
     q: queue.Queue = queue.Queue()
     progress = [0]
     reader = Reader()
@@ -181,7 +195,10 @@ class RayExecutor:
         ray = self._ray
         mapped = {job.key: _mapped(job, self.opts) for job in jobs}
         staging = self.opts.worker_path(env.staging)
-        strategies = place(ray, list(mapped.values()), staging)
+        try:
+            strategies = place(ray, list(mapped.values()), staging)
+        except ray.exceptions.RayTaskError as e:
+            raise _cause(e) from None
         stop = env.staging / SCRATCH / f"stop-{uuid.uuid4().hex[:12]}"
         cfg = TaskConfig(staging, "cuda" if env.device.startswith("cuda") else "cpu", env.allow_nonfinite,
                          CPUS_PER_TASK, os.environ.get(SLOW_ENV), self.opts.worker_path(stop))
@@ -267,10 +284,10 @@ class RayExecutor:
         """Act on one item a task sent; True once its part is done."""
         kind = item[0]
         if kind == "start":
-            _, node, _pid, version, resumed = item
-            if version != __version__:
-                raise MergepipeError(f"ray: node {node} runs mergepipe {version}, this driver {__version__}: "
-                                     "install the same version on every node")
+            _, node, _pid, code, resumed = item
+            if code != code_id():
+                raise MergepipeError(f"ray: node {node} runs mergepipe {code}, this driver {code_id()}: install "
+                                     "the same mergepipe on every node (the output bytes depend on its code)")
             part.node, part.started = node, time.perf_counter()
             part.resumed = resumed
             return False
@@ -346,8 +363,12 @@ def _add(a: dict, b: dict) -> dict:
 
 
 def _cause(e) -> BaseException:
-    """The exception a task raised, as the worker raised it (bad input stays one line)."""
+    """The exception a task raised, as the worker raised it (bad input stays one line); a worker that
+    cannot import mergepipe is a setup problem, said in one line too."""
     cause = getattr(e, "cause", None)
+    if isinstance(cause, ImportError) or "No module named 'mergepipe" in str(e):
+        return MergepipeError("ray: a worker cannot import mergepipe's Ray executor: install the same mergepipe "
+                              "on every node (or pass the checkout on PYTHONPATH to the raylets)")
     return cause if isinstance(cause, BaseException) else RuntimeError(str(e).splitlines()[0])
 
 
