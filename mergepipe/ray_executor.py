@@ -165,7 +165,6 @@ class RayExecutor:
     def parts(self, jobs: list[FileJob]) -> list[FileJob]:
         return [p for j in jobs for p in split(j, PART_BYTES)]
 
-
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         """Joined to the cluster (a caller that already called ray.init keeps its connection)."""
@@ -247,13 +246,13 @@ class RayExecutor:
                     if not left[key[0]]:
                         hashing[self._read_back(state[key].job, staging, strategies.get(key))] = key[0]
         except ray.exceptions.RayTaskError as e:
-            raise self._failed(running, stop, _cause(e)) from None
+            raise self._failed(running, stop, _cause(e), env) from None
         except ray.exceptions.TaskUnschedulableError:
             raise self._failed(running, stop, IOFailure(
                 f"ray: {state[key].job.label()} can run only on a node that holds its inputs, and that node has "
-                f"left the cluster; the work done so far is kept in {env.staging} for a rerun to resume")) from None
+                f"left the cluster; the work done so far is kept in {env.staging} for a rerun to resume"), env) from None
         except BaseException as e:
-            raise self._failed(running, stop, e) from None
+            raise self._failed(running, stop, e, env) from None
         return done
 
     def _read_back(self, job: FileJob, staging: str, strategy):
@@ -262,8 +261,9 @@ class RayExecutor:
         opts = {"num_cpus": 0, "max_retries": 3, **({"scheduling_strategy": strategy} if strategy else {})}
         return self._ray.remote(read_back).options(**opts).remote(str(Path(staging) / job.layout.name), job.layout)
 
-    def _failed(self, running: dict, stop: Path, error: BaseException) -> BaseException:
-        """Stop the running parts and wait for them to end; then `error` is the run's."""
+    def _failed(self, running: dict, stop: Path, error: BaseException, env: RunEnv) -> BaseException:
+        """Stop the running parts and wait for them to end, journaling what they still report (a rerun
+        resumes from it); then `error` is the run's."""
         ray = self._ray
         stop.parent.mkdir(parents=True, exist_ok=True)
         stop.touch()
@@ -272,7 +272,9 @@ class RayExecutor:
             ready, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             for gen in ready:
                 try:
-                    ray.get(next(gen))
+                    item = ray.get(next(gen))
+                    if item[0] == "record":
+                        env.journal.append(item[1], item[2])
                 except BaseException:  # noqa: BLE001 - StopIteration, the stop itself, or its death
                     del running[gen]
         for gen in running:  # hung past the wait: the only case left for a cancel
