@@ -53,7 +53,7 @@ def place(ray, jobs: list, staging: str) -> dict:
         raise MergepipeError("ray: the cluster has no node with a CPU to run on")
     paths = sorted(set().union(*(inputs(j) for j in jobs)) | {staging})
     probe = ray.remote(visible)
-    refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(paths)
+    refs = [probe.options(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(paths)
             for n in nodes]
     sees = {n: set(seen) for n, seen in zip(nodes, ray.get(refs, timeout=300))}
     return {key: node and NodeAffinitySchedulingStrategy(node, soft=False)

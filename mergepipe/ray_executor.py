@@ -258,7 +258,8 @@ class RayExecutor:
     def _read_back(self, job: FileJob, staging: str, strategy):
         """A task that hashes one finished output file as the shared file system holds it (on a node
         that sees the staging folder; idempotent, so Ray's own retries fit)."""
-        opts = {"num_cpus": 0, "max_retries": 3, **({"scheduling_strategy": strategy} if strategy else {})}
+        # a CPU like a part: it then runs in the workers the parts warmed up, not in a new process
+        opts = {"num_cpus": CPUS_PER_TASK, "max_retries": 3, **({"scheduling_strategy": strategy} if strategy else {})}
         return self._ray.remote(read_back).options(**opts).remote(str(Path(staging) / job.layout.name), job.layout)
 
     def _failed(self, running: dict, stop: Path, error: BaseException, env: RunEnv) -> BaseException:
