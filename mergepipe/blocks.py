@@ -77,21 +77,29 @@ def blocks(info: TensorInfo) -> list[Block]:
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
-def compute_pool(dev) -> tuple[ThreadPoolExecutor, int]:
+def _cores() -> int:
+    """The cores this process may run on (taskset and cgroup cpusets narrow them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def compute_pool(dev, threads: int | None = None) -> tuple[ThreadPoolExecutor, int]:
     """Compute threads for block-parallel operators: one per core (up to 4) on the CPU, with numpy or
-    a single-threaded torch inside each; one for a GPU (dev: a name or torch.device), whose kernels
-    already use the whole device."""
-    workers = 1 if str(dev).startswith("cuda") else max(1, min(4, os.cpu_count() or 1))
+    a single-threaded torch inside each, or `threads` where the caller owns only that many cores; one
+    for a GPU (dev: a name or torch.device), whose kernels already use the whole device."""
+    workers = 1 if str(dev).startswith("cuda") else max(1, threads or min(4, _cores()))
     if workers not in _POOLS:
         _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="mergepipe-compute")
     return _POOLS[workers], workers
 
 
-def in_order(dev, fn: Callable, stream: Iterable[tuple]) -> Iterator[tuple[tuple, object]]:
+def in_order(dev, fn: Callable, stream: Iterable[tuple], threads: int | None = None) -> Iterator[tuple[tuple, object]]:
     """For each (item, raws) of a read-ahead stream, yield it with fn(*item, raws), in stream order,
     computing up to one item per compute thread ahead: blocks merge in parallel and are still
     written front to back."""
-    pool, workers = compute_pool(dev)
+    pool, workers = compute_pool(dev, threads)
     in_flight: collections.deque = collections.deque()
     for entry in stream:
         item, raws = entry

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -26,7 +27,7 @@ err = Console(stderr=True)
 
 
 def fail(msg: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)  # a message may hold [brackets]
     raise typer.Exit(code)
 
 
@@ -68,6 +69,14 @@ FLAGS = {
                                         help="Load pickled .bin checkpoints (with weights_only=True).")),
     "allow_nonfinite": (bool, typer.Option(False, "--allow-nonfinite",
                                            help="Merge inputs that hold NaN or Inf (recorded in the manifest).")),
+    "executor": (str, typer.Option("local", "--executor",
+                                   help="local (this process) or ray (tasks on a Ray cluster; pip install 'mergepipe\\[ray]').")),
+    "ray_address": (Optional[str], typer.Option(None, "--ray-address",
+                                                help="Ray cluster to join: auto or HOST:PORT (default: RAY_ADDRESS, "
+                                                     "else a new local one).")),
+    "path_map": (Optional[List[str]], typer.Option(None, "--path-map",
+                                                   help="DRIVER=WORKER: Ray workers find files under DRIVER at "
+                                                        "WORKER instead (repeatable).")),
     "planner": (str, typer.Option("score", "--planner", help="score (default) or random (a control).")),
     "seed": (int, typer.Option(0, "--seed", help="Seed of the random planner.")),
     "fill": (str, typer.Option("sketch", "--fill",
@@ -162,7 +171,7 @@ def plan(config: Path = typer.Argument(..., help="mergekit YAML (linear, slerp, 
 
 
 @command
-@flags(RunOptions, "device", "force", "root", "allow_pickle", "allow_nonfinite")
+@flags(RunOptions, "device", "force", "root", "allow_pickle", "allow_nonfinite", "executor", "ray_address", "path_map")
 def execute(manifest: Path = typer.Argument(...),
             output: Path = typer.Option(..., "-o", "--output", "--out", help="Output folder (published atomically)."),
             as_json: bool = JSON, opts: RunOptions = None):
@@ -184,7 +193,7 @@ def execute(manifest: Path = typer.Argument(...),
 
 
 @command
-@flags(RunOptions, "device", "force")
+@flags(RunOptions, "device", "force", "executor", "ray_address", "path_map")
 def continual(config: Path = typer.Argument(..., help="mergekit YAML with merge_method gcwm; models in arrival order."),
               output: Path = typer.Option(..., "-o", "--output", help="Folder for step-01, step-02, ... (and anchors/)."),
               mode: str = typer.Option("all_history", "--mode", help="all_history or current_anchor."),

@@ -18,16 +18,17 @@ import xxhash
 from . import __version__, stages
 from .checkpoint import COPIED_FILES, DTYPES, Reader
 from .errors import InputChangedError, IOFailure, MergepipeError
-from .executor import LocalExecutor
+from .executor import LocalExecutor, RunEnv
 from .journal import Journal, Record, read_records
 from .manifest import Execution, Manifest, OutputFile, dumps
 from .options import RunOptions
 from .publish import Staging, check_space, destination_lock, discard, prepare_destination, publish, staging_for
 from .sink import Resume, hash_file, recover
 from .sources import OpenedModel, open_recorded
-from .worker import FileJob, FileResult, WorkerContext, build_jobs, cuts, first_block, kernels
+from .worker import FileJob, FileResult, build_jobs, cuts, first_block, kernels
 
 MANIFEST_NAME = "mergepipe.manifest.json"
+SCRATCH = ".mergepipe-scratch"  # in the staging folder: spill files of parts that run in parallel
 
 
 def check_device(device: str) -> str:
@@ -114,25 +115,36 @@ def execute(m: Manifest, out: str | Path, options: RunOptions | None = None, **f
             reader.close()
 
 
+def make_executor(opts: RunOptions):
+    if opts.executor == "local":
+        return LocalExecutor()
+    if opts.executor == "ray":
+        from .ray_executor import RayExecutor
+        return RayExecutor(opts)
+    raise MergepipeError(f"executor {opts.executor!r} is not supported (expected local or ray)")
+
+
 def _merge_and_stages(run: _Run, staging: Staging, reader: Reader) -> Manifest:
-    executor = LocalExecutor()
-    resumes, kept = _resume(run, staging, read_records(staging.journal, run.key))
-    resumed = sum(r.prefix for r in resumes.values())
+    executor = make_executor(run.opts)
+    parts = executor.parts(run.jobs)
+    resumes, kept = _resume(run, staging, parts, read_records(staging.journal, run.key))
+    resumed = sum(r.done for r in resumes.values())
     check_space(staging.folder, sum(j.layout.size for j in run.jobs) - resumed)
-    journal = Journal(staging.journal, run.key, kept)
     allow = run.opts.allow_nonfinite or run.m.plan.allow_nonfinite
-    results: dict[str, FileResult] = {}
     if run.dev != "cpu":
         import torch
         torch.cuda.reset_peak_memory_stats(run.dev)
-    try:
-        with executor.session():
-            for job in run.jobs:
-                ctx = WorkerContext(staging.folder, journal, resumes[job.layout.name], reader, run.dev, allow,
-                                    run.opts.progress)
-                results[job.layout.name] = executor.run(job, ctx)
-    finally:
-        journal.close()
+    with executor.session():
+        journal = Journal(staging.journal, run.key, kept)
+        try:
+            ran = executor.run_all(parts, resumes, RunEnv(staging.folder, journal, reader, run.dev, allow,
+                                                          run.opts.progress))
+        finally:
+            journal.close()
+    shutil.rmtree(staging.folder / SCRATCH, ignore_errors=True)  # a killed part's spill files: not output
+    results = {p.key: ran[p.key].result for p in parts}
+    outputs = _outputs(run, parts, results, staging, executor.read_back) if executor.shared else {
+        k[0]: r.output for k, r in results.items()}
     base = run.opened[0].model
     _copy_sidecars(base.root, staging.folder, run.m.out_dtype)
     diagnostics = {k: v for r in results.values() for k, v in r.meta.items()}
@@ -147,7 +159,6 @@ def _merge_and_stages(run: _Run, staging: Staging, reader: Reader) -> Manifest:
         experts = {str(fh.path) for o in run.opened[1:] for fh in o.model.files}
         stage_reads[st.kind] = stage_reads.get(st.kind, 0) + sum(
             n - snap.get(path, 0) for path, n in reader.bytes_read.items() if path in experts)
-    outputs = {name: r.output for name, r in results.items()}
     if run.m.stages:  # the stages rewrote tensors in place
         outputs = {j.layout.name: OutputFile(j.layout.size, *hash_file(staging.folder / j.layout.name, j.layout))
                    for j in run.jobs}
@@ -155,23 +166,48 @@ def _merge_and_stages(run: _Run, staging: Staging, reader: Reader) -> Manifest:
     done = _complete(run, outputs, read, resumed, dict(sorted(diagnostics.items())) or None)
     if stage_reads:
         done.execution.stage_bytes_read = stage_reads
+    done.execution.executor, done.execution.jobs = executor.name, [ran[p.key].run for p in parts]
     return done
 
 
-def _resume(run: _Run, staging: Staging, records: list[Record]) -> tuple[dict[str, Resume], list[Record]]:
-    """Per output file, the prefix a previous run journaled and the disk still holds; and the
-    journal records to keep (those up to the first that fails)."""
-    resumes, used, intact = {}, 0, True
+def _outputs(run: _Run, parts: list[FileJob], results: dict[tuple[str, int], FileResult], staging: Staging,
+             read_back: dict[str, OutputFile]) -> dict[str, OutputFile]:
+    """The output files as the disk holds them, each part checked against what its worker reported:
+    workers elsewhere wrote them through a shared file system, and only what is on disk is published.
+    `read_back`: files the executor has already read back (elsewhere, in parallel); the others are
+    read here."""
+    outputs = {}
     for job in run.jobs:
-        mine = []
-        while intact and used + len(mine) < len(records) and records[used + len(mine)].file == job.layout.name:
-            mine.append(records[used + len(mine)])
+        path = staging.folder / job.layout.name
+        disk = read_back.get(job.layout.name)
+        size, (file_hash, tensors) = (disk.size, (disk.hash, disk.tensors)) if disk else (
+            path.stat().st_size, hash_file(path, job.layout))
+        for part in (p for p in parts if p.layout.name == job.layout.name):
+            reported = results[part.key].output.tensors
+            bad = next((t for t in part.out_tensors if reported.get(t.name) != tensors[t.name]), None)
+            if size != job.layout.size or bad is not None:
+                raise IOFailure(f"{path}: {part.label()} does not hold what its worker wrote"
+                                f" ({'tensor ' + repr(bad.name) if bad else f'{size} bytes, expected {job.layout.size}'});"
+                                f" the shared file system lost or changed it; the staging folder {staging.folder} is kept")
+        outputs[job.layout.name] = OutputFile(size, file_hash, tensors)
+    return outputs
+
+
+def _resume(run: _Run, staging: Staging, parts: list[FileJob],
+            records: list[Record]) -> tuple[dict[tuple[str, int], Resume], list[Record]]:
+    """Per part of an output file, the bytes a previous run journaled and the disk still holds; and
+    the journal records to keep (those verified), in journal order."""
+    by_file: dict[str, list[Record]] = {}
+    for rec in records:
+        by_file.setdefault(rec.file, []).append(rec)
+    resumes, kept = {}, set()
+    for job in parts:
+        mine = [r for r in by_file.get(job.layout.name, ()) if job.start <= r.start < job.end]
         res = recover(staging.folder / job.layout.name, job.layout, cuts(job, kernels(job, run.dev, staging.folder)),
-                      mine)
-        resumes[job.layout.name] = res
-        used += res.records
-        intact = intact and res.records == len(mine)
-    return resumes, records[:used]
+                      mine, (job.start, job.end))
+        resumes[job.key] = res
+        kept |= {id(r) for r in res.kept}
+    return resumes, [r for r in records if id(r) in kept]
 
 
 def pending_read_bytes(m: Manifest, out: str | Path, options: RunOptions | None = None, **flags) -> tuple[int, int]:
@@ -179,11 +215,12 @@ def pending_read_bytes(m: Manifest, out: str | Path, options: RunOptions | None 
     a fresh run reads). Reads only headers and the journaled output prefix, writes nothing."""
     run = _prepare(m, options or RunOptions(**flags))
     staging = staging_for(Path(out).resolve(), run.key)
-    resumes, _ = _resume(run, staging, read_records(staging.journal, run.key))
+    parts = make_executor(run.opts).parts(run.jobs)
+    resumes, _ = _resume(run, staging, parts, read_records(staging.journal, run.key))
     pending = total = 0
-    for job in run.jobs:
+    for job in parts:
         for i, t in enumerate(job.tensors):
-            first = first_block(job, resumes[job.layout.name], i)
+            first = first_block(job, resumes[job.key], i)
             for b in range(t.n_blocks):
                 n = sum(r.end - r.start for r in t.reads(b))
                 total += n

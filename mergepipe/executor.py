@@ -1,14 +1,40 @@
 """Executors run file jobs. The local one runs them in this process, one after another, each over a
-pool of compute threads, and owns the process-wide tuning the stream needs."""
+pool of compute threads, and owns the process-wide tuning the stream needs. Every executor takes the
+same jobs and resume points from the driver and gives back, per job, its result and how it ran."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import platform
 import sys
-from typing import Iterator
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
 
+from .journal import Journal
+from .manifest import JobRun
+from .sink import Resume
 from .worker import FileJob, FileResult, WorkerContext, run_file
+
+
+@dataclass
+class RunEnv:
+    """What every job of one run shares: where it writes, the driver's journal and reader."""
+    staging: Path
+    journal: Journal
+    reader: object  # checkpoint.Reader
+    device: str
+    allow_nonfinite: bool
+    progress: Callable[[int], None] | None
+
+
+@dataclass
+class Ran:
+    """The executor's answer for one job."""
+    result: FileResult
+    run: JobRun
 
 
 class LocalExecutor:
@@ -34,8 +60,25 @@ class LocalExecutor:
             if gc_was:
                 gc.enable()
 
+    shared = False  # its jobs write in this process: the sink's hashes are of the bytes on disk
+
+    def parts(self, jobs: list[FileJob]) -> list[FileJob]:
+        return jobs
+
     def run(self, job: FileJob, ctx: WorkerContext) -> FileResult:
         return run_file(job, ctx)
+
+    def run_all(self, jobs: list[FileJob], resumes: dict[tuple[str, int], Resume], env: RunEnv) -> dict[tuple[str, int], Ran]:
+        out, host = {}, platform.node()
+        for job in jobs:
+            t0, resume = time.perf_counter(), resumes[job.key]
+            ctx = WorkerContext(env.staging, env.journal, resume, env.reader, env.device, env.allow_nonfinite,
+                                env.progress)
+            result = self.run(job, ctx)
+            out[job.key] = Ran(result, JobRun(job.layout.name, job.first, len(job.tensors), "local", host,
+                                              round(time.perf_counter() - t0, 4), sum(result.bytes_read.values()),
+                                              1, resume.done))
+        return out
 
 
 def _keep_freed_memory() -> None:

@@ -67,19 +67,26 @@ def read_records(path: Path, plan: str) -> list[Record]:
     return records
 
 
+def _body(rec: Record) -> dict:
+    body = asdict(rec)
+    del body["offset"]
+    if body["meta"] is None:
+        del body["meta"]
+    return body
+
+
 class Journal:
-    """Appends records; opened after the kept records have been chosen, truncating the rest."""
+    """Appends records; opened after the kept records have been chosen. The journal is written anew
+    with just those (parts of a file journal in any order, so the kept ones need not be a prefix of
+    the old file), and replaces the old one by a rename: a kill in between leaves either whole."""
 
     def __init__(self, path: Path, plan: str, keep: list[Record]) -> None:
         self.path = path
+        tmp = path.with_name(path.name + ".new")
         try:
-            if keep:
-                self.fd = os.open(path, os.O_WRONLY)
-                os.ftruncate(self.fd, keep[-1].offset)
-                os.lseek(self.fd, 0, os.SEEK_END)
-            else:
-                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                self._append(_line({"plan": plan, "version": VERSION}))
+            self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._append(b"".join([_line({"plan": plan, "version": VERSION}), *(_line(_body(r)) for r in keep)]))
+            os.rename(tmp, path)
         except OSError as e:
             raise IOFailure(f"{path}: cannot write the journal ({e.strerror})") from None
 
@@ -91,12 +98,8 @@ class Journal:
             os.fdatasync(self.fd)
 
     def append(self, rec: Record, sync: bool = True) -> None:
-        body = asdict(rec)
-        del body["offset"]
-        if body["meta"] is None:
-            del body["meta"]
         try:
-            self._append(_line(body), sync)
+            self._append(_line(_body(rec)), sync)
         except OSError as e:
             raise IOFailure(f"{self.path}: cannot write the journal ({e.strerror})") from None
 

@@ -105,6 +105,21 @@ class OutputFile:
 
 
 @dataclass
+class JobRun:
+    """How one file job (or part of a file) ran: where, how long, what it read. Not part of what the
+    output depends on."""
+    file: str
+    first: int  # its first tensor in the file's layout
+    tensors: int  # how many
+    node: str  # the Ray node id, or "local"
+    host: str  # the node's address (Ray) or this machine's name
+    wall_s: float  # how long it ran on its workers (from each attempt's start to its end), every attempt included
+    bytes_read: int  # input bytes, every attempt included (a killed one: up to its last journal record)
+    attempts: int = 1
+    resumed_bytes: int = 0  # output bytes its last attempt took over, journaled and on disk (not rewritten)
+
+
+@dataclass
 class Execution:
     device: str
     wall_s: float
@@ -123,6 +138,8 @@ class Execution:
     # per stage kind: the expert bytes it read, a second read after the merge's, charged to its own
     # budget (FeatCal: calibrate.budget) and counted in bytes_read and expert_bytes_read too
     stage_bytes_read: Optional[dict[str, int]] = None
+    executor: Optional[str] = None  # local or ray
+    jobs: Optional[list[JobRun]] = None  # in file order
 
 
 @dataclass
@@ -140,7 +157,8 @@ class Manifest:
 
     def to_json(self) -> str:
         doc = dataclasses.asdict(self)
-        for key, empty in (("resumed_bytes", 0), ("diagnostics", None), ("stage_bytes_read", None)):
+        for key, empty in (("resumed_bytes", 0), ("diagnostics", None), ("stage_bytes_read", None), ("executor", None),
+                           ("jobs", None)):
             if doc["execution"] and doc["execution"][key] == empty:
                 del doc["execution"][key]  # absent unless used: older manifests stay canonical
         return dumps(doc)

@@ -15,10 +15,28 @@ class RunOptions:
     allow_pickle: bool = False  # load pickled .bin checkpoints (with weights_only)
     allow_nonfinite: bool = False  # merge inputs that hold NaN or Inf (a plan that allowed them always does)
     progress: Callable[[int], None] | None = None  # bytes just read
+    executor: str = "local"  # local (this process) or ray (a Ray cluster's tasks)
+    ray_address: str | None = None  # the cluster to join: auto, HOST:PORT, or None (RAY_ADDRESS, else a new local one)
+    path_map: tuple[str, ...] | list[str] | None = ()  # DRIVER=WORKER path prefixes, for workers that mount the files elsewhere
 
     @property
     def root_path(self) -> Path | None:
         return Path(self.root) if self.root else None
+
+    def worker_path(self, path: str | Path) -> str:
+        """Where a Ray worker finds a file this process names `path` (the longest matching prefix of
+        the path map wins)."""
+        path = str(path)
+        best = None
+        for entry in self.path_map or ():
+            here, sep, there = entry.partition("=")
+            here = here.rstrip("/") or "/"
+            if sep and (path == here or path.startswith(here.rstrip("/") + "/")) and (best is None or len(here) > len(best[0])):
+                best = (here, there.rstrip("/") or "/")
+        if best is None:
+            return path
+        rest = path[len(best[0]):].lstrip("/")
+        return str(Path(best[1]) / rest) if rest else best[1]
 
 
 @dataclass(frozen=True)

@@ -143,9 +143,15 @@ def _io_pool() -> ThreadPoolExecutor:
     return _IO_POOL[0]
 
 
-def open_output(path: Path, prefix: int, direct: bool):
+def open_output(path: Path, prefix: int, direct: bool, keep_tail: bool = False):
     """The output file cut to `prefix` and positioned there: direct (see DirectFile) for files written
-    strictly front to back, the page cache for those patched in place (TIES)."""
+    strictly front to back, the page cache for those patched in place (TIES). With `keep_tail` the
+    file is not cut: a part of a file, whose later bytes other parts write (through the page cache:
+    a direct write rounds to whole pages, which parts share)."""
+    if keep_tail:
+        f = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b", buffering=0)
+        f.seek(prefix)
+        return f
     if direct:
         try:
             return DirectFile(path, prefix)
@@ -160,56 +166,82 @@ def open_output(path: Path, prefix: int, direct: bool):
 
 @dataclass
 class Resume:
-    """What the verified journal prefix of one output file gives back."""
-    prefix: int = 0  # bytes verified on disk
+    """What the verified journal prefix of one output file (or of one part of it) gives back."""
+    prefix: int = 0  # where the verified bytes end (a part's verified bytes start at `start`)
     records: int = 0  # journal records verified
     file_hash: "xxhash.xxh3_128" = field(default_factory=xxhash.xxh3_128)
     tensor_hashes: dict[str, str] = field(default_factory=dict)
     partial: tuple[str, "xxhash.xxh3_64"] | None = None  # a tensor cut at a block boundary, its hash so far
     meta: dict[str, dict] = field(default_factory=dict)  # per finished tensor, what its operator reported
+    start: int = 0
+    kept: list[Record] = field(default_factory=list)  # the records verified, in chain order
+
+    @property
+    def done(self) -> int:
+        return self.prefix - self.start
 
 
-def recover(path: Path, ofile: OutFile, cuts: dict[str, set[int]], records: list[Record]) -> Resume:
-    """Verify `records` (this file's, in journal order) against the bytes on disk; stop at the first
-    that does not match the layout or the data. `cuts`: per tensor, where a record may end inside it."""
-    res = Resume()
+def recover(path: Path, ofile: OutFile, cuts: dict[str, set[int]], records: list[Record],
+            span: tuple[int, int] | None = None) -> Resume:
+    """Verify `records` (in journal order) against the bytes on disk: a chain of records, from the
+    start of `span` (default: the whole file), each starting where the verified bytes end and ending
+    by the end of `span`. Where several start at the same byte (a retry wrote the range again), the
+    newest that matches the disk counts. `cuts`: per tensor, where a record may end inside it."""
+    start, end = span or (0, ofile.size)
+    res = Resume(prefix=start, start=start)
     order = [("", 0, len(ofile.header))] + [(t.name, t.offset, t.offset + t.nbytes) for t in ofile.tensors]
     index = {name: i for i, (name, _, _) in enumerate(order)}
-    if not records or not path.is_file():
+    by_start: dict[int, list[Record]] = {}
+    for rec in records:
+        if rec.file == ofile.name and isinstance(rec.start, int) and isinstance(rec.end, int) and rec.end <= end:
+            by_start.setdefault(rec.start, []).append(rec)
+    if not by_start or not path.is_file():
         return res
     with open(path, "rb") as f:
-        for rec in records:
-            i = index.get(rec.tensor) if isinstance(rec.tensor, str) else None
-            if i is None or rec.file != ofile.name or rec.start != res.prefix:
-                break
-            name, start, end = order[i]
-            if not start <= rec.start < rec.end <= end or (rec.end != end and rec.end not in cuts.get(name, ())):
-                break
-            if rec.start == start:
-                th = xxhash.xxh3_64()
-            elif res.partial is not None and res.partial[0] == name:
-                th = res.partial[1].copy()
-            else:
-                break
-            if name == "" and rec.xxh3 != xxhash.xxh3_64_hexdigest(ofile.header):
-                break  # a header from another layout
-            fh, rh = res.file_hash.copy(), xxhash.xxh3_64()
-            got = _hash_range(f, rec.start, rec.end - rec.start, rh, th, fh)
-            if got != rec.end - rec.start or rh.hexdigest() != rec.xxh3:
-                break
-            res.prefix, res.records, res.file_hash = rec.end, res.records + 1, fh
-            res.partial = None if rec.end == end else (name, th)
-            if rec.end == end:
-                if name:
-                    res.tensor_hashes[name] = th.hexdigest()
-                    if rec.meta is not None:
-                        res.meta[name] = rec.meta
-                # empty tensors have no bytes to journal: done once everything before them is
-                for name2, s2, e2 in order[i + 1:]:
-                    if s2 != e2:
-                        break
-                    res.tensor_hashes[name2] = EMPTY
+        while res.prefix < end and any(_extend(f, res, rec, ofile, order, index, cuts)
+                                       for rec in reversed(by_start.get(res.prefix, []))):
+            pass
     return res
+
+
+def _extend(f, res: Resume, rec: Record, ofile: OutFile, order: list, index: dict, cuts: dict) -> bool:
+    """Add `rec` to the verified chain if it fits the layout and matches the disk."""
+    i = index.get(rec.tensor) if isinstance(rec.tensor, str) else None
+    if i is None:
+        return False
+    name, start, end = order[i]
+    if not start <= rec.start < rec.end <= end or (rec.end != end and rec.end not in cuts.get(name, ())):
+        return False
+    if rec.start == start:
+        th = xxhash.xxh3_64()
+    elif res.partial is not None and res.partial[0] == name:
+        th = res.partial[1].copy()
+    else:
+        return False
+    if name == "" and rec.xxh3 != xxhash.xxh3_64_hexdigest(ofile.header):
+        return False  # a header from another layout
+    fh, rh = res.file_hash.copy(), xxhash.xxh3_64()
+    got = _hash_range(f, rec.start, rec.end - rec.start, rh, th, fh)
+    if got != rec.end - rec.start or rh.hexdigest() != rec.xxh3:
+        return False
+    res.prefix, res.records, res.file_hash = rec.end, res.records + 1, fh
+    res.kept.append(rec)
+    for name2, s2, e2 in reversed(order[1:i]):  # empty tensors just before this one (a part may start with them)
+        if s2 != e2 or s2 != start:
+            break
+        res.tensor_hashes[name2] = EMPTY
+    res.partial = None if rec.end == end else (name, th)
+    if rec.end == end:
+        if name:
+            res.tensor_hashes[name] = th.hexdigest()
+            if rec.meta is not None:
+                res.meta[name] = rec.meta
+        # empty tensors have no bytes to journal: done once everything before them is
+        for name2, s2, e2 in order[i + 1:]:
+            if s2 != e2:
+                break
+            res.tensor_hashes[name2] = EMPTY
+    return True
 
 
 class Sink:

@@ -1,7 +1,8 @@
-"""One output file as a pure job: its layout, the operator, and per tensor the sources to read and
-the resolved parameters. `run_file` streams the job into the staging folder and returns the file's
-hashes and the bytes it read. A FileJob is picklable, so an executor may run it elsewhere; what only
-this process has (the reader, the journal, the resume point) comes in a WorkerContext.
+"""One output file, or one contiguous range of its tensors, as a pure job: its layout, the operator,
+and per tensor the sources to read and the resolved parameters. `run_file` streams the job into the
+staging folder and returns its hashes and the bytes it read. A FileJob is picklable, so an executor
+may run it elsewhere; what only the running process has (the reader, the journal, the resume point)
+comes in a WorkerContext.
 """
 
 from __future__ import annotations
@@ -34,12 +35,39 @@ SLOW_ENV = "MERGEPIPE_TEST_SLOW_MS"
 class FileJob:
     layout: OutFile
     operator: str
-    tensors: tuple[TensorSources, ...]  # in file order, one per layout.tensors entry
+    tensors: tuple[TensorSources, ...]  # in file order: layout.tensors[first:first + len(tensors)]
+    first: int = 0  # a part of the file starts at its tensor `first`; the part at 0 also writes the header
+
+    @property
+    def out_tensors(self) -> tuple:
+        return self.layout.tensors[self.first:self.first + len(self.tensors)]
+
+    @property
+    def whole(self) -> bool:
+        return self.first == 0 and len(self.tensors) == len(self.layout.tensors)
+
+    @property
+    def start(self) -> int:
+        """The part's byte range in the file: [start, end)."""
+        return 0 if self.first == 0 else self.layout.tensors[self.first].offset
+
+    @property
+    def end(self) -> int:
+        last = self.first + len(self.tensors)
+        return self.layout.size if last == len(self.layout.tensors) else self.layout.tensors[last].offset
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.layout.name, self.first
+
+    def label(self) -> str:
+        n = len(self.tensors)
+        return self.layout.name if self.whole else f"{self.layout.name} tensors {self.first}-{self.first + n - 1}"
 
 
 @dataclass
 class FileResult:
-    output: OutputFile
+    output: OutputFile  # of a part: its size and its tensors' hashes; the file's hash only when whole
     meta: dict[str, dict]  # per tensor, what its operator reported
     bytes_read: dict[tuple[int, str], int] = field(default_factory=dict)  # (model, recorded file) -> bytes
 
@@ -53,6 +81,24 @@ class WorkerContext:
     device: str
     allow_nonfinite: bool = False
     progress: Callable[[int], None] | None = None
+    threads: int | None = None  # compute threads (None: blocks.compute_pool's default)
+    reads: dict[tuple[int, str], int] = field(default_factory=dict)  # counted as the job reads
+    scratch: Path | None = None  # where its kernels may spill (None: the staging folder)
+
+
+def split(job: FileJob, part_bytes: int) -> list[FileJob]:
+    """The job as contiguous parts of about `part_bytes` of output each (a tensor is never cut): the
+    cut points depend on the layout alone, so a rerun finds the parts the journal names."""
+    if job.layout.size <= part_bytes or len(job.tensors) < 2:
+        return [job]
+    parts, first, size = [], 0, 0
+    for i, t in enumerate(job.layout.tensors):
+        size += t.nbytes
+        if size >= part_bytes and i + 1 < len(job.tensors):
+            parts.append(FileJob(job.layout, job.operator, job.tensors[first:i + 1], first))
+            first, size = i + 1, 0
+    parts.append(FileJob(job.layout, job.operator, job.tensors[first:], first))
+    return parts
 
 
 def build_jobs(m: Manifest, opened: list[OpenedModel]) -> list[FileJob]:
@@ -100,12 +146,12 @@ def cuts(job: FileJob, ks: list) -> dict[str, set[int]]:
     """Where a journal record may end inside each tensor: its block boundaries where its kernel
     writes block by block; none inside one it patches or computes whole."""
     return {ot.name: {blk.end for blk in B.blocks(_out_info(ot))}
-            for ot, k in zip(job.layout.tensors, ks) if k.journal_blocks}
+            for ot, k in zip(job.out_tensors, ks) if k.journal_blocks}
 
 
 def first_block(job: FileJob, resume: Resume, i: int) -> int:
-    """The first block of tensor i still to write after `resume` (n_blocks if it is done)."""
-    ot, t = job.layout.tensors[i], job.tensors[i]
+    """The first block of the job's tensor i still to write after `resume` (n_blocks if it is done)."""
+    ot, t = job.out_tensors[i], job.tensors[i]
     if ot.name in resume.tensor_hashes:
         return t.n_blocks
     if resume.partial is not None and resume.partial[0] == ot.name:
@@ -118,16 +164,19 @@ def _out_info(ot) -> TensorInfo:
 
 
 def run_file(job: FileJob, ctx: WorkerContext) -> FileResult:
+    """Write the job's bytes of its output file, from ctx.resume on. A part of a file leaves the rest
+    of the file as it is (other parts may be writing it at the same time)."""
     path = ctx.staging / job.layout.name
     path.parent.mkdir(parents=True, exist_ok=True)
-    ks = kernels(job, ctx.device, ctx.staging)
+    ks = kernels(job, ctx.device, ctx.scratch or ctx.staging)
     slow = float(os.environ.get(SLOW_ENV) or 0) / 1000
-    read: dict[tuple[int, str], int] = {}
+    read, outs = ctx.reads, job.out_tensors
     # truncated to the resumed prefix: drops whatever the previous run wrote past its last good record
-    with open_output(path, ctx.resume.prefix, direct=not any(k.in_place for k in ks)) as f:
+    with open_output(path, ctx.resume.prefix, direct=job.whole and not any(k.in_place for k in ks),
+                     keep_tail=not job.whole) as f:
         sink = Sink(f, job.layout.name, ctx.journal, ctx.resume)
         try:
-            if not ctx.resume.prefix:
+            if job.first == 0 and not ctx.resume.prefix:
                 sink.write(np.frombuffer(job.layout.header, np.uint8))
                 sink.checkpoint("")
             items = [(i, b, t.reads(b)) for i, t in enumerate(job.tensors)
@@ -140,11 +189,11 @@ def run_file(job: FileJob, ctx: WorkerContext) -> FileResult:
                 return ks[i].compute(b, BlockInputs(job.tensors[i], b, reads, raws, ctx.allow_nonfinite))
 
             current = -1
-            for ((i, b, reads), raws), result in B.in_order(ctx.device, compute, stream(items, ctx.reader)):
+            for ((i, b, reads), raws), result in B.in_order(ctx.device, compute, stream(items, ctx.reader), ctx.threads):
                 if i != current:
                     if current >= 0:
-                        _finish(ks[current], job.layout.tensors[current], sink, slow)
-                    sink.begin(job.layout.tensors[i].name, job.layout.tensors[i].offset)
+                        _finish(ks[current], outs[current], sink, slow)
+                    sink.begin(outs[i].name, outs[i].offset)
                     current = i
                 ks[i].take(b, result, sink)
                 for r in reads:
@@ -152,13 +201,13 @@ def run_file(job: FileJob, ctx: WorkerContext) -> FileResult:
                 if ctx.progress:
                     ctx.progress(sum(len(raw) for raw in raws))
             if current >= 0:
-                _finish(ks[current], job.layout.tensors[current], sink, slow)
+                _finish(ks[current], outs[current], sink, slow)
         finally:
             size = sink.close()
-    if size != job.layout.size:
-        raise RuntimeError(f"internal: {path} has {size} bytes, its layout {job.layout.size}")
-    return FileResult(OutputFile(size, sink.file_hash.hexdigest(),
-                                 {t.name: sink.tensor_hashes[t.name] for t in job.layout.tensors}), sink.meta, read)
+    if size != job.end:
+        raise RuntimeError(f"internal: {path} ends at {size} bytes, its layout at {job.end}")
+    return FileResult(OutputFile(job.end - job.start, sink.file_hash.hexdigest() if job.whole else "",
+                                 {t.name: sink.tensor_hashes[t.name] for t in outs}), sink.meta, dict(read))
 
 
 def _finish(kernel, ot, sink: Sink, slow: float) -> None:

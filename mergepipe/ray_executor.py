@@ -1,0 +1,387 @@
+"""Runs a plan's file jobs as tasks on a Ray cluster. Each task runs the same pure worker as the local
+executor on one file or one part of a file: it reads its planned byte ranges of the shared inputs,
+checks their hashes, merges, and writes its bytes into the staging folder on the shared output file
+system. It streams back each journal record as its sink makes it; the driver alone appends them to the
+journal, checks what every part wrote, and publishes.
+
+A task whose worker dies is submitted again by the driver, with every record journaled for its part
+so far, and the new attempt resumes from what those records prove is on disk. (Ray's own retries run a
+task again with its first arguments: it would start over.) Ray is imported only here, and only when
+a run asks for it."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import xxhash
+
+from . import __version__
+from .checkpoint import Reader
+from .errors import IOFailure, MergepipeError
+from .executor import LocalExecutor, Ran, RunEnv
+from .journal import Record
+from .manifest import JobRun, OutputFile
+from .options import RunOptions
+from .sink import Resume, hash_file, recover
+from .worker import SLOW_ENV, FileJob, FileResult, WorkerContext, cuts, kernels, run_file, split
+
+SCRATCH = ".mergepipe-scratch"  # as execute.SCRATCH, which removes it before publishing
+# Output files larger than this run as parts of about this size (whole tensors each), so that one large
+# shard spreads over several workers and a lost worker costs at most one part.
+PART_BYTES = 128 << 20
+ATTEMPTS = 4  # per part: a part whose worker died this many times fails the run
+CPUS_PER_TASK = 1  # and as many compute threads
+STOP_WAIT_S = 120  # a failed run waits this long for its running parts to stop
+INSTALL = "--executor ray needs Ray, which is not installed: pip install 'mergepipe[ray]' (or pip install 'ray>=2.40')"
+
+
+@functools.lru_cache(maxsize=1)
+def code_id() -> str:
+    """This process's mergepipe: its version and a hash of its source files."""
+    h = xxhash.xxh3_64()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(f"{path.relative_to(root)}\0".encode())
+        h.update(path.read_bytes())
+    return f"{__version__} ({h.hexdigest()})"
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise MergepipeError(INSTALL) from None
+    return ray
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What a task needs besides its job: where the worker finds the staging folder, and how to run."""
+    staging: str
+    device: str
+    allow_nonfinite: bool
+    threads: int
+    slow_ms: str | None  # the test hook of worker.SLOW_ENV, passed on to the worker's process
+    stop: str  # a file the driver creates when the run fails: its tasks end where they are
+
+
+def read_back(path: str, layout) -> tuple[int, str, dict[str, str]]:
+    """The body of a read-back task: an output file's size and hashes, from the bytes on disk."""
+    return (os.path.getsize(path), *hash_file(Path(path), layout))
+
+
+class _Relay:
+    """The journal a task's sink writes to: each record goes to the driver instead of a file."""
+
+    def __init__(self, q: queue.Queue) -> None:
+        self.q = q
+
+    def append(self, rec: Record, sync: bool = True) -> None:
+        self.q.put(("record", rec, sync))
+
+
+def part_task(job: FileJob, records: list[Record], cfg: TaskConfig) -> Iterator[tuple]:
+    """The body of one Ray task (a generator: each item reaches the driver as it is yielded)."""
+    import ray
+    if cfg.slow_ms is None:
+        os.environ.pop(SLOW_ENV, None)
+    else:
+        os.environ[SLOW_ENV] = cfg.slow_ms
+    staging = Path(cfg.staging)
+    if os.path.exists(cfg.stop):
+        return
+    resume = recover(staging / job.layout.name, job.layout, cuts(job, kernels(job, cfg.device, staging)), records,
+                     (job.start, job.end))
+    yield ("start", ray.get_runtime_context().get_node_id(), os.getpid(), code_id(), resume.done)
+    q: queue.Queue = queue.Queue()
+    progress = [0]
+    reader = Reader()
+    scratch = staging / SCRATCH / f"{job.layout.name.replace('/', '_')}-{job.first}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    ctx = WorkerContext(staging, _Relay(q), resume, reader, cfg.device, cfg.allow_nonfinite,
+                        _stopper(cfg.stop, progress), cfg.threads, scratch=scratch)
+
+    def work() -> None:
+        try:
+            with LocalExecutor().session():
+                q.put(("done", run_file(job, ctx)))
+        except BaseException as e:  # noqa: BLE001 - raised again in the task, which reports it
+            q.put(("error", e))
+
+    threading.Thread(target=work, daemon=True, name="mergepipe-part").start()
+    try:
+        while True:
+            item = q.get()
+            if item[0] == "error":
+                raise item[1]
+            n, progress[0] = progress[0], 0
+            if item[0] == "done":
+                yield ("done", item[1], n)
+                return
+            yield ("record", item[1], item[2], n, dict(ctx.reads))
+    finally:
+        reader.close()
+
+
+@dataclass
+class _Part:
+    """The driver's view of one part while it runs."""
+    job: FileJob
+    records: list[Record]  # journaled for it: the kept ones, then what its attempts sent
+    attempts: int = 0
+    node: str = ""
+    started: float = 0.0  # when the running attempt reported its start
+    ran_s: float = 0.0  # how long its ended attempts ran
+    resumed: int | None = None  # what its latest attempt found done
+    reads: dict | None = None  # of the running attempt, as last reported
+    read_before: dict | None = None  # of the attempts that died
+
+
+class RayExecutor:
+    name = "ray"
+    shared = True  # the driver checks on disk what the workers wrote
+
+    def __init__(self, opts: RunOptions) -> None:
+        for entry in opts.path_map or ():
+            here, sep, there = entry.partition("=")
+            if not sep or not here.startswith("/") or not there.startswith("/"):
+                raise MergepipeError(f"--path-map {entry!r}: expected DRIVER_PATH=WORKER_PATH, both absolute")
+        self.opts = opts
+        self._ray = _ray()
+        # per output file, its size and hashes read back from the shared file system once all its parts
+        # were done: what the driver checks against the workers' reports
+        self.read_back: dict[str, OutputFile] = {}
+
+    def parts(self, jobs: list[FileJob]) -> list[FileJob]:
+        return [p for j in jobs for p in split(j, PART_BYTES)]
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Joined to the cluster (a caller that already called ray.init keeps its connection)."""
+        ray = self._ray
+        started = not ray.is_initialized()
+        if started:
+            _reachable(self.opts.ray_address)
+            try:
+                ray.init(address=self.opts.ray_address, log_to_driver=False, logging_level="ERROR",
+                         include_dashboard=False if self.opts.ray_address is None else None)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise MergepipeError(f"ray: cannot join the cluster at {self.opts.ray_address or 'RAY_ADDRESS'} "
+                                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        try:
+            yield
+        finally:
+            if started:
+                ray.shutdown()
+
+    def run_all(self, jobs: list[FileJob], resumes: dict[tuple[str, int], Resume], env: RunEnv) -> dict[tuple[str, int], Ran]:
+        """Every part to the end, a cluster's worth of them running at a time (the rest wait here, not
+        in Ray's queue: on a failure, nothing of this run starts later). When the run fails, the
+        running parts are asked to stop and are waited for: when this returns or raises, no task of
+        the run still writes (ray.cancel is not used: Ray 2.40 can crash the driver when a cancel
+        races a task's end)."""
+        from .placement import place
+        ray = self._ray
+        mapped = {job.key: _mapped(job, self.opts) for job in jobs}
+        staging = self.opts.worker_path(env.staging)
+        try:
+            strategies = place(ray, list(mapped.values()), staging)
+        except ray.exceptions.RayTaskError as e:
+            raise _cause(e) from None
+        stop = env.staging / SCRATCH / f"stop-{uuid.uuid4().hex[:12]}"
+        cfg = TaskConfig(staging, "cuda" if env.device.startswith("cuda") else "cpu", env.allow_nonfinite,
+                         CPUS_PER_TASK, os.environ.get(SLOW_ENV), self.opts.worker_path(stop))
+        task = ray.remote(part_task)
+        base = {"num_cpus": CPUS_PER_TASK, "num_gpus": 0 if cfg.device == "cpu" else 1, "max_retries": 0,
+                "num_returns": "streaming", "name": "mergepipe-part"}
+        hosts = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        window = 1 + int(ray.cluster_resources().get("GPU" if cfg.device != "cpu" else "CPU", 1) // max(1, CPUS_PER_TASK))
+        state = {job.key: _Part(job, list(resumes[job.key].kept)) for job in jobs}
+        todo, running = collections.deque(job.key for job in jobs), {}
+        retry = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError,
+                 ray.exceptions.ObjectLostError)  # the worker or its node died: the part runs again
+
+        def submit(key) -> None:
+            state[key].attempts += 1
+            opts = {**base, "scheduling_strategy": strategies[key]} if strategies.get(key) else base
+            running[task.options(**opts).remote(mapped[key], state[key].records, cfg)] = key
+
+        done: dict[tuple[str, int], Ran] = {}
+        left = collections.Counter(job.layout.name for job in jobs)
+        hashing: dict = {}  # read-back tasks of the files whose parts are all done
+        try:
+            while todo or running or hashing:
+                while todo and len(running) < window:
+                    submit(todo.popleft())
+                gen = ray.wait([*running, *hashing], num_returns=1)[0][0]
+                if gen in hashing:
+                    self.read_back[hashing.pop(gen)] = OutputFile(*ray.get(gen))
+                    continue
+                key = running[gen]
+                try:
+                    item = ray.get(next(gen))
+                except StopIteration:
+                    del running[gen]
+                    if key not in done:
+                        raise RuntimeError(f"internal: the task of {state[key].job.label()} ended without its result")
+                    continue
+                except retry as e:
+                    del running[gen]
+                    self._died(state[key], e, env)
+                    todo.appendleft(key)
+                    continue
+                if self._take(state[key], item, env):
+                    done[key] = _ran(state[key], item[1], hosts)
+                    left[key[0]] -= 1
+                    if not left[key[0]]:
+                        hashing[self._read_back(state[key].job, staging, strategies.get(key))] = key[0]
+        except ray.exceptions.RayTaskError as e:
+            raise self._failed(running, stop, _cause(e), env) from None
+        except ray.exceptions.TaskUnschedulableError:
+            raise self._failed(running, stop, IOFailure(
+                f"ray: {state[key].job.label()} can run only on a node that holds its inputs, and that node has "
+                f"left the cluster; the work done so far is kept in {env.staging} for a rerun to resume"), env) from None
+        except BaseException as e:
+            raise self._failed(running, stop, e, env) from None
+        return done
+
+    def _read_back(self, job: FileJob, staging: str, strategy):
+        """A task that hashes one finished output file as the shared file system holds it (on a node
+        that sees the staging folder; idempotent, so Ray's own retries fit)."""
+        # a CPU like a part: it then runs in the workers the parts warmed up, not in a new process
+        opts = {"num_cpus": CPUS_PER_TASK, "max_retries": 3, **({"scheduling_strategy": strategy} if strategy else {})}
+        return self._ray.remote(read_back).options(**opts).remote(str(Path(staging) / job.layout.name), job.layout)
+
+    def _failed(self, running: dict, stop: Path, error: BaseException, env: RunEnv) -> BaseException:
+        """Stop the running parts and wait for them to end, journaling what they still report (a rerun
+        resumes from it); then `error` is the run's."""
+        ray = self._ray
+        stop.parent.mkdir(parents=True, exist_ok=True)
+        stop.touch()
+        deadline = time.monotonic() + STOP_WAIT_S
+        while running and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            for gen in ready:
+                try:
+                    item = ray.get(next(gen))
+                    if item[0] == "record":
+                        env.journal.append(item[1], item[2])
+                except BaseException:  # noqa: BLE001 - StopIteration, the stop itself, or its death
+                    del running[gen]
+        for gen in running:  # hung past the wait: the only case left for a cancel
+            ray.cancel(gen, force=True)
+        stop.unlink(missing_ok=True)
+        return error
+
+    def _take(self, part: _Part, item: tuple, env: RunEnv) -> bool:
+        """Act on one item a task sent; True once its part is done."""
+        kind = item[0]
+        if kind == "start":
+            _, node, _pid, code, resumed = item
+            if code != code_id():
+                raise MergepipeError(f"ray: node {node} runs mergepipe {code}, this driver {code_id()}: install "
+                                     "the same mergepipe on every node (the output bytes depend on its code)")
+            part.node, part.started = node, time.perf_counter()
+            part.resumed = resumed
+            return False
+        n = item[3] if kind == "record" else item[2]  # input bytes read since the last item
+        if env.progress and n:
+            env.progress(n)
+        if kind == "record":
+            _, rec, sync, _n, reads = item
+            env.journal.append(rec, sync)
+            part.records.append(rec)
+            part.reads = reads
+            return False
+        return True
+
+    def _died(self, part: _Part, e: Exception, env: RunEnv) -> None:
+        """A part's worker died: count what it read, and give up after ATTEMPTS."""
+        part.read_before = _add(part.read_before or {}, part.reads or {})
+        part.reads = None
+        part.ran_s += time.perf_counter() - part.started if part.started else 0.0
+        part.started = 0.0
+        if part.attempts >= ATTEMPTS:
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise IOFailure(f"ray: the worker of {part.job.label()} died {part.attempts} times (last on node "
+                            f"{part.node or '?'}: {first}); the work done so far is kept in {env.staging} "
+                            "for a rerun to resume")
+
+
+def _reachable(address: str | None) -> None:
+    """A HOST:PORT that nothing listens on fails now, in one line (ray.init would retry for minutes)."""
+    import socket
+    host, sep, port = (address or "").rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        raise MergepipeError(f"ray: cannot join the cluster at {address} ({e.strerror or e})") from None
+
+
+class Stopped(Exception):
+    """A task ended early: its run failed elsewhere."""
+
+
+def _stopper(path: str, progress: list):
+    """The worker's progress callback: counts bytes, and ends the task once `path` exists (looked at
+    no more than twice a second)."""
+    last = [0.0]
+
+    def seen(n: int) -> None:
+        progress[0] += n
+        now = time.monotonic()
+        if now - last[0] >= 0.5:
+            last[0] = now
+            if os.path.exists(path):
+                raise Stopped(path)
+    return seen
+
+
+def _ran(part: _Part, result: FileResult, hosts: dict[str, str]) -> Ran:
+    reads = _add(part.read_before or {}, result.bytes_read)
+    result = replace(result, bytes_read=reads)
+    run = JobRun(part.job.layout.name, part.job.first, len(part.job.tensors), part.node, hosts.get(part.node, "?"),
+                 round(part.ran_s + time.perf_counter() - part.started, 4), sum(reads.values()), part.attempts,
+                 part.resumed or 0)
+    return Ran(result, run)
+
+
+def _add(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, n in b.items():
+        out[k] = out.get(k, 0) + n
+    return out
+
+
+def _cause(e) -> BaseException:
+    """The exception a task raised, as the worker raised it (bad input stays one line); a worker that
+    cannot import mergepipe is a setup problem, said in one line too."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, ImportError) or "No module named 'mergepipe" in str(e):
+        return MergepipeError("ray: a worker cannot import mergepipe's Ray executor: install the same mergepipe "
+                              "on every node (or pass the checkout on PYTHONPATH to the raylets)")
+    return cause if isinstance(cause, BaseException) else RuntimeError(str(e).splitlines()[0])
+
+
+def _mapped(job: FileJob, opts: RunOptions) -> FileJob:
+    """The job with every input path as the workers see it."""
+    if not opts.path_map:
+        return job
+
+    def tensor(t):
+        return replace(t, base=replace(t.base, file=opts.worker_path(t.base.file)),
+                       experts=tuple(replace(e, file=opts.worker_path(e.file)) for e in t.experts),
+                       sketches=tuple(s and replace(s, file=opts.worker_path(s.file)) for s in t.sketches))
+    return replace(job, tensors=tuple(tensor(t) for t in job.tensors))
