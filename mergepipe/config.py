@@ -134,23 +134,32 @@ def _entries(doc: dict, where: str) -> list[tuple[list[tuple[str, tuple[int, int
     return result
 
 
-def _models(entries, base: str | None, op, where: str) -> list[str]:
-    """The recipe's models, base first, each once."""
-    order: list[str] = [base] if base else []
-    for sources, _ in entries:
-        for model, _, _ in sources:
-            if model not in order:
-                order.append(model)
-    if len(order) < 2 and not getattr(op, "single_input", False):
-        raise MergepipeError(f"{where}: the recipe lists no model besides the base")
-    return order
+def _inputs(op, entries, base: str | None, where: str) -> tuple[str, list[str]]:
+    """The model read as the base, and the experts (paths, in the order first listed): the method's
+    input rules (op.inputs) applied to each slice, as mergekit checks its contract per tensor group."""
+    if len(entries) == 1 and entries[0][0][0][1] is None:  # the models: form
+        listed = [m for m, _, _ in entries[0][0]]
+        if op.base_policy == "required" and base is not None and all(m == base for m in listed):
+            raise MergepipeError(f"{where}: models lists no expert besides the base")
+        chosen_base, chosen = op.inputs(base, listed, where)
+        return chosen_base, list(dict.fromkeys(listed[i] for i in chosen))
+    first, experts = None, []
+    for si, (sources, _) in enumerate(entries):
+        names = [m for m, _, _ in sources]
+        if base is not None and base not in names:
+            raise MergepipeError(f"{where}: slices[{si}] does not read the base_model {base!r}; mergekit merges "
+                                 "every slice against it")
+        b, chosen = op.inputs(base, names, f"{where}: slices[{si}]")
+        first = first or b
+        experts += [names[i] for i in chosen if names[i] not in experts]
+    return base or first, experts
 
 
-def _slice_specs(entries, models: list[str], where: str) -> list[SliceSpec]:
-    everyone = tuple(range(len(models)))
+def _slice_specs(entries, base: str, experts: list[str], where: str) -> list[SliceSpec]:
+    everyone = tuple(range(len(experts) + 1))
     specs = []
     for si, (sources, _) in enumerate(entries):
-        idx = tuple(models.index(m) for m, _, _ in sources)
+        idx = tuple(1 + experts.index(m) if m in experts else 0 for m, _, _ in sources)
         if len(set(idx)) != len(idx):
             raise MergepipeError(f"{where}: slices[{si}] lists a model twice")
         ranges = {lr for _, lr, _ in sources}
@@ -159,7 +168,7 @@ def _slice_specs(entries, models: list[str], where: str) -> list[SliceSpec]:
                                  f"({', '.join(str(list(r)) for r in sorted(ranges))}); mergepipe merges one range "
                                  "of every model (different ranges per slice are fine)")
         if len(idx) > 1 and set(idx) | {0} != set(everyone):
-            raise MergepipeError(f"{where}: slices[{si}] reads {len(idx)} of the recipe's {len(models)} models; "
+            raise MergepipeError(f"{where}: slices[{si}] reads {len(idx)} of the recipe's {len(everyone)} models; "
                                  "a merging slice must read every model (a one-model slice stacks its layers)")
         specs.append(SliceSpec(everyone if len(idx) > 1 else idx, next(iter(ranges))))
     return specs
@@ -229,18 +238,17 @@ def parse_config(doc: object, where: str = "<config>", text: str | None = None) 
         raise MergepipeError(f"{where}: {e}") from None
     base = _ref(doc["base_model"], "base_model", where) if doc.get("base_model") is not None else None
     entries = _entries(doc, where)
-    if base is None and getattr(op, "needs_base", True):
-        raise MergepipeError(f"{where}: missing required key 'base_model' ({op.name} merges deltas from a base)")
-    models = _models(entries, base, op, where)
-    ranges = _slice_specs(entries, models, where) if "slices" in doc else None
+    base, experts = _inputs(op, entries, base, where)
+    models = [base, *experts]
+    ranges = _slice_specs(entries, base, experts, where) if "slices" in doc else None
     shared, _ = check_settings(op, _mapping(doc.get("parameters"), "parameters", where), [], where)
     scopes = []
     for si, (sources, slice_params) in enumerate(entries):
         at = where if ranges is None else f"{where}: slices[{si}]"
         per = {m: p for m, _, p in sources}
         sl, _ = check_settings(op, slice_params, [], at)
-        _, experts = check_settings(op, {}, [per.get(m, {}) for m in models[1:]], at)
-        scopes.append(Scopes(tuple(experts), sl, shared))
+        _, given = check_settings(op, {}, [per.get(m, {}) for m in experts], at)
+        scopes.append(Scopes(tuple(given), sl, shared))
     params, expert_params = dict(scopes[0].shared), [dict(e) for e in scopes[0].experts]
     if ranges is None and uniform(params, expert_params):
         params, expert_params = op.resolve(params, expert_params, where)
@@ -252,7 +260,7 @@ def parse_config(doc: object, where: str = "<config>", text: str | None = None) 
     out_dtype = _dtype(out, "out_dtype" if doc.get("out_dtype") is not None else "dtype", where) if out is not None else None
     steps = [(kind, stages.get(kind).parse(doc[key], len(models) - 1, f"{where}: {key}"))
              for key, kind in stages.CONFIG_KEYS.items() if key in doc]
-    return MergeConfig(op.name, models[0], models[1:], params, expert_params, out_dtype, where, steps, scopes, ranges,
+    return MergeConfig(op.name, base, experts, params, expert_params, out_dtype, where, steps, scopes, ranges,
                        dtype, _tokenizer(doc, models, where), text)
 
 

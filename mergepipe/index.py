@@ -239,10 +239,36 @@ class FamilyIndex:
 Progress = Callable[[int], None]  # bytes just processed
 
 
+def same_model(a: Model, b: Model) -> bool:
+    """Whether two models are the same files (a method that merges the base as one of its inputs
+    lists it as an expert too): its delta is zero, known without reading it."""
+    return [str(fh.path) for fh in a.files] == [str(fh.path) for fh in b.files]
+
+
+def _zero_delta(model: Model) -> dict[str, TensorDelta]:
+    out = {}
+    for name, info in model.tensors.items():
+        if info.is_float:
+            nb = B.n_blocks(info.shape)
+            out[name] = TensorDelta(np.zeros(nb), np.zeros(nb, np.float32), np.zeros((nb, COARSE_BINS), np.int64),
+                                    np.zeros((nb, COARSE_BINS)), np.zeros(FINE_BINS, np.int64))
+    return out
+
+
 def index_family(base: Model, experts: list[Model], catalog: Catalog,
                  progress: Progress | None = None, sketch: SketchSpec | None = None) -> FamilyIndex:
     """Hash every block of every file and compute expert delta statistics, reusing the catalog."""
     check_family(base, experts)
+    same = [k for k, e in enumerate(experts) if same_model(e, base)]
+    if same:  # index the others; the base's own copies have a zero delta and no sketch
+        rest = [e for k, e in enumerate(experts) if k not in same]
+        fam = index_family(base, rest, catalog, progress, sketch)
+        deltas = iter(fam.deltas)
+        sketches = iter(fam.sketches or [])
+        fam.deltas = [_zero_delta(base) if k in same else next(deltas) for k in range(len(experts))]
+        if fam.sketches is not None:
+            fam.sketches = [None if k in same else next(sketches) for k in range(len(experts))]
+        return fam
     files: dict[str, FileIndex] = {}
     for m in [base, *experts]:
         for fh in m.files:

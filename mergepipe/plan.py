@@ -25,7 +25,7 @@ from .budget import parse_budget
 from .checkpoint import Model, open_model
 from .config import MergeConfig
 from .errors import MergepipeError
-from .index import Catalog, FamilyIndex, TensorDelta, index_family
+from .index import Catalog, FamilyIndex, TensorDelta, index_family, same_model
 from .options import PlanOptions
 from .manifest import (SCHEMA, Budget, InputFile, InputModel, Manifest, OperatorSpec, Plan, SketchFile, Stage,
                        TensorPlan)
@@ -97,9 +97,10 @@ def _finite(td: TensorDelta, expert: Model, name: str, allow: bool) -> TensorDel
 
 
 def _candidates(op, targets: list[Target], readable: set[str], experts: list[Model], fam: FamilyIndex,
-                resolver: Resolver, allow_nonfinite: bool) -> tuple[Table, dict[str, dict | None]]:
+                resolver: Resolver, allow_nonfinite: bool, own: set[int]) -> tuple[Table, dict[str, dict | None]]:
     """The operator's candidates for every readable tensor, and its per-tensor plan data. A target
-    reads its source tensor of every model (a stacked one, of one model, has no candidates)."""
+    reads its source tensor of every model (a stacked one, of one model, has no candidates). Experts
+    in `own` are the base itself (a method that merges the base as an input): nothing to read."""
     cols: dict[str, list] = {c: [] for c in Table.__dataclass_fields__}
     data: dict[str, dict | None] = {}
     for ti, target in enumerate(targets):
@@ -112,6 +113,8 @@ def _candidates(op, targets: list[Target], readable: set[str], experts: list[Mod
         info = experts[0].tensors[src]
         data[name] = op.tensor_data(info, deltas, tp)
         for k, e in enumerate(experts):
+            if k in own:
+                continue
             c = op.candidates(e.tensors[src], k, deltas[k], tp, coef[k], data[name])
             if len(c.blocks) > 1 and not (np.diff(c.blocks) > 0).all():
                 raise MergepipeError(f"internal: {op.name}'s candidates for {name!r} are not ascending distinct blocks")
@@ -287,17 +290,23 @@ def select(op, resolver: Resolver, base: Model, experts: list[Model], fam: Famil
     else:
         targets = [t for t in targets if models[t.models[0]].tensors[t.source].is_float]
     readable = op.readable(floating, resolver.shared, opts.source)
+    own = {k for k, e in enumerate(experts) if same_model(e, base)}
     merged = [t for t in targets if len(t.models) > 1 and t.source in readable]
-    total = sum(e.tensors[t.source].end - e.tensors[t.source].start for t in merged for e in experts)
+    total = sum(e.tensors[t.source].end - e.tensors[t.source].start for t in merged
+                for k, e in enumerate(experts) if k not in own)
     # a stacked tensor of an expert is read whole, whatever the budget
-    copied = [_size(models[t.models[0]], t.source) if len(t.models) == 1 and t.models[0] > 0 else 0 for t in targets]
+    copied = [_size(models[t.models[0]], t.source) if len(t.models) == 1 and t.models[0] - 1 not in own | {-1} else 0
+              for t in targets]
     total += sum(copied)
     budget_bytes = parse_budget(budget, total)
     if budget_bytes < sum(copied):
         raise MergepipeError(f"{opts.source}: its slices stack layers of a model other than the base, and a "
                              f"stacked tensor is copied whole: this plan needs its full {_pct(sum(copied), total)} "
                              f"of the expert bytes (use --budget 100%)")
-    table, data = _candidates(op, targets, readable, experts, fam, resolver, opts.allow_nonfinite)
+    if not op.budgeted and budget_bytes < total:
+        raise MergepipeError(f"{opts.source}: {op.name} cannot be budgeted (it needs every input tensor whole); "
+                             f"plan it with --budget 100%")
+    table, data = _candidates(op, targets, readable, experts, fam, resolver, opts.allow_nonfinite, own)
     state = choose(table, budget_bytes - sum(copied), opts.planner, opts.seed)
     shapes = [models[t.models[0]].tensors[t.source].shape for t in targets]
     tensors, bound = _tensor_plans(op, Outputs(targets, shapes, copied), len(experts), table, state, data, resolver)

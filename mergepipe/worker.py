@@ -88,8 +88,7 @@ def _laid_out(m: Manifest, f, opened: list[OpenedModel]) -> FileJob:
         info = src.model.tensors.get(e.source)
         if info is None:
             raise MergepipeError(f"manifest: plan.layout: {src.ref} has no tensor {e.source!r}")
-        t = _tensor_sources(m, info, src, [], e.name, e.model)
-        tensors.append(t)
+        tensors.append(_tensor_sources(m, info, src, [], e.name, e.model))
     return FileJob(layout(f.name, [(t.name, t.out_dtype, t.shape) for t in tensors]), m.operator.name, tuple(tensors))
 
 
@@ -106,7 +105,10 @@ def _tensor_sources(m: Manifest, info, base: OpenedModel, experts: list[OpenedMo
         return TensorSources(name, info.shape, info.dtype, stored, (), (), None)
     if tp.blocks != B.n_blocks(info.shape):
         raise MergepipeError(f"manifest: plan.tensors.{name} has {tp.blocks} blocks, the base tensor {B.n_blocks(info.shape)}")
-    if not experts:  # one model's tensor, copied through the kernel
+    if model >= 0:  # a stacked layer of expert `model`: it stands as the base and as its one expert, unread
+        return TensorSources(name, info.shape, m.out_dtype or info.dtype, stored, (stored,), (frozenset(),),
+                             TensorParams(tp.params, (tp.expert_params[model],)), tp.data)
+    if not experts:  # a stacked layer of the base: the operator's merge of the base alone
         return TensorSources(name, info.shape, m.out_dtype or info.dtype, stored, (), (),
                              TensorParams(tp.params, ()), tp.data)
     sketched = tuple(frozenset(runs_to_set(r)) for r in tp.sketched) if tp.sketched else ()

@@ -77,7 +77,7 @@ def test_index_reuses_catalog(family, workdir, monkeypatch):
 
 
 @pytest.mark.parametrize("doc, expect", [
-    ({"merge_method": "slerp", "base_model": "b", "models": [{"model": "e"}]}, "not supported"),
+    ({"merge_method": "sce", "base_model": "b", "models": [{"model": "e"}]}, "<config>: merge_method 'sce' is not supported"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": 1, "densty": 0.2}}]}, "densty"),
     ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": 1, "density": 0.2}}]}, "density"),
     ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e"}]}, "weight"),

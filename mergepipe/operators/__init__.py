@@ -34,6 +34,8 @@ class Param:
     def coerce(self, value: Any, where: str) -> Any:
         if self.type is bool:
             ok = isinstance(value, bool)
+        elif self.type is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
         elif self.type is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             value = float(value) if ok else value
@@ -94,6 +96,32 @@ class Operator:
     unit = "block"  # "block": row blocks are read independently; "tensor": whole (expert, tensor) pairs
     additive = False  # M = W0 + sum_k c_k Delta_k: the Frobenius certificate applies
     continual = False  # `mergepipe continual` may merge with it, one expert at a time
+    budgeted = True  # False: the merge needs every input whole; a budget under 100% is refused
+    # "required": the base is read as W0 and its parameters are not the method's; "optional": as
+    # required when given, else the first model is read as the base and is also expert 0 (nuslerp);
+    # "input": the base, if given, is one of the merged models, listed with its own parameters
+    # (linear, passthrough), and without one the first model is read as the base
+    base_policy = "required"
+    experts_range: tuple[int, int | None] = (1, None)  # how many experts it merges (min, max)
+
+    def inputs(self, base: str | None, models: list[str], where: str) -> tuple[str, list[int]]:
+        """The model read as the base, and which of `models` are the experts (indices, in order)."""
+        if base is None and self.base_policy == "required":
+            raise MergepipeError(f"{where}: missing required key 'base_model' ({self.name} needs a base)")
+        if self.base_policy == "required" or (self.base_policy == "optional" and base is not None):
+            experts = [i for i, m in enumerate(models) if m != base]
+        else:
+            if base is not None and base not in models:
+                raise MergepipeError(f"{where}: base_model {base!r} must also be listed under models, with its "
+                                     f"parameters ({self.name} merges the base as one of its inputs, as mergekit does)")
+            experts = list(range(len(models)))
+        lo, hi = self.experts_range
+        n = len(experts)
+        if n < lo or (hi is not None and n > hi):
+            what = "models besides the base" if self.base_policy != "input" and base is not None else "models"
+            want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+            raise MergepipeError(f"{where}: {self.name} merges {want} {what}, the config lists {n}")
+        return (base if base is not None else models[0]), experts
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -128,6 +156,9 @@ class Operator:
                         raise MergepipeError(f"{where}: models[{i}]: parameter {p.name!r} is required for {self.name}")
             experts.append(e)
         shared_out = {p.name: g.get(p.name, p.default) for p in self.params if not p.per_expert}
+        missing = [k for k, v in shared_out.items() if v is None]
+        if missing:
+            raise MergepipeError(f"{where}: parameter {missing[0]!r} is required for {self.name}")
         try:
             self.validate(shared_out)
         except MergepipeError as e:
@@ -186,10 +217,10 @@ class Operator:
 
 # name -> (module, attribute): declarations imported on first use, so that a CPU task-arithmetic
 # run does not pay for importing torch (TIES and GCWM compute with it).
-_LAZY: dict[str, tuple[str, str]] = {
-    "task_arithmetic": ("ta", "TA"), "ta": ("ta", "TA"),
-    "ties": ("ties", "TIES"),
-    "gcwm": ("gcwm", "GCWM"),
+_LAZY: dict[str, str] = {
+    "task_arithmetic": "ta", "ta": "ta", "ties": "ties", "gcwm": "gcwm", "linear": "linear",
+    "slerp": "slerp", "nuslerp": "nuslerp", "model_stock": "model_stock", "passthrough": "passthrough",
+    **{n: "gta" for n in ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")},
 }
 _REGISTERED: dict[str, Operator] = {}
 
@@ -213,7 +244,8 @@ def get(name: str) -> Operator:
     where = _LAZY.get(name)
     if where is None:
         raise MergepipeError(f"merge_method {name!r} is not supported (expected one of {', '.join(names())})")
-    return getattr(importlib.import_module(f".{where[0]}", __name__), where[1])
+    importlib.import_module(f".{where}", __name__)  # registers its declarations
+    return _REGISTERED[name]
 
 
 class Blockwise:

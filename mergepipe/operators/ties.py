@@ -44,9 +44,14 @@ class Ties(Operator):
     )
 
     def tensor_data(self, info, deltas, tp: TensorParams) -> dict:
-        """Each expert's trim threshold pinned to a fine-histogram bin: [bin, above, need]."""
+        """Each expert's trim threshold pinned to a fine-histogram bin, [bin, above, need]; the count
+        k it keeps (mergekit's); and the tie rule: "hash", exactly k, equal magnitudes taken in the
+        order of a hash of (tie_seed, tensor, expert, position). A plan without "tie" (one made before
+        exact k) keeps or drops each group of equal magnitudes whole, and replays that way."""
         trims = [trim_for(td.fine, info.numel, p["density"]) for td, p in zip(deltas, tp.experts)]
-        return {"trim": [[t.bin, t.above, t.need] for t in trims]}
+        return {"trim": [[t.bin, t.above, t.need] for t in trims],
+                "k": [t.above + t.need if t.bin >= 0 else info.numel for t in trims],
+                "tie": "hash", "tie_seed": 0}
 
     def candidates(self, info, k, delta, tp, coef, data) -> Candidates:
         """A block whose max |delta| lies below the trim bin contributes nothing and is never read."""
@@ -61,17 +66,30 @@ class Ties(Operator):
                            "only the measured deviation is reported")
 
     def check_plan(self, name: str, tp, experts: int) -> None:
-        trim = (tp.data or {}).get("trim")
-        if set(tp.data or {}) != {"trim"} or not isinstance(trim, list) or len(trim) != experts:
-            raise MergepipeError(f"plan.tensors.{name}.data must be {{\"trim\": one [bin, above, need] per expert}}")
+        data = tp.data or {}
+        trim = data.get("trim")
+        exact = {"trim", "k", "tie", "tie_seed"}
+        if set(data) not in ({"trim"}, exact) or not isinstance(trim, list) or len(trim) != experts:
+            raise MergepipeError(f"plan.tensors.{name}.data must be {{\"trim\": one [bin, above, need] per expert, "
+                                 "\"k\": one count per expert, \"tie\": \"hash\", \"tie_seed\": an integer}")
         for t in trim:
-            ok = isinstance(t, list) and len(t) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in t)
+            ok = isinstance(t, list) and len(t) == 3 and all(_is_int(v) for v in t)
             if not ok or not (-1 <= t[0] < FINITE_BINS and t[1] >= 0 and t[2] >= 0) or (t[0] < 0 and t[1:] != [0, 0]):
                 raise MergepipeError(f"plan.tensors.{name}.data.trim has {t}, expected [bin, above, need] "
                                      f"with -1 <= bin < {FINITE_BINS} (-1: keep all, with above = need = 0)")
+        if set(data) == exact:
+            ks = data["k"]
+            if data["tie"] != "hash" or not _is_int(data["tie_seed"]) or not isinstance(ks, list) or len(ks) != experts \
+                    or not all(_is_int(k) and (t[0] < 0 or k == t[1] + t[2]) for k, t in zip(ks, trim)):
+                raise MergepipeError(f"plan.tensors.{name}.data: tie must be \"hash\", tie_seed an integer, and k "
+                                     "one count per expert equal to above + need where it trims")
 
     def kernel(self, job, dev: str, scratch):
         return TiesTensor(self, job, torch.device(dev), scratch)
 
 
 TIES = register(Ties())
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

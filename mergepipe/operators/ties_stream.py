@@ -19,6 +19,7 @@ import torch
 
 from ..checkpoint import DTYPES
 from ..tensors import all_finite, to_bytes, torch_dtype
+from . import positional as P
 
 @dataclass(frozen=True)
 class Trim:
@@ -102,6 +103,27 @@ def _threshold(low_hist: torch.Tensor, tbin: int, need: int, lo: float) -> float
     return float(np.array([(tbin << 16) + low_bits], dtype=np.int32).view(np.float32)[0])
 
 
+@dataclass(frozen=True)
+class Cut:
+    """Exact-k trimming of one expert: keep |delta| > tau, and of the `group` entries equal to tau
+    the `keep` whose positions' seeded hash order is largest (mergekit keeps exactly k; which of
+    equal entries it keeps is its sort's arbitrary choice). tau = lo, keep = group = 0: keep the
+    whole bin (a partial budget left fewer in-bin entries than needed)."""
+    tau: float
+    keep: int
+    group: int
+
+
+def _cut(low_hist: torch.Tensor, tbin: int, need: int, lo: float) -> Cut:
+    if not 0 < need <= int(low_hist.sum()):
+        return Cut(lo, 0, 0)
+    from_top = torch.cumsum(low_hist.flip(0), 0)
+    j = int(torch.searchsorted(from_top, need))  # the k-th largest is this exact value (from the top)
+    above = int(from_top[j - 1]) if j > 0 else 0
+    tau = float(np.array([(tbin << 16) + LOW - 1 - j], dtype=np.int32).view(np.float32)[0])
+    return Cut(tau, need - above, int(low_hist[LOW - 1 - j]))
+
+
 def _at_least(a: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """1.0 where a >= bound, else 0.0, in float operations (a - bound is exactly 0 only when equal)."""
     return (a - bound).sign_().add_(0.5).sign_().clamp_(min=0)
@@ -116,6 +138,9 @@ class TiesTensor:
         self.weights = job.params.weights()
         self.lam, self.normalize = job.params.shared["lambda"], job.params.shared["normalize"]
         self.trims = [Trim(*t) for t in job.data["trim"]]
+        self.exact_k = job.data.get("tie") == "hash"
+        seed = job.data.get("tie_seed", 0)
+        self.keys = [P.stream_key(seed, job.name, k, "tie") for k in range(len(job.experts))]
         self.records = []  # (element offset in the tensor, count, experts) of spilled positions, in spill order
         self.out_size = DTYPES[job.out_dtype][1]
         self.in_place = not patched_in_memory(job)
@@ -188,15 +213,23 @@ class TiesTensor:
     def finish(self, sink) -> None:
         job, dev, trims = self.job, self.dev, self.trims
         out_t, out_size = torch_dtype(job.out_dtype), self.out_size
-        tau = [_threshold(self.low[k], t.bin, t.need, t.lo) for k, t in enumerate(trims)]
-        if self.spill is not None:
-            self.spill.seek(0)
-        for first, n, ks in self.records:
-            idx = np.fromfile(self.spill, np.int32, n)
-            base_v = _read_values(self.spill, n, dev)
-            d = torch.stack([_read_values(self.spill, n, dev) for _ in ks]) - base_v
+        if self.exact_k:
+            cuts = [_cut(self.low[k], t.bin, t.need, t.lo) for k, t in enumerate(trims)]
+            tau = [c.tau for c in cuts]
+            orders = self._tie_orders(cuts)
+        else:  # the first rule (manifests planned before exact k): whole tie groups
+            tau = [_threshold(self.low[k], t.bin, t.need, t.lo) for k, t in enumerate(trims)]
+            orders = {}
+        for first, idx, base_v, d, ks in self._spilled():
             for i, k in enumerate(ks):
-                if trims[k].bin >= 0:
+                if trims[k].bin < 0:
+                    continue
+                if k in orders:
+                    a = d[i].abs()
+                    tied_kept = (a == tau[k]) & (P.order_at(self.keys[k], torch.from_numpy(idx).to(dev) + first)
+                                                  >= orders[k])
+                    d[i].mul_((a > tau[k]) | tied_kept)
+                else:
                     d[i].mul_(d[i].abs() >= tau[k])
             fixed = to_bytes(elect_and_mean(d, [self.weights[k] for k in ks], self.lam, self.normalize,
                                                  base_v).to(out_t))
@@ -214,6 +247,32 @@ class TiesTensor:
             sink.write(self.memory)
         sink.end(job.name, rehash=self.memory is None)
         self.low = self.memory = None
+
+    def _spilled(self):
+        """The spilled positions, record by record: (first, positions in the block, base values,
+        [experts, n] deltas, experts)."""
+        if self.spill is None:
+            return
+        self.spill.seek(0)
+        for first, n, ks in self.records:
+            idx = np.fromfile(self.spill, np.int32, n)
+            base_v = _read_values(self.spill, n, self.dev)
+            d = torch.stack([_read_values(self.spill, n, self.dev) for _ in ks]) - base_v
+            yield first, idx, base_v, d, ks
+
+    def _tie_orders(self, cuts: list[Cut]) -> dict[int, int]:
+        """Per expert that keeps only some of its entries equal to tau, the smallest hash order kept
+        among them (the orders are distinct, so exactly `keep` are at or above it)."""
+        partial = {k for k, c in enumerate(cuts) if 0 < c.keep < c.group}
+        if not partial:
+            return {}
+        found: dict[int, list[torch.Tensor]] = {k: [] for k in partial}
+        for first, idx, _, d, ks in self._spilled():
+            for i, k in enumerate(ks):
+                if k in partial:
+                    at = torch.from_numpy(idx).to(self.dev)[d[i].abs() == cuts[k].tau] + first
+                    found[k].append(P.order_at(self.keys[k], at))
+        return {k: int(torch.topk(torch.cat(v), cuts[k].keep, sorted=False).values.min()) for k, v in found.items()}
 
 
 def patched_in_memory(job) -> bool:

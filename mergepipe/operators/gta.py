@@ -1,0 +1,113 @@
+"""The generalized task arithmetic of mergekit 0.1.5: each delta sparsified by one rule (DARE's
+random drop, breadcrumbs' outlier-and-tail cut, DELLA's rank-weighted drop), weighted, combined with
+or without TIES's sign consensus, normalised, scaled by lambda and added to the base. One declaration
+per mergekit method name, each (sparsifier, consensus, defaults) as mergekit registers it; task
+arithmetic and TIES have their own streaming declarations (ta.py, ties.py).
+
+The sparsifiers rank or rescale over the whole (expert, tensor), so the kernel assembles whole
+tensors (whole.py). A budget omits blocks: an omitted block is a zero delta, exactly as for task
+arithmetic, and the trim and rescale then see the blocks read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import MergepipeError
+from . import Certificate, Operator, Param, register
+from . import positional as P
+from . import sparsify as S
+from .whole import WholeTensor
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A sparsification rule: its mergekit parameters beyond density, and how it applies."""
+    extra: tuple[Param, ...]
+    apply: Callable  # (delta, expert params, key, rescale) -> sparsified delta
+    random: bool  # draws per entry: the seed parameter applies
+
+
+RANDOM = Rule((), lambda d, p, key, rescale: S.bernoulli(d, p["density"], key, rescale), True)
+OUTLIERS = Rule((Param("gamma", float, per_expert=True, default=0.01, check=lambda v: 0 <= v <= 1,
+                       expect="a fraction in [0, 1]"),),
+                lambda d, p, key, rescale: S.magnitude_outliers(d, p["density"], p["gamma"], key, rescale), False)
+DELLA = Rule((Param("epsilon", float, per_expert=True, default=0.15, check=lambda v: 0 <= v < 1,
+                    expect="a fraction in [0, 1)"),),
+             lambda d, p, key, rescale: S.della_magprune(d, p["density"], p["epsilon"], key, rescale), True)
+
+
+def _flag(name: str, default: bool) -> Param:
+    return Param(name, bool, per_expert=False, default=default, expect="true or false")
+
+
+class GeneralizedTaskArithmetic(Operator):
+    additive = False
+
+    def __init__(self, name: str, rule: Rule, consensus: bool, normalize: bool, rescale: bool) -> None:
+        self.name, self.rule, self.consensus = name, rule, consensus
+        self.params = (
+            Param("weight", float, per_expert=True, expect="a number"),
+            Param("density", float, per_expert=True, default=1.0, check=lambda v: 0 <= v <= 1,
+                  expect="a fraction in [0, 1]"),
+            *rule.extra,
+            Param("lambda", float, per_expert=False, default=1.0, expect="a number"),
+            _flag("normalize", normalize), _flag("rescale", rescale), _flag("int8_mask", False),
+            # mergepipe's: the per-entry draws are a hash of (seed, tensor, expert, position)
+            *((Param("seed", int, per_expert=False, default=0, expect="an integer"),) if rule.random else ()),
+        )
+
+    def resolve(self, shared: dict, per_expert: list[dict], where: str):
+        g, experts = super().resolve(shared, per_expert, where)
+        for i, p in enumerate(experts):
+            eps = p.get("epsilon")
+            if eps is not None and 0 < p["density"] < 1 and not (0 < p["density"] - eps and p["density"] + eps < 1):
+                raise MergepipeError(f"{where}: models[{i}]: epsilon {eps} must keep density +/- epsilon "
+                                     f"inside (0, 1) (density {p['density']})")
+        return g, experts
+
+    def certificate(self, bound) -> Certificate:
+        return Certificate("none", None, f"{self.name} is not additive: its sparsification"
+                           f"{' and sign election are' if self.consensus else ' is'} non-linear, so only the "
+                           "measured deviation is reported")
+
+    def kernel(self, job, dev: str, scratch):
+        return WholeTensor(job, torch.device(dev), self.merge)
+
+    def merge(self, job, base: torch.Tensor, inputs: list) -> torch.Tensor:
+        """mergekit's merge_group, operation for operation (float32)."""
+        tp, shared = job.params, job.params.shared
+        seed = shared.get("seed", 0)
+        deltas = base.new_empty((len(inputs), *base.shape))
+        for k, x in enumerate(inputs):
+            key = P.stream_key(seed, job.name, k, "sparsify")
+            deltas[k] = self.rule.apply(x - base, tp.experts[k], key, shared["rescale"])
+        weights = torch.tensor(tp.weights(), dtype=deltas.dtype, device=deltas.device)
+        while deltas.dim() > weights.dim():
+            weights.unsqueeze_(-1)
+        deltas.mul_(weights)
+        if self.consensus:
+            sign = deltas.sign()
+            majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+            mask = sign == majority
+            mixed = (deltas * mask).sum(dim=0)
+            divisor = (weights * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = deltas.sum(dim=0)
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if shared["normalize"]:
+            mixed /= divisor
+        if shared["lambda"] != 1:
+            mixed *= shared["lambda"]
+        return base + mixed
+
+
+# (name, rule, sign consensus, normalize default, rescale default), as mergekit 0.1.5 registers them
+for _spec in (("dare_ties", RANDOM, True, False, True), ("dare_linear", RANDOM, False, False, True),
+              ("breadcrumbs", OUTLIERS, False, False, False), ("breadcrumbs_ties", OUTLIERS, True, False, False),
+              ("della", DELLA, True, True, True), ("della_linear", DELLA, False, False, True)):
+    register(GeneralizedTaskArithmetic(*_spec))
