@@ -178,9 +178,9 @@ def plan(config: Path = typer.Argument(..., help="mergekit YAML (task_arithmetic
     from .config import load_config
     from .plan import plan_merge
     cfg = load_config(config)
-    _notes(cfg)
     with progress_bar("index", _unindexed_bytes(cfg), as_json) as cb:
         m = plan_merge(cfg, budget, _catalog(catalog), dataclasses.replace(opts, progress=cb))
+    _notes(cfg)  # once the plan stands: a refused recipe gets its one error line alone
     output.parent.mkdir(parents=True, exist_ok=True)
     m.save(output)
     summary = {"manifest": str(output), "operator": m.operator.name, "budget_bytes": m.budget.bytes,
@@ -235,10 +235,10 @@ def merge(config: Path = typer.Argument(..., help="mergekit YAML recipe."),
         opts = dataclasses.replace(opts, device="cuda")
     check_device(opts.device)  # before planning: a missing GPU is known without reading anything
     cfg = load_config(config)
-    _notes(cfg)
     plan_opts = PlanOptions(allow_pickle=opts.allow_pickle, allow_nonfinite=opts.allow_nonfinite)
     with progress_bar("index", _unindexed_bytes(cfg), as_json) as cb:
         m = plan_merge(cfg, budget, _catalog(catalog), dataclasses.replace(plan_opts, progress=cb))
+    _notes(cfg)
     total = m.plan.planned_expert_bytes + sum(f.size for f in m.base.files)
     with progress_bar("merge", total, as_json) as cb:
         done = run(m, out_path, dataclasses.replace(opts, progress=cb))

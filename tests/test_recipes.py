@@ -66,9 +66,9 @@ def _params():
     return out
 
 
-@pytest.fixture(scope="module")
-def families(tmp_path_factory) -> Path:
-    return corpus.build(tmp_path_factory.mktemp("families"))
+@pytest.fixture()
+def families(recipe_families) -> Path:
+    return recipe_families
 
 
 @pytest.fixture(scope="module")
