@@ -170,7 +170,7 @@ def index(models: List[str] = typer.Argument(..., help="Expert models: HF folder
 
 @command
 @flags(PlanOptions, "planner", "seed", "fill", "sketch", "relative_to", "allow_pickle", "allow_nonfinite")
-def plan(config: Path = typer.Argument(..., help="mergekit YAML (task_arithmetic, ties or gcwm)."),
+def plan(config: Path = typer.Argument(..., help="mergekit YAML recipe."),
          budget: str = typer.Option("100%", "--budget", "-b", help="Expert bytes to read: 20% or 3GiB or 500MB."),
          output: Path = typer.Option(..., "-o", "--output", help="Manifest to write."),
          catalog: Optional[Path] = CATALOG, as_json: bool = JSON, opts: PlanOptions = None):

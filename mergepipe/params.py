@@ -32,8 +32,9 @@ class Resolver:
         self.op = op
         self.where = where
         self.slices = slices or [Scopes(tuple(experts), {}, shared)]
-        # what is decided once per merge (GCWM's targets): the global scalars
-        self.shared = {k: v for k, v in shared.items() if recipe.is_uniform(v)}
+        # what is decided once per merge (GCWM's targets): the shared defaults, and the global scalars
+        self.shared = {**{p.name: p.default for p in op.params if not p.per_expert and p.default is not None},
+                       **{k: v for k, v in shared.items() if recipe.is_uniform(v)}}
         self._cache: dict[tuple, TensorParams] = {}
 
     def tensor(self, name: str, target: Target | None = None) -> TensorParams:

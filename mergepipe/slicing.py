@@ -49,4 +49,21 @@ def plan_outputs(config: MergeConfig, models: list[Model]) -> tuple[list[Target]
     layout = [OutputLayout("model.safetensors", [OutputEntry(t.name, t.source, None if len(t.models) > 1 else t.models[0] - 1)
                                                  for t in ts])]
     layers = output_layers(specs)
-    return ts, layout, ({"num_hidden_layers": layers} if layers != n else None)
+    if layers == n and all(s.start == 0 for s in specs[:1]) and len(specs) == 1:
+        return ts, layout, None
+    updates: dict = {"num_hidden_layers": layers}
+    kinds = _layer_types(base)
+    if kinds is not None and len(kinds) == n:  # per-layer attention kinds follow their layers
+        updates["layer_types"] = [kinds[s.start + i] for s in specs for i in range(s.end - s.start)]
+    return ts, layout, updates
+
+
+def _layer_types(model: Model) -> list | None:
+    """config.json's per-layer attention kinds (Qwen2, Gemma2 in transformers 5), if it has them."""
+    import json
+    path = model.root / "config.json"
+    try:
+        kinds = json.loads(path.read_text()).get("layer_types") if path.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return kinds if isinstance(kinds, list) else None

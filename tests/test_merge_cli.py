@@ -154,3 +154,19 @@ def test_stacked_merge_replays_and_verifies(recipe_families, tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 13
     r = cli("verify", tmp_path / "out" / "mergepipe.manifest.json")  # re-executes the layout
     assert r.exit_code == 0 and "re-executed" in r.output, r.output
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_stacked_layers_keep_their_attention_kinds(recipe_families, tmp_path, arch):
+    """Qwen2 and Gemma2 configs list each layer's attention kind; a stacked output lists its layers'
+    (mergekit 0.1.5 leaves the old list, which transformers 5 refuses to save)."""
+    from transformers import AutoModelForCausalLM
+    text = (f"merge_method: passthrough\nslices:\n  - sources: [{{model: '@family/{arch}/e1', layer_range: [0, 5]}}]\n"
+            f"  - sources: [{{model: '@family/{arch}/e2', layer_range: [2, 8]}}]\ndtype: bfloat16\n")
+    r_path = recipe(tmp_path, recipe_families, text)
+    assert cli("merge", r_path, tmp_path / "out", "--catalog", tmp_path / "c").exit_code == 0
+    kinds = json.loads((recipe_families / arch / "e1" / "config.json").read_text())["layer_types"]
+    got = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert got["num_hidden_layers"] == 11 and got["layer_types"] == kinds[0:5] + kinds[2:8]
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert model.generate(torch.tensor([[1, 4, 5]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
