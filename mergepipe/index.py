@@ -63,6 +63,9 @@ class FileIndex:
         return h.hexdigest()
 
 
+OPTIONAL_STATS = ("dot", "base_sq")
+
+
 @dataclass
 class TensorDelta:
     l2: np.ndarray  # [blocks] float64, ||Delta_b||_F
@@ -70,6 +73,11 @@ class TensorDelta:
     coarse_count: np.ndarray  # [blocks, COARSE_BINS] int64
     coarse_sumsq: np.ndarray  # [blocks, COARSE_BINS] float64
     fine: np.ndarray  # [FINE_BINS] int64 over the whole tensor
+    # [blocks] float64 <W0_b, Delta_b> and ||W0_b||^2: with l2 they give a whole tensor's norms and
+    # dot products with the base before any expert byte is read (slerp under a budget). None in an
+    # entry written before they were kept (a catalog entry is then recomputed; a sidecar's stays None)
+    dot: np.ndarray | None = None
+    base_sq: np.ndarray | None = None
 
 
 def model_key(files: list[FileIndex]) -> str:
@@ -170,13 +178,15 @@ class Catalog:
             return None
         flat = _unpack(row[0])
         names = {k.rsplit("/", 1)[0] for k in flat or {}}
-        try:
-            return {n: TensorDelta(*(flat[f"{n}/{f}"] for f in TensorDelta.__dataclass_fields__)) for n in names}
+        try:  # the optional statistics may be absent (an entry written before they were kept)
+            return {n: TensorDelta(*(flat[f"{n}/{f}"] if f not in OPTIONAL_STATS else flat.get(f"{n}/{f}")
+                                     for f in TensorDelta.__dataclass_fields__)) for n in names}
         except (KeyError, TypeError):
             return None  # a damaged entry: recompute and overwrite it
 
     def put_delta(self, expert: str, base: str, stats: dict[str, TensorDelta]) -> None:
-        flat = {f"{n}/{f}": getattr(s, f) for n, s in stats.items() for f in TensorDelta.__dataclass_fields__}
+        flat = {f"{n}/{f}": getattr(s, f) for n, s in stats.items() for f in TensorDelta.__dataclass_fields__
+                if getattr(s, f) is not None}
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO deltas VALUES (?,?,?)", (expert, base, _pack(flat)))
 
@@ -218,15 +228,18 @@ _FINE_MID2[~np.isfinite(_FINE_MID2)] = 0.0
 _FINE_TO_COARSE = np.clip((np.arange(FINE_BINS) >> 7) - 127, EXP_LO, EXP_HI - 1) - EXP_LO
 
 
-def delta_stats(d: torch.Tensor) -> tuple[float, float, np.ndarray, np.ndarray, np.ndarray]:
-    """(l2, max|d|, coarse counts, coarse sums of squares, fine counts) of one float32 delta block."""
+def delta_stats(d: torch.Tensor, base: torch.Tensor) -> tuple:
+    """(l2, max|d|, coarse counts, coarse sums of squares, fine counts, <base, d>, ||base||^2) of one
+    float32 delta block and its base block."""
+    b64 = base.reshape(-1).double()
+    dot, base_sq = float(torch.dot(b64, d.reshape(-1).double())), float(torch.dot(b64, b64))
     a = d.abs().reshape(-1)
     fine = torch.bincount(a.view(torch.int32) >> 16, minlength=FINE_BINS).numpy()
     count = np.bincount(_FINE_TO_COARSE, weights=fine, minlength=COARSE_BINS).astype(np.int64)
     sumsq = np.bincount(_FINE_TO_COARSE, weights=fine * _FINE_MID2, minlength=COARSE_BINS)
-    l2 = float(torch.linalg.vector_norm(a))
+    l2 = float(torch.linalg.vector_norm(a, dtype=torch.float64))  # float32 sums of 2^20 squares drift by ~1e-4: the certificate needs better
     mx = float(a.max()) if a.numel() else 0.0
-    return l2, mx, count, sumsq, fine
+    return l2, mx, count, sumsq, fine, dot, base_sq
 
 
 @dataclass
@@ -251,18 +264,19 @@ def _zero_delta(model: Model) -> dict[str, TensorDelta]:
         if info.is_float:
             nb = B.n_blocks(info.shape)
             out[name] = TensorDelta(np.zeros(nb), np.zeros(nb, np.float32), np.zeros((nb, COARSE_BINS), np.int64),
-                                    np.zeros((nb, COARSE_BINS)), np.zeros(FINE_BINS, np.int64))
+                                    np.zeros((nb, COARSE_BINS)), np.zeros(FINE_BINS, np.int64), np.zeros(nb), None)
     return out
 
 
-def index_family(base: Model, experts: list[Model], catalog: Catalog,
-                 progress: Progress | None = None, sketch: SketchSpec | None = None) -> FamilyIndex:
-    """Hash every block of every file and compute expert delta statistics, reusing the catalog."""
+def index_family(base: Model, experts: list[Model], catalog: Catalog, progress: Progress | None = None,
+                 sketch: SketchSpec | None = None, need: tuple[str, ...] = ()) -> FamilyIndex:
+    """Hash every block of every file and compute expert delta statistics, reusing the catalog.
+    `need`: optional statistics (OPTIONAL_STATS) the plan uses; an entry without them is recomputed."""
     check_family(base, experts)
     same = [k for k, e in enumerate(experts) if same_model(e, base)]
     if same:  # index the others; the base's own copies have a zero delta and no sketch
         rest = [e for k, e in enumerate(experts) if k not in same]
-        fam = index_family(base, rest, catalog, progress, sketch)
+        fam = index_family(base, rest, catalog, progress, sketch, need)
         deltas = iter(fam.deltas)
         sketches = iter(fam.sketches or [])
         fam.deltas = [_zero_delta(base) if k in same else next(deltas) for k in range(len(experts))]
@@ -284,6 +298,8 @@ def index_family(base: Model, experts: list[Model], catalog: Catalog,
         efiles = [files.get(str(fh.path)) for fh in e.files]
         known = base_key and all(efiles)
         stats = catalog.delta(model_key(efiles), base_key) if known else None
+        if stats is not None and any(getattr(td, f) is None for td in stats.values() for f in need):
+            stats = None
         sk = catalog.sketch(model_key(efiles), base_key, sketch) if known and sketch else None
         if stats is None or (sketch and sk is None):
             todo.append(k)
@@ -291,7 +307,7 @@ def index_family(base: Model, experts: list[Model], catalog: Catalog,
             deltas[k] = stats
             if sk is not None:
                 sketches[k] = sk
-    if sketch and todo:
+    if sketch and todo and not need:  # sidecars keep no optional statistics
         todo = _from_exports(_Scan(base, experts, todo, [], files, catalog, progress, sketch), deltas, sketches)
     unhashed = [m for m in [base, *experts] if any(str(fh.path) not in files for fh in m.files)]
     if todo or unhashed:
@@ -419,7 +435,7 @@ def _scan(scan: _Scan) -> tuple[dict[int, dict[str, TensorDelta]], dict[int, Ske
                         base_f = raw_view(raw, info.dtype, blk.shape(info.shape), cpu).float()
                     elif k in stats and base_f is not None:
                         d = raw_view(raw, info.dtype, blk.shape(info.shape), cpu).float() - base_f
-                        _accumulate(stats[k], name, info.shape, b, delta_stats(d))
+                        _accumulate(stats[k], name, info.shape, b, delta_stats(d, base_f))
                         if k in writers and sketched(info):
                             writers[k].block(name, b, d)
                     if progress:
@@ -460,8 +476,10 @@ def _accumulate(per_tensor: dict[str, TensorDelta], name: str, shape: tuple[int,
         nb = B.n_blocks(shape)
         td = per_tensor[name] = TensorDelta(np.zeros(nb), np.zeros(nb, np.float32),
                                             np.zeros((nb, COARSE_BINS), np.int64),
-                                            np.zeros((nb, COARSE_BINS)), np.zeros(FINE_BINS, np.int64))
-    l2, mx, count, sumsq, fine = s
+                                            np.zeros((nb, COARSE_BINS)), np.zeros(FINE_BINS, np.int64),
+                                            np.zeros(nb), np.zeros(nb))
+    l2, mx, count, sumsq, fine, dot, base_sq = s
     td.l2[b], td.maxabs[b] = l2, mx
+    td.dot[b], td.base_sq[b] = dot, base_sq
     td.coarse_count[b], td.coarse_sumsq[b] = count, sumsq
     td.fine += fine

@@ -308,6 +308,10 @@ def select(op, resolver: Resolver, base: Model, experts: list[Model], fam: Famil
                              f"plan it with --budget 100%")
     table, data = _candidates(op, targets, readable, experts, fam, resolver, opts.allow_nonfinite, own)
     state = choose(table, budget_bytes - sum(copied), opts.planner, opts.seed)
+    whole = np.ones(len(targets), bool)
+    np.logical_and.at(whole, table.t, state == EXACT)
+    tid = {t.name: i for i, t in enumerate(targets)}
+    data = {n: op.settle(d, bool(whole[tid[n]])) for n, d in data.items()}
     shapes = [models[t.models[0]].tensors[t.source].shape for t in targets]
     tensors, bound = _tensor_plans(op, Outputs(targets, shapes, copied), len(experts), table, state, data, resolver)
     return Selection(tensors, total, budget_bytes, sum(tp.planned_bytes for tp in tensors.values()),
@@ -338,7 +342,7 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
     # of the family then needs no second read
     sketch = SketchSpec.make(opts.sketch) if opts.fill == "sketch" and op.unit == "block" else None
     targets, layout, config_updates = plan_outputs(config, [base, *experts])
-    fam = index_family(base, experts, catalog or Catalog(), opts.progress, sketch)
+    fam = index_family(base, experts, catalog or Catalog(), opts.progress, sketch, op.index_stats)
     resolver = Resolver(op, config.params, config.expert_params, config.slices, config.source)
     sel = select(op, resolver, base, experts, fam, budget, opts, targets)
     rel = Path(opts.relative_to).resolve() if opts.relative_to else None

@@ -160,8 +160,9 @@ def test_direct_output_falls_back_where_o_direct_is_refused(tmp_path, monkeypatc
 def test_operators_load_on_first_use():
     assert get("ta") is get("task_arithmetic")
     assert get("ties").name == "ties" and get("gcwm").name == "gcwm"
+    assert get("slerp").name == "slerp" and get("dare_ties").name == "dare_ties"
     with pytest.raises(MergepipeError, match="not supported"):
-        get("sce")  # one of mergekit's methods mergepipe does not have
+        get("sce")
 
 
 def test_divisor_of_up_to_four_weights_is_torch_sum():

@@ -114,11 +114,15 @@ def test_ties_threshold_bin_and_skips(family, workdir):
         flat = d.reshape(4, -1).abs()
         k = max(1, int(0.2 * flat.shape[1]))
         kth = flat.topk(k, dim=1).values[:, -1:]
-        # the group of entries equal to the k-th value is kept whole when at least half of it is
-        # needed to reach k, else dropped whole
-        above = (flat > kth).sum(1, keepdim=True)
-        group = (flat == kth).sum(1, keepdim=True)
-        keep = (flat > kth) | ((flat == kth) & (2 * (k - above) >= group))
+        # exactly k per expert: of the entries equal to the k-th value, those whose positions' seeded
+        # hash order is largest (the tie rule is the hash, so it is the one thing taken from mergepipe)
+        from mergepipe.operators.positional import order_at, stream_key
+        keep = flat > kth
+        for j in range(4):
+            tied = (flat[j] == kth[j]).nonzero().squeeze(1)
+            order = order_at(stream_key(0, name, j, "tie"), tied)
+            keep[j, tied[order.argsort(descending=True)[:k - int(keep[j].sum())]]] = True
+        assert (keep.sum(1) == k).all()
         d = d * keep.reshape(d.shape)
         d *= 0.3
         sign = (d.sum(0) >= 0).float() * 2 - 1

@@ -103,6 +103,7 @@ class Operator:
     # (linear, passthrough), and without one the first model is read as the base
     base_policy = "required"
     experts_range: tuple[int, int | None] = (1, None)  # how many experts it merges (min, max)
+    index_stats: tuple[str, ...] = ()  # optional index statistics its plan reads (index.OPTIONAL_STATS)
 
     def inputs(self, base: str | None, models: list[str], where: str) -> tuple[str, list[int]]:
         """The model read as the base, and which of `models` are the experts (indices, in order)."""
@@ -188,6 +189,10 @@ class Operator:
         """What the kernel needs about the whole tensor before it reads a block (from the index), kept
         in the plan; None if nothing."""
         return None
+
+    def settle(self, data: dict | None, whole: bool) -> dict | None:
+        """The tensor's plan data once the plan is chosen; `whole`: every candidate block is read."""
+        return data
 
     def certificate(self, bound: float | None) -> Certificate:
         if not self.additive:

@@ -21,6 +21,8 @@ from . import positional as P
 from . import sparsify as S
 from .whole import WholeTensor
 
+CHUNK = 1 << 20  # elements per step after sparsification: bounds the consensus's temporaries
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -77,33 +79,46 @@ class GeneralizedTaskArithmetic(Operator):
         return WholeTensor(job, torch.device(dev), self.merge)
 
     def merge(self, job, base: torch.Tensor, inputs: list) -> torch.Tensor:
-        """mergekit's merge_group, operation for operation (float32)."""
+        """mergekit's merge_group, operation for operation (float32): each delta sparsified whole,
+        then the weighting, consensus and mean in chunks of elements (every operation after the
+        sparsification is per element, or a sum over the experts, so chunking changes no bit)."""
         tp, shared = job.params, job.params.shared
         seed = shared.get("seed", 0)
-        deltas = base.new_empty((len(inputs), *base.shape))
-        for k, x in enumerate(inputs):
-            key = P.stream_key(seed, job.name, k, "sparsify")
-            deltas[k] = self.rule.apply(x - base, tp.experts[k], key, shared["rescale"])
-        weights = torch.tensor(tp.weights(), dtype=deltas.dtype, device=deltas.device)
-        while deltas.dim() > weights.dim():
-            weights.unsqueeze_(-1)
-        deltas.mul_(weights)
+        n = len(inputs)
+        deltas = base.new_empty((n, *base.shape))
+        for k in range(n):
+            x, inputs[k] = inputs[k], None
+            deltas[k] = self.rule.apply(x - base, tp.experts[k], P.stream_key(seed, job.name, k, "sparsify"),
+                                        shared["rescale"])
+            del x
+        weights = torch.tensor(tp.weights(), dtype=deltas.dtype, device=deltas.device).view(-1, 1)
+        flat, b = deltas.view(n, -1), base.reshape(-1)
+        out = torch.empty_like(b)
+        for s in range(0, b.numel(), CHUNK):
+            d = flat[:, s:s + CHUNK]
+            d.mul_(weights)
+            out[s:s + CHUNK] = b[s:s + CHUNK] + self._mix(d, weights, shared)
+        return out.view(base.shape)
+
+    def _mix(self, d: torch.Tensor, weights: torch.Tensor, shared: dict) -> torch.Tensor:
+        """sum_k of the weighted deltas d [experts, m], with or without sign consensus, normalised
+        and scaled by lambda."""
         if self.consensus:
-            sign = deltas.sign()
-            majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+            sign = d.sign()
+            majority = (d.sum(dim=0) >= 0).to(d.dtype) * 2 - 1
             mask = sign == majority
-            mixed = (deltas * mask).sum(dim=0)
+            mixed = (d * mask).sum(dim=0)
             divisor = (weights * mask).sum(dim=0)
             divisor[divisor == 0] = 1
         else:
-            mixed = deltas.sum(dim=0)
+            mixed = d.sum(dim=0)
             divisor = weights.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
         if shared["normalize"]:
             mixed /= divisor
         if shared["lambda"] != 1:
             mixed *= shared["lambda"]
-        return base + mixed
+        return mixed
 
 
 # (name, rule, sign consensus, normalize default, rescale default), as mergekit 0.1.5 registers them

@@ -4,9 +4,13 @@ are (anti)collinear. Chunks of 2^20 elements, float32, as mergekit's batch of on
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
-from . import Param, register
+from ..errors import MergepipeError
+from . import Blockwise, Candidates, Param, register
 from .whole_only import WholeInputs
 
 CHUNK = 1024 * 1024  # mergekit's _CHUNK_ELEMENTS, over a batch of one tensor
@@ -38,10 +42,67 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     return result.reshape(v0.shape)
 
 
+def coefficients(t: float, deltas, dot_threshold: float = 0.9995, eps: float = 1e-8) -> tuple[float, float]:
+    """slerp's (coef_a, coef_b) from the index alone: ||W0||^2 = sum_b ||W0_b||^2, <W0, W1> =
+    ||W0||^2 + sum_b <W0_b, Delta_b>, ||W1||^2 = ||W0||^2 + 2 sum_b <W0_b, Delta_b> + ||Delta||^2
+    (float64), then mergekit's own float32 steps from the norms and the cosine on, so that where it
+    interpolates linearly (the usual case for a fine-tune) the coefficients are its, bit for bit."""
+    n0sq, dot0, dsq = float(deltas.base_sq.sum()), float(deltas.dot.sum()), float((deltas.l2 ** 2).sum())
+    na, nb = math.sqrt(n0sq), math.sqrt(max(0.0, n0sq + 2 * dot0 + dsq))
+    na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+    dot = torch.tensor([[(n0sq + dot0) / (na * nb)]], dtype=torch.float32).clamp(-1, 1)
+    tt = torch.tensor([t], dtype=torch.float32).reshape(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    return float(coef_a), float(coef_b)
+
+
 class Slerp(WholeInputs):
+    """Under a budget the tensor streams: M = a W0 + b W1 = (a + b) W0 + b Delta with (a, b) from the
+    index, each block the plan does not read a zero delta, and the certificate |b| ||Delta_omitted||.
+    A tensor read whole merges as mergekit does (so at 100% the output is mergekit's, bit for bit)."""
     name = "slerp"
     params = (Param("t", float, per_expert=False, expect="a number"),)
     experts_range = (1, 1)
+    budgeted = True
+    additive = True
+    index_stats = ("dot", "base_sq")
+
+    def tensor_data(self, info, deltas, tp) -> dict:
+        return {"coef": list(coefficients(tp.shared["t"], deltas[0])), "whole": False}
+
+    def settle(self, data: dict | None, whole: bool) -> dict | None:
+        return {**data, "whole": whole}
+
+    def candidates(self, info, k, delta, tp, coef, data) -> Candidates:
+        share = abs(data["coef"][1]) * delta.l2
+        idx = np.nonzero(delta.l2 > 0)[0]
+        return Candidates(idx, share[idx], share[idx])
+
+    def check_plan(self, name: str, tp, experts: int) -> None:
+        d = tp.data or {}
+        ok = set(d) == {"coef", "whole"} and isinstance(d["whole"], bool) and isinstance(d["coef"], list) \
+            and len(d["coef"]) == 2 and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in d["coef"])
+        if not ok:
+            raise MergepipeError(f"plan.tensors.{name}.data must be {{\"coef\": [a, b], \"whole\": true or false}}")
+
+    def kernel(self, job, dev: str, scratch):
+        if job.data["whole"]:
+            return super().kernel(job, dev, scratch)
+        tdev = torch.device(dev)
+        a, b = (torch.tensor(c, dtype=torch.float32, device=tdev) for c in job.data["coef"])
+        from ..tensors import all_finite, to_bytes, torch_dtype
+
+        def merge(block):
+            x0 = block.base.tensor(tdev)
+            x1 = block.experts[0][1].tensor(tdev) if block.experts else x0
+            out = a * x0 + b * x1
+            block.check_finite(all_finite(out))
+            return to_bytes(out.to(torch_dtype(block.job.out_dtype)))
+        return Blockwise(job.name, merge)
 
     def merge(self, job, base, inputs):
         return slerp(job.params.shared["t"], base, inputs[0])

@@ -14,7 +14,8 @@ from ..tensors import all_finite, to_bytes, torch_dtype
 
 WRITE_ROWS_BYTES = 16 << 20  # output written in slices of about this size
 
-# merge(job, base, inputs) -> float32 result of the tensor's shape; inputs: one per expert
+# merge(job, base, inputs) -> float32 result of the tensor's shape; inputs: one per expert (the
+# base itself where the expert was read nowhere), which the merge may release as it goes
 Merge = Callable[[object, torch.Tensor, list], torch.Tensor]
 
 
@@ -44,9 +45,10 @@ class WholeTensor:
     def finish(self, sink) -> None:
         job = self.job
         base = self.base.view(job.shape)
-        inputs = [self.experts[k].view(job.shape) if k in self.experts else base for k in range(len(job.experts))]
-        merged = self.merge(job, base, inputs)
+        # the list is the inputs' only holder: a merge may drop each once it has used it
+        inputs = [self.experts.pop(k).view(job.shape) if k in self.experts else base for k in range(len(job.experts))]
         self.base = self.experts = None
+        merged = self.merge(job, base, inputs)
         self.last.check_finite(all_finite(merged))
         out = merged.to(torch_dtype(job.out_dtype)).reshape(-1)
         step = max(1, WRITE_ROWS_BYTES // out.element_size())

@@ -1,0 +1,149 @@
+"""Every mergekit method mergepipe declares, against mergekit 0.1.5 on the same YAML.
+
+    python -m bench.methods [--shape qwen05b|demo|tiny] [--methods linear,slerp,...] [--runs 1]
+
+Per method: mergekit-yaml's wall time; mergepipe's (plan excluded: the family is indexed once
+first) at 100% and, for budgeted methods, at 20%; the expert bytes mergepipe counted and the bytes
+the kernel read for it (/proc io, ~0 on a warm page cache); at 100% the agreement with mergekit
+(differing elements, max ulp in the output dtype); at 20% the measured deviation from mergepipe at
+100% against the recorded certificate. Warm page cache only (cold runs: bench.core). Writes
+methods.md and methods.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from bench.core import SHAPES, tool_env
+from bench.measure import run_measured
+from mergepipe.compare import compare
+from mergepipe.synth import build_family
+
+EXPERTS, SHARDS = 4, 3
+WEIGHTS = (0.4, 0.3, 0.2, 0.1)
+
+# method: (experts used, base: "given" | "listed" | "none", shared parameters, per-model parameters)
+RECIPES = {
+    "linear": (3, "listed", {}, {}),
+    "task_arithmetic": (4, "given", {}, {}),
+    "ties": (4, "given", {}, {"density": 0.3}),
+    "dare_ties": (4, "given", {}, {"density": 0.3}),
+    "dare_linear": (4, "given", {}, {"density": 0.3}),
+    "breadcrumbs": (4, "given", {}, {"density": 0.3, "gamma": 0.01}),
+    "breadcrumbs_ties": (4, "given", {}, {"density": 0.3, "gamma": 0.01}),
+    "della": (4, "given", {}, {"density": 0.4, "epsilon": 0.1}),
+    "della_linear": (4, "given", {}, {"density": 0.4, "epsilon": 0.1}),
+    "slerp": (1, "given", {"t": 0.4}, {}),
+    "nuslerp": (2, "given", {}, {}),
+    "model_stock": (3, "given", {}, {}),
+    "passthrough": (1, "none", {}, {}),
+}
+NO_WEIGHT = {"slerp", "model_stock", "passthrough"}
+UNBUDGETED = {"nuslerp", "model_stock", "passthrough"}
+
+
+def recipe(fam: dict, method: str) -> dict:
+    n, base, shared, per_model = RECIPES[method]
+    models = []
+    for k in range(n):
+        p = {} if method in NO_WEIGHT else {"weight": WEIGHTS[k]}
+        models.append({"model": str(fam[f"expert{k + 1}"]), "parameters": {**p, **per_model}})
+    cfg = {"merge_method": method, "models": models, "dtype": "float32", "out_dtype": "bfloat16"}
+    if base != "none":
+        cfg["base_model"] = str(fam["base"])
+    if base == "listed":
+        models.append({"model": str(fam["base"]), "parameters": {"weight": 0.2}})
+    if shared:
+        cfg["parameters"] = shared
+    return cfg
+
+
+def _wall(cmd, env, runs: int) -> tuple[float, object]:
+    results = [run_measured(cmd, env=env) for _ in range(runs)]
+    for r in results:
+        if r.returncode:
+            raise SystemExit(f"{shlex.join(cmd)} failed: {r.stderr_tail}")
+    return statistics.median(r.wall_s for r in results), results[-1]
+
+
+def bench_method(method: str, fam: dict, work: Path, args, env) -> dict:
+    mp = [sys.executable, "-m", "mergepipe.cli"]
+    cfg_path = work / f"{method}.yml"
+    cfg_path.write_text(yaml.safe_dump(recipe(fam, method), sort_keys=False))
+    row: dict = {"method": method}
+    mk_out = work / "out-mergekit"
+    shutil.rmtree(mk_out, ignore_errors=True)
+    mk_exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
+    row["mergekit_s"], _ = _wall([mk_exe, str(cfg_path), str(mk_out), "--no-copy-tokenizer"], env, args.runs)
+    catalog = ["--catalog", str(work / "catalog.sqlite")]
+    for budget in ("100%",) if method in UNBUDGETED else ("100%", "20%"):
+        tag = budget.rstrip("%")
+        manifest, out = work / f"{method}-{tag}.json", work / f"out-mergepipe-{tag}"
+        r = run_measured(mp + ["plan", str(cfg_path), "--budget", budget, "-o", str(manifest), *catalog], env=env)
+        if r.returncode:
+            raise SystemExit(f"plan {method} {budget} failed: {r.stderr_tail}")
+        wall, res = _wall(mp + ["execute", str(manifest), "-o", str(out), "--force", "--json"], env, args.runs)
+        done = json.loads((out / "mergepipe.manifest.json").read_text())
+        row[f"mergepipe_{tag}_s"] = wall
+        row[f"expert_bytes_{tag}"] = done["execution"]["expert_bytes_read"]
+        row[f"os_read_bytes_{tag}"] = res.read_bytes
+        row["expert_bytes_total"] = done["budget"]["expert_bytes_total"]
+        if tag == "100":
+            c = compare(out, mk_out)
+            row.update(differing=c.differing, elements=c.elements, max_ulp=c.max_ulp)
+        else:
+            cert = done["plan"]["certificate"]
+            row["deviation_20"] = compare(out, work / "out-mergepipe-100").frobenius
+            row["bound_20"] = cert["bound"]
+    row["speedup_100"] = row["mergekit_s"] / row["mergepipe_100_s"]
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | mergekit s | mergepipe 100% s | ratio | differ (max ulp) | 20% s | expert bytes read at 20% | "
+             "deviation at 20% / certificate |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        share = f"{r['expert_bytes_20'] / r['expert_bytes_total']:.1%}" if "expert_bytes_20" in r else "n/a"
+        cert = (f"{r['deviation_20']:.3g} / {r['bound_20']:.3g}" if r.get("bound_20") is not None
+                else f"{r['deviation_20']:.3g} / none" if "deviation_20" in r else "n/a")
+        lines.append(f"| {r['method']} | {r['mergekit_s']:.2f} | {r['mergepipe_100_s']:.2f} | "
+                     f"{r['mergepipe_100_s'] / r['mergekit_s']:.2f}x | {r['differing'] / r['elements']:.3%} "
+                     f"({r['max_ulp']}) | {r.get('mergepipe_20_s', float('nan')):.2f} | {share} | {cert} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen05b")
+    ap.add_argument("--methods", default=",".join(RECIPES))
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--cache", type=Path, default=Path("/work/bench-cache"))
+    ap.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # this harness only compares; the tools run in their own processes
+    fam = build_family(args.cache / args.shape / "family", SHAPES[args.shape], experts=EXPERTS, seed=0,
+                       dtype=torch.bfloat16, shards=SHARDS)
+    work = args.cache / args.shape / "methods"
+    work.mkdir(parents=True, exist_ok=True)
+    env = tool_env()
+    rows = []
+    for method in args.methods.split(","):
+        rows.append(bench_method(method.strip(), fam, work, args, env))
+        print(json.dumps(rows[-1]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "methods.json").write_text(json.dumps({"shape": args.shape, "rows": rows}, indent=1))
+    (args.out / "methods.md").write_text(f"# methods vs mergekit 0.1.5 ({args.shape}, warm cache)\n\n{table(rows)}\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
