@@ -6,7 +6,7 @@ import re
 
 from .errors import MergepipeError
 
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -18,6 +18,9 @@ def parse_budget(spec: str, total: int) -> int:
     if not m:
         raise MergepipeError(f"budget {spec!r} is not a percentage (e.g. 20%) or a size (e.g. 3GiB, 500MB)")
     value, unit = float(m.group(1)), m.group(2)
+    if unit == "":  # a bare number is a classic slip for a percentage: never read it as bytes
+        raise MergepipeError(f"budget {spec!r} has no unit: give a percentage of the expert bytes ({spec}%) or a "
+                             f"size ({spec}GiB, {spec}MB, {spec}B)")
     if unit == "%":
         if value > 100:
             raise MergepipeError(f"budget {spec!r} is over 100% of the expert bytes")

@@ -89,21 +89,54 @@ JSON = typer.Option(False, "--json", help="Machine-readable output.")
 CATALOG = typer.Option(None, "--catalog", help="Catalog file (default: user cache).")
 
 
-def flags(options: type, *names: str):
+def flags(options: type, *names: str, into: str = "opts"):
     """The command takes these fields of the `options` dataclass as flags (from FLAGS) and receives
-    them as one `opts` value."""
+    them as one value, its parameter `into`."""
     def wrap(fn):
         sig = inspect.signature(fn)
         added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=FLAGS[n][1], annotation=FLAGS[n][0])
                  for n in names]
-        kept = [p for p in sig.parameters.values() if p.name != "opts"]
+        kept = [p for p in sig.parameters.values() if p.name != into]
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            return fn(*args, opts=options(**{n: kwargs.pop(n) for n in names}), **kwargs)
+            return fn(*args, **{into: options(**{n: kwargs.pop(n) for n in names})}, **kwargs)
         run.__signature__ = sig.replace(parameters=kept + added)
         return run
     return wrap
+
+
+@dataclasses.dataclass(frozen=True)
+class YamlFlags:
+    """mergekit-yaml's flags that scripts pass to `merge`."""
+    cuda: bool = False
+    copy_tokenizer: bool = True
+    lazy_unpickle: bool = False
+    allow_crimes: bool = False
+    out_shard_size: Optional[str] = None
+
+    def check(self) -> None:
+        """Refuse, in one line, a flag whose effect mergepipe does not have; the others are accepted
+        because mergepipe's own behaviour is what they ask for."""
+        if not self.copy_tokenizer:
+            raise MergepipeError("--no-copy-tokenizer is not supported: mergepipe always copies the tokenizer beside "
+                                 "the merged tensors")
+        if self.out_shard_size is not None:
+            raise MergepipeError(f"--out-shard-size {self.out_shard_size} is not supported: mergepipe writes the "
+                                 "base's shard layout (one file per base shard; one file for stacked layers)")
+
+
+FLAGS.update({
+    "cuda": (bool, typer.Option(False, "--cuda", help="mergekit-yaml's flag: the same as --device cuda.")),
+    "copy_tokenizer": (bool, typer.Option(True, "--copy-tokenizer/--no-copy-tokenizer",
+                                          help="mergekit-yaml's flag: mergepipe always copies the tokenizer.")),
+    "lazy_unpickle": (bool, typer.Option(False, "--lazy-unpickle", help="mergekit-yaml's flag: accepted; mergepipe "
+                                         "reads lazily (pickled inputs still need --allow-pickle).")),
+    "allow_crimes": (bool, typer.Option(False, "--allow-crimes", help="mergekit-yaml's flag: accepted; mergepipe "
+                                        "checks tensor names and shapes, not architecture names.")),
+    "out_shard_size": (Optional[str], typer.Option(None, "--out-shard-size", help="mergekit-yaml's flag: refused "
+                                                   "(mergepipe keeps the base's shard layout).")),
+})
 
 
 def _catalog(path: Optional[Path]):
@@ -146,7 +179,7 @@ def index(models: List[str] = typer.Argument(..., help="Expert models: HF folder
 
 @command
 @flags(PlanOptions, "planner", "seed", "fill", "sketch", "relative_to", "allow_pickle", "allow_nonfinite")
-def plan(config: Path = typer.Argument(..., help="mergekit YAML (linear, slerp, nuslerp, task_arithmetic, ties, dare_*, breadcrumbs*, della*, model_stock, passthrough, gcwm)."),
+def plan(config: Path = typer.Argument(..., help="mergekit YAML recipe."),
          budget: str = typer.Option("100%", "--budget", "-b", help="Expert bytes to read: 20% or 3GiB or 500MB."),
          output: Path = typer.Option(..., "-o", "--output", help="Manifest to write."),
          catalog: Optional[Path] = CATALOG, as_json: bool = JSON, opts: PlanOptions = None):
@@ -156,6 +189,7 @@ def plan(config: Path = typer.Argument(..., help="mergekit YAML (linear, slerp, 
     cfg = load_config(config)
     with progress_bar("index", _unindexed_bytes(cfg), as_json) as cb:
         m = plan_merge(cfg, budget, _catalog(catalog), dataclasses.replace(opts, progress=cb))
+    _notes(cfg)  # once the plan stands: a refused recipe gets its one error line alone
     output.parent.mkdir(parents=True, exist_ok=True)
     m.save(output)
     summary = {"manifest": str(output), "operator": m.operator.name, "budget_bytes": m.budget.bytes,
@@ -193,6 +227,50 @@ def execute(manifest: Path = typer.Argument(...),
 
 
 @command
+@flags(YamlFlags, "cuda", "copy_tokenizer", "lazy_unpickle", "allow_crimes", "out_shard_size", into="mk")
+@flags(RunOptions, "device", "force", "allow_pickle", "allow_nonfinite", "executor", "ray_address", "path_map")
+def merge(config: Path = typer.Argument(..., help="mergekit YAML recipe."),
+          out_path: Path = typer.Argument(..., metavar="OUT", help="Output folder (published atomically)."),
+          budget: str = typer.Option("100%", "--budget", "-b", help="Expert bytes to read: 20% or 3GiB or 500MB."),
+          catalog: Optional[Path] = CATALOG, as_json: bool = JSON, opts: RunOptions = None, mk: YamlFlags = None):
+    """Plan and execute a mergekit recipe in one step, as mergekit-yaml does; the manifest is kept in OUT."""
+    from .config import load_config
+    from .execute import check_device, execute as run
+    from .plan import plan_merge
+    mk.check()
+    if mk.cuda and not opts.device.startswith("cuda"):
+        if opts.device != "cpu":
+            raise MergepipeError(f"--cuda and --device {opts.device} disagree: give one")
+        opts = dataclasses.replace(opts, device="cuda")
+    check_device(opts.device)  # before planning: a missing GPU is known without reading anything
+    cfg = load_config(config)
+    plan_opts = PlanOptions(allow_pickle=opts.allow_pickle, allow_nonfinite=opts.allow_nonfinite)
+    with progress_bar("index", _unindexed_bytes(cfg), as_json) as cb:
+        m = plan_merge(cfg, budget, _catalog(catalog), dataclasses.replace(plan_opts, progress=cb))
+    _notes(cfg)
+    total = m.plan.planned_expert_bytes + sum(f.size for f in m.base.files)
+    with progress_bar("merge", total, as_json) as cb:
+        done = run(m, out_path, dataclasses.replace(opts, progress=cb))
+    ex, bound = done.execution, done.plan.certificate.bound
+    if as_json:
+        out.print_json(data={"output": str(out_path), "operator": done.operator.name, "budget_bytes": done.budget.bytes,
+                             "expert_bytes_read": ex.expert_bytes_read, "certificate": bound,
+                             "root_hash": ex.root_hash})
+    else:
+        out.print(f"merged {done.operator.name} into {out_path} in {ex.wall_s:.2f} s: read "
+                  f"{_size(ex.expert_bytes_read)} of {_size(done.budget.expert_bytes_total)} expert bytes, error bound "
+                  f"{'n/a' if bound is None else format(bound, '.4g')}, root hash {ex.root_hash}")
+
+
+def _notes(cfg) -> None:
+    """One line on stderr for what mergepipe reads differently from mergekit (never an error)."""
+    from .config import dtype_note
+    note = dtype_note(cfg)
+    if note:
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+
+
+@command
 @flags(RunOptions, "device", "force", "executor", "ray_address", "path_map")
 def continual(config: Path = typer.Argument(..., help="mergekit YAML with merge_method gcwm; models in arrival order."),
               output: Path = typer.Option(..., "-o", "--output", help="Folder for step-01, step-02, ... (and anchors/)."),
@@ -213,13 +291,14 @@ def continual(config: Path = typer.Argument(..., help="mergekit YAML with merge_
 
 @command
 @flags(RunOptions, "device", "root", "allow_pickle")
-def verify(manifest: Path = typer.Argument(...),
+def verify(manifest: Path = typer.Argument(..., help="A plan manifest (with --output), a completed manifest, "
+                                                     "or an output folder."),
            output: Optional[Path] = typer.Option(None, "--output", "-o", help="Check this folder instead of re-executing."),
            as_json: bool = JSON, opts: RunOptions = None):
     """Re-check input hashes and the output (given, or re-executed); exit 1 on any mismatch."""
-    from .manifest import load_manifest
-    from .verify import verify as run
-    r = run(load_manifest(manifest), output, opts)
+    from .verify import target, verify as run
+    m, output = target(manifest, output)
+    r = run(m, output, opts)
     if as_json:
         out.print_json(data={"ok": r.ok, "problems": r.problems, "inputs_checked": r.inputs_checked,
                              "outputs_checked": r.outputs_checked, "reexecuted": r.reexecuted})

@@ -8,7 +8,6 @@ import dataclasses
 import os
 import re
 import resource
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,12 +15,13 @@ from pathlib import Path
 import xxhash
 
 from . import __version__, stages
-from .checkpoint import COPIED_FILES, DTYPES, Reader
+from .checkpoint import Reader
 from .errors import InputChangedError, IOFailure, MergepipeError
 from .executor import LocalExecutor, RunEnv
 from .journal import Journal, Record, read_records
 from .manifest import Execution, Manifest, OutputFile, dumps
 from .options import RunOptions
+from .outputs import write_card, write_sidecars
 from .publish import Staging, check_space, destination_lock, discard, prepare_destination, publish, staging_for
 from .sink import Resume, hash_file, recover
 from .sources import OpenedModel, open_recorded
@@ -98,6 +98,7 @@ def execute(m: Manifest, out: str | Path, options: RunOptions | None = None, **f
         reader = Reader()
         try:
             done = _merge_and_stages(run, staging, reader)
+            write_card(done, staging.folder, out)
             done.save(staging.folder / MANIFEST_NAME)
             publish(staging, out)
             return done
@@ -146,7 +147,9 @@ def _merge_and_stages(run: _Run, staging: Staging, reader: Reader) -> Manifest:
     outputs = _outputs(run, parts, results, staging, executor.read_back) if executor.shared else {
         k[0]: r.output for k, r in results.items()}
     base = run.opened[0].model
-    _copy_sidecars(base.root, staging.folder, run.m.out_dtype)
+    write_sidecars(run.m, [o.model.root for o in run.opened], staging.folder)
+    if any(staging.folder.glob("*/*.safetensors")) or len(list(staging.folder.glob("*.safetensors"))) > 1:
+        _write_index(staging.folder)
     diagnostics = {k: v for r in results.values() for k, v in r.meta.items()}
     before = dict(reader.bytes_read)
     stage_reads: dict[str, int] = {}
@@ -244,28 +247,6 @@ def _bytes_read(run: _Run, results: dict[str, FileResult], reader: Reader, befor
             ref, name = paths[path]
             read.setdefault(ref, {})[name] = read.get(ref, {}).get(name, 0) + extra
     return {ref: dict(sorted(files.items())) for ref, files in sorted(read.items())}
-
-
-def _copy_sidecars(src: Path, staging: Path, out_dtype: str | None) -> None:
-    """config and tokenizer files, so the output loads with transformers' from_pretrained."""
-    import json
-    for name in COPIED_FILES:
-        p = src / name
-        if not p.is_file():
-            continue
-        if name == "config.json" and out_dtype:
-            try:
-                cfg = json.loads(p.read_text())
-                for key in ("torch_dtype", "dtype"):
-                    if key in cfg:
-                        cfg[key] = DTYPES[out_dtype][0]
-                (staging / name).write_text(json.dumps(cfg, indent=2))
-                continue
-            except (json.JSONDecodeError, AttributeError):
-                pass
-        shutil.copyfile(p, staging / name)
-    if any(staging.glob("*/*.safetensors")) or len(list(staging.glob("*.safetensors"))) > 1:
-        _write_index(staging)
 
 
 def _write_index(staging: Path) -> None:

@@ -79,6 +79,22 @@ class TensorPlan:
 
 
 @dataclass
+class OutputEntry:
+    """One tensor of an output file the plan lays out itself (slices): the input tensor it is merged
+    from, and the one model it reads where its slice stacks a single model's layers (-1: the base,
+    k: expert k; None: the merge of every model)."""
+    name: str
+    source: str
+    model: Optional[Int] = None
+
+
+@dataclass
+class OutputLayout:
+    name: str  # the file, relative to the output folder
+    tensors: list[OutputEntry]
+
+
+@dataclass
 class Plan:
     planner: str
     seed: int
@@ -87,6 +103,7 @@ class Plan:
     certificate: Certificate
     allow_nonfinite: bool = False  # NaN/Inf inputs were allowed at planning: execution allows them too
     fill: str = "zero"  # what an unread expert block counts as: "zero" (no delta) or "sketch"
+    layout: Optional[list[OutputLayout]] = None  # output files and tensors (None: the base's files and names)
 
 
 @dataclass
@@ -143,6 +160,20 @@ class Execution:
 
 
 @dataclass
+class Recipe:
+    """What the output folder gets besides the tensors: the recipe as given (mergekit_config.yml and
+    the model card), the model whose tokenizer files are copied (-1: the base, k: expert k), the chat
+    template to set, and config.json keys the plan changes (num_hidden_layers of stacked slices)."""
+    source: str  # the recipe's file as given on the command line
+    text: str
+    method: str  # as the recipe names it
+    tokenizer: Optional[Int] = None  # None: the base's, as copied by default
+    chat_template: Optional[str] = None
+    config: Optional[dict[str, Any]] = None
+    dtype: Optional[str] = None  # the recipe's dtype (mergekit's compute dtype)
+
+
+@dataclass
 class Manifest:
     schema: str
     tool: dict[str, str]
@@ -154,6 +185,7 @@ class Manifest:
     plan: Plan
     stages: list[Stage] = dataclasses.field(default_factory=list)
     execution: Optional[Execution] = None
+    recipe: Optional[Recipe] = None
 
     def to_json(self) -> str:
         doc = dataclasses.asdict(self)
@@ -161,6 +193,10 @@ class Manifest:
                            ("jobs", None)):
             if doc["execution"] and doc["execution"][key] == empty:
                 del doc["execution"][key]  # absent unless used: older manifests stay canonical
+        if doc["recipe"] is None:
+            del doc["recipe"]
+        if doc["plan"]["layout"] is None:
+            del doc["plan"]["layout"]
         return dumps(doc)
 
     def save(self, path: str | Path) -> None:
@@ -272,6 +308,7 @@ def _check(m: Manifest) -> None:
             op.check_plan(name, tp, k)
         except MergepipeError as e:
             raise MergepipeError(f"manifest: {e}") from None
+    _check_layout(m, k)
     for i, st in enumerate(m.stages):
         stages.get(st.kind, f"manifest: stages[{i}]").load(st.record, f"manifest: stages[{i}].record", k)
     for rec in [m.base, *m.experts]:
@@ -280,6 +317,21 @@ def _check(m: Manifest) -> None:
             for tensor, hx in blocks.items():
                 if len(hx) % 16 or not all(c in "0123456789abcdef" for c in hx):
                     raise MergepipeError(f"manifest: block hashes of {tensor!r} in {where} must be 16 hex digits each")
+
+
+def _check_layout(m: Manifest, k: int) -> None:
+    """A laid-out output: each tensor once, each read from a model the manifest records."""
+    seen: set[str] = set()
+    for f in m.plan.layout or ():
+        for e in f.tensors:
+            if e.name in seen:
+                raise MergepipeError(f"manifest: plan.layout lists tensor {e.name!r} twice")
+            seen.add(e.name)
+            if e.model is not None and not -1 <= e.model < k:
+                raise MergepipeError(f"manifest: plan.layout: {e.name!r} reads model {e.model}, expected -1 "
+                                     f"(the base) to {k - 1}")
+    if m.recipe and m.recipe.tokenizer is not None and not -1 <= m.recipe.tokenizer < k:
+        raise MergepipeError(f"manifest: recipe.tokenizer is {m.recipe.tokenizer}, expected -1 (the base) to {k - 1}")
 
 
 def _check_sketched(m: Manifest, name: str, tp: TensorPlan) -> None:

@@ -1,21 +1,91 @@
-"""Parameters per tensor: the resolver turns a config's parameters into one value per (tensor,
-expert) at plan time, and the plan records them, so a kernel never reads the global config.
+"""Parameters per tensor: the resolver turns a recipe's parameter settings into one value per
+(tensor, expert) at plan time, and the plan records them, so a kernel never reads the global config.
 
-A value is a scalar today (the operator's Param rejects lists and mappings). mergekit's gradients
-(a list interpolated over the layer index) and `filter:` rules resolve here, per tensor name, without
-touching the planner or the kernels."""
+A setting is a scalar, a gradient (a list interpolated over the layer's position in its slice) or
+`filter:` rules (mergepipe.recipe), looked up as mergekit 0.1.5 does: for a per-expert parameter,
+the expert's own parameters in the tensor's slice, then the slice's, then the recipe's global ones;
+for a shared parameter the slice's, then the global ones. Filters match the output tensor's name for
+shared parameters and the expert's input tensor's name for its own, as in mergekit. A tensor whose
+settings are all scalars shares one TensorParams with every other such tensor."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+from . import recipe
+from .errors import MergepipeError
+from .layers import Target
 from .operators import Operator, TensorParams
 
 
-class Resolver:
-    def __init__(self, op: Operator, shared: dict, experts: list[dict]) -> None:
-        self.op = op
-        self.shared = dict(shared)  # the config's, for what is decided once per merge (GCWM's targets)
-        # every tensor resolves to the same scalars: one shared value, not one copy per tensor
-        self._all = TensorParams(dict(shared), tuple(dict(e) for e in experts))
+@dataclass(frozen=True)
+class Scopes:
+    """The settings in force for one slice: per expert (its own), the slice's, and the global ones."""
+    experts: tuple[dict, ...]
+    slice: dict = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)
 
-    def tensor(self, name: str) -> TensorParams:
-        return self._all
+
+class Resolver:
+    def __init__(self, op: Operator, shared: dict, experts: list[dict], slices: list[Scopes] | None = None,
+                 where: str = "<config>") -> None:
+        self.op = op
+        self.where = where
+        self.slices = slices or [Scopes(tuple(experts), {}, shared)]
+        # what is decided once per merge (GCWM's targets): the shared defaults, and the global scalars
+        self.shared = {**{p.name: p.default for p in op.params if not p.per_expert and p.default is not None},
+                       **{k: v for k, v in shared.items() if recipe.is_uniform(v)}}
+        self._cache: dict[tuple, TensorParams] = {}
+
+    def tensor(self, name: str, target: Target | None = None) -> TensorParams:
+        """The parameters of output tensor `name` (read from `target.source` at `target.t`)."""
+        t = target.t if target else 0.0
+        source = target.source if target else name
+        sc = self.slices[target.slice if target else 0]
+        where = f"{self.where}: tensor {name!r}"
+        shared, experts = {}, []
+        for p in self.op.params:
+            if not p.per_expert:
+                v = recipe.resolve(p, (sc.slice, sc.shared), name, t, where)
+                if v is not None:
+                    shared[p.name] = v
+        for mine in sc.experts:
+            e = {}
+            for p in self.op.params:
+                if p.per_expert:
+                    v = recipe.resolve(p, (mine, sc.slice, sc.shared), source, t, where)
+                    if v is not None:
+                        e[p.name] = v
+            experts.append(e)
+        key = (tuple(sorted(shared.items())), tuple(tuple(sorted(e.items())) for e in experts))
+        hit = self._cache.get(key)
+        if hit is None:
+            g, per = self.op.resolve(shared, experts, where)
+            hit = self._cache[key] = TensorParams(g, tuple(per))
+        return hit
+
+
+def check_settings(op: Operator, shared: dict, experts: list[dict], where: str) -> tuple[dict, list[dict]]:
+    """Every setting's form and scalars checked against the operator's parameters (unknown names,
+    per-model use of a shared parameter, out-of-range values), before any model is opened."""
+    out_shared = {}
+    for key, value in shared.items():
+        p = op.param(key)
+        if p is None:
+            raise MergepipeError(f"{where}: {op.name} takes no parameter {key!r} "
+                                 f"(it takes {', '.join(q.name for q in op.params) or 'none'})")
+        out_shared[key] = recipe.check_setting(value, p, f"{where}: parameters.{key}")
+    out_experts = []
+    for i, given in enumerate(experts):
+        e = {}
+        for key, value in given.items():
+            p = op.param(key)
+            if p is None or not p.per_expert:
+                raise MergepipeError(f"{where}: models[{i}]: {op.name} takes no per-model parameter {key!r}")
+            e[key] = recipe.check_setting(value, p, f"{where}: models[{i}].parameters.{key}")
+        out_experts.append(e)
+    return out_shared, out_experts
+
+
+def uniform(shared: dict, experts: list[dict]) -> bool:
+    return all(recipe.is_uniform(v) for d in (shared, *experts) for v in d.values())

@@ -29,7 +29,10 @@ from .index import Catalog, FamilyIndex, TensorDelta, index_family, same_model
 from .options import PlanOptions
 from .manifest import (SCHEMA, Budget, InputFile, InputModel, Manifest, OperatorSpec, Plan, SketchFile, Stage,
                        TensorPlan)
+from .layers import Target
 from .params import Resolver
+from .outputs import recipe_record
+from .slicing import plan_outputs
 from .paths import recorded_path
 from .sketch import SketchSpec
 
@@ -93,37 +96,39 @@ def _finite(td: TensorDelta, expert: Model, name: str, allow: bool) -> TensorDel
     return dataclasses.replace(td, l2=np.where(bad, big, td.l2), maxabs=np.where(bad, big, td.maxabs).astype(np.float32))
 
 
-def _candidates(op, names: list[str], readable: set[str], experts: list[Model], fam: FamilyIndex,
+def _candidates(op, targets: list[Target], readable: set[str], experts: list[Model], fam: FamilyIndex,
                 resolver: Resolver, allow_nonfinite: bool, own: set[int]) -> tuple[Table, dict[str, dict | None]]:
-    """The operator's candidates for every readable tensor, and its per-tensor plan data. Experts in
-    `own` are the base itself (a method that merges the base as an input): nothing to read."""
+    """The operator's candidates for every readable tensor, and its per-tensor plan data. A target
+    reads its source tensor of every model (a stacked one, of one model, has no candidates). Experts
+    in `own` are the base itself (a method that merges the base as an input): nothing to read."""
     cols: dict[str, list] = {c: [] for c in Table.__dataclass_fields__}
     data: dict[str, dict | None] = {}
-    for ti, name in enumerate(names):
-        if name not in readable:
-            continue  # the base's own: no candidates, no reads
-        tp = resolver.tensor(name)
+    for ti, target in enumerate(targets):
+        name, src = target.name, target.source
+        if src not in readable or len(target.models) == 1:
+            continue  # the base's own (or one model's, copied): no candidates, no planned reads
+        tp = resolver.tensor(name, target)
         coef = op.coefficients(tp)
-        deltas = [_finite(fam.deltas[k][name], e, name, allow_nonfinite) for k, e in enumerate(experts)]
-        info = experts[0].tensors[name]
+        deltas = [_finite(fam.deltas[k][src], e, src, allow_nonfinite) for k, e in enumerate(experts)]
+        info = experts[0].tensors[src]
         data[name] = op.tensor_data(info, deltas, tp)
         for k, e in enumerate(experts):
             if k in own:
                 continue
-            c = op.candidates(e.tensors[name], k, deltas[k], tp, coef[k], data[name])
+            c = op.candidates(e.tensors[src], k, deltas[k], tp, coef[k], data[name])
             if len(c.blocks) > 1 and not (np.diff(c.blocks) > 0).all():
                 raise MergepipeError(f"internal: {op.name}'s candidates for {name!r} are not ascending distinct blocks")
             if op.unit == "tensor":
-                nbytes = np.array([e.tensors[name].end - e.tensors[name].start])
+                nbytes = np.array([e.tensors[src].end - e.tensors[src].start])
             else:
-                nbytes = B.block_bytes(e.tensors[name])
+                nbytes = B.block_bytes(e.tensors[src])
             cols["t"].append(np.full(len(c.blocks), ti))
             cols["b"].append(c.blocks)
             cols["k"].append(np.full(len(c.blocks), k))
             cols["bytes"].append(nbytes[c.blocks])
             cols["score"].append(c.score)
             cols["share"].append(c.share)
-            sk = fam.sketches[k].tensors.get(name) if fam.sketches and fam.sketches[k] else None
+            sk = fam.sketches[k].tensors.get(src) if fam.sketches and fam.sketches[k] else None
             if sk is None or op.unit == "tensor":
                 cols["sketch_bytes"].append(np.zeros(len(c.blocks), np.int64))
                 cols["sketch_share"].append(c.share)
@@ -227,26 +232,36 @@ def _selections(c: Table, masks: list[np.ndarray], n_tensors: int, n_experts: in
     return out
 
 
-def _tensor_plans(op, names: list[str], base: Model, n_experts: int, c: Table, state: np.ndarray,
+@dataclass(frozen=True)
+class Outputs:
+    """The plan's output tensors: each one's target, shape, and the bytes read whole to copy it (a
+    stacked tensor of an expert; 0 otherwise)."""
+    targets: list[Target]
+    shapes: list[tuple]
+    copied: list[int]
+
+
+def _tensor_plans(op, outs: Outputs, n_experts: int, c: Table, state: np.ndarray,
                   data: dict, resolver: Resolver) -> tuple[dict[str, TensorPlan], float]:
     """Each tensor's plan entry, and the certificate's bound. Blocks have disjoint supports, so the
     parts of different blocks the plan does not read exactly are orthogonal: the squared deviation is
     the sum over blocks of ||sum_k c_k E_kb||^2, with E_kb = Delta_kb where omitted and
     Delta_kb - S_kb where sketch-filled, and inside one block the triangle inequality bounds that by
     (sum_k |c_k| ||E_kb||)^2."""
+    targets, shapes = outs.targets, outs.shapes
+    names = [t.name for t in targets]
     share = np.select([state == OMIT, state == SKETCH], [c.share, c.sketch_share], 0.0)
     nb_max = int(c.b.max()) + 1 if len(c.b) else 1
     per_block = np.bincount(c.t * nb_max + c.b, weights=share, minlength=len(names) * nb_max)
     tensor_sq = (per_block.reshape(len(names), nb_max) ** 2).sum(axis=1) if names else np.zeros(0)
     spent = np.select([state == EXACT, state == SKETCH], [c.bytes, c.sketch_bytes], 0)
-    planned = np.bincount(c.t, weights=spent, minlength=len(names))
-    shapes = [base.tensors[n].shape for n in names]
+    planned = np.bincount(c.t, weights=spent, minlength=len(names)) + np.asarray(outs.copied, dtype=np.float64)
     whole = {ti: B.n_blocks(s) for ti, s in enumerate(shapes)} if op.unit == "tensor" else None
     cand, sel, sketched = _selections(c, [state == EXACT, state == SKETCH], len(names), n_experts, whole)
     tensors = {}
     for ti, name in enumerate(names):
         bound = float(np.sqrt(tensor_sq[ti])) if op.additive else None
-        tp = resolver.tensor(name)
+        tp = resolver.tensor(name, targets[ti])
         tensors[name] = TensorPlan(B.n_blocks(shapes[ti]), B.rows_per_block(shapes[ti]), sel[ti], cand[ti],
                                    int(planned[ti]), bound if bound is None or np.isfinite(bound) else None,
                                    tp.shared, list(tp.experts), data.get(name),
@@ -264,26 +279,52 @@ class Selection:
 
 
 def select(op, resolver: Resolver, base: Model, experts: list[Model], fam: FamilyIndex, budget: str,
-           opts: PlanOptions) -> Selection:
-    """The plan proper, from the catalog's statistics alone (no file is opened)."""
+           opts: PlanOptions, targets: list[Target] | None = None) -> Selection:
+    """The plan proper, from the catalog's statistics alone (no file is opened). `targets`: the
+    output tensors (default: every floating tensor of the base, under its own name)."""
+    models = [base, *experts]
     floating = {n: info for n, info in base.tensors.items() if info.is_float}
-    names = list(floating)
+    if targets is None:
+        everyone = tuple(range(len(models)))
+        targets = [Target(n, n, 0, 0.0, everyone) for n in floating]
+    else:
+        targets = [t for t in targets if models[t.models[0]].tensors[t.source].is_float]
     readable = op.readable(floating, resolver.shared, opts.source)
     own = {k for k, e in enumerate(experts) if same_model(e, base)}
-    total = sum(e.tensors[n].end - e.tensors[n].start for n in readable for k, e in enumerate(experts) if k not in own)
+    merged = [t for t in targets if len(t.models) > 1 and t.source in readable]
+    total = sum(e.tensors[t.source].end - e.tensors[t.source].start for t in merged
+                for k, e in enumerate(experts) if k not in own)
+    # a stacked tensor of an expert is read whole, whatever the budget
+    copied = [_size(models[t.models[0]], t.source) if len(t.models) == 1 and t.models[0] - 1 not in own | {-1} else 0
+              for t in targets]
+    total += sum(copied)
     budget_bytes = parse_budget(budget, total)
+    if budget_bytes < sum(copied):
+        raise MergepipeError(f"{opts.source}: its slices stack layers of a model other than the base, and a "
+                             f"stacked tensor is copied whole: this plan needs its full {_pct(sum(copied), total)} "
+                             f"of the expert bytes (use --budget 100%)")
     if not op.budgeted and budget_bytes < total:
         raise MergepipeError(f"{opts.source}: {op.name} cannot be budgeted (it needs every input tensor whole); "
                              f"plan it with --budget 100%")
-    table, data = _candidates(op, names, readable, experts, fam, resolver, opts.allow_nonfinite, own)
-    state = choose(table, budget_bytes, opts.planner, opts.seed)
-    whole = np.ones(len(names), bool)
+    table, data = _candidates(op, targets, readable, experts, fam, resolver, opts.allow_nonfinite, own)
+    state = choose(table, budget_bytes - sum(copied), opts.planner, opts.seed)
+    whole = np.ones(len(targets), bool)
     np.logical_and.at(whole, table.t, state == EXACT)
-    tid = {n: i for i, n in enumerate(names)}
+    tid = {t.name: i for i, t in enumerate(targets)}
     data = {n: op.settle(d, bool(whole[tid[n]])) for n, d in data.items()}
-    tensors, bound = _tensor_plans(op, names, base, len(experts), table, state, data, resolver)
+    shapes = [models[t.models[0]].tensors[t.source].shape for t in targets]
+    tensors, bound = _tensor_plans(op, Outputs(targets, shapes, copied), len(experts), table, state, data, resolver)
     return Selection(tensors, total, budget_bytes, sum(tp.planned_bytes for tp in tensors.values()),
                      op.certificate(bound if np.isfinite(bound) else None))
+
+
+def _size(model: Model, name: str) -> int:
+    info = model.tensors[name]
+    return info.end - info.start
+
+
+def _pct(part: int, total: int) -> str:
+    return f"{100 * part / max(total, 1):.0f}%"
 
 
 def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | None = None,
@@ -300,8 +341,10 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
     # the index sketches each expert as it reads it, also for a plan at 100%: a later budgeted plan
     # of the family then needs no second read
     sketch = SketchSpec.make(opts.sketch) if opts.fill == "sketch" and op.unit == "block" else None
+    targets, layout, config_updates = plan_outputs(config, [base, *experts])
     fam = index_family(base, experts, catalog or Catalog(), opts.progress, sketch, op.index_stats)
-    sel = select(op, Resolver(op, config.params, config.expert_params), base, experts, fam, budget, opts)
+    resolver = Resolver(op, config.params, config.expert_params, config.slices, config.source)
+    sel = select(op, resolver, base, experts, fam, budget, opts, targets)
     rel = Path(opts.relative_to).resolve() if opts.relative_to else None
     inputs = [_input(e, fam, rel) for e in experts]
     for k, rec in enumerate(inputs):
@@ -313,10 +356,23 @@ def plan_merge(config: MergeConfig, budget: str = "100%", catalog: Catalog | Non
         base=_input(base, fam, rel),
         experts=inputs,
         out_dtype=config.out_dtype,
-        operator=OperatorSpec(op.name, dict(config.params), [dict(p) for p in config.expert_params]),
+        operator=_operator_spec(op, config, sel),
         budget=Budget(str(budget), sel.budget, sel.total),
         plan=Plan(opts.planner, opts.seed, sel.planned, sel.tensors, sel.certificate, opts.allow_nonfinite,
-                  "sketch" if any(rec.sketch for rec in inputs) else "zero"),
+                  "sketch" if any(rec.sketch for rec in inputs) else "zero", layout),
         stages=[Stage(kind, dataclasses.asdict(stages.get(kind).plan(section, base, experts, rel)))
                 for kind, section in config.stages],
+        recipe=recipe_record(config, [base, *experts], config_updates),
     )
+
+
+def _operator_spec(op, config: MergeConfig, sel: Selection) -> OperatorSpec:
+    """The merge's parameters: the recipe's own where they are the same for every tensor; where
+    gradients, filters or slices make them vary, those of the first tensor (each tensor's plan entry
+    holds its own)."""
+    if config.slices is None:
+        return OperatorSpec(op.name, dict(config.params), [dict(p) for p in config.expert_params])
+    first = next(iter(sel.tensors.values()), None)
+    if first is None:
+        raise MergepipeError(f"{config.source}: the recipe's output has no floating tensor to merge")
+    return OperatorSpec(op.name, dict(first.params), [dict(p) for p in first.expert_params])

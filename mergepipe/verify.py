@@ -3,6 +3,7 @@ or a fresh re-execution) reproduce the recorded output hashes?"""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -14,8 +15,8 @@ from . import blocks as B
 from . import stages
 from .checkpoint import Reader
 from .errors import MergepipeError
-from .execute import execute, root_hash
-from .manifest import Manifest
+from .execute import MANIFEST_NAME, execute, root_hash
+from .manifest import Manifest, dumps, load_manifest
 from .options import RunOptions
 from .sink import hash_file
 from .sources import Exact, open_recorded
@@ -85,6 +86,33 @@ def check_output(m: Manifest, out: Path, result: VerifyResult) -> None:
         elif hash_file(p)[0] != rec.hash:
             result.problems.append(f"{p}: output does not match its recorded hash")
         result.outputs_checked += 1
+
+
+def target(given: str | Path, output: str | Path | None) -> tuple[Manifest, Path | None]:
+    """What `mergepipe verify GIVEN [--output OUT]` checks: GIVEN is an output folder (its own
+    manifest, against itself), a completed manifest, or the plan manifest that OUT was executed
+    from (then OUT's completed manifest, which must be that plan's)."""
+    given = Path(given)
+    if given.is_dir():
+        if output is not None and Path(output).resolve() != given.resolve():
+            raise MergepipeError(f"{given}: is an output folder; --output {output} names another")
+        return load_manifest(given / MANIFEST_NAME), given
+    m = load_manifest(given)
+    if m.execution is not None:
+        return m, Path(output) if output is not None else None
+    if output is None:
+        raise MergepipeError(f"{given}: is a plan (no execution record): give --output OUT, the folder it was "
+                             "executed into, or verify OUT itself")
+    done = load_manifest(Path(output) / MANIFEST_NAME)
+    if _planned(done) != _planned(m):
+        raise MergepipeError(f"{Path(output) / MANIFEST_NAME}: was not executed from the plan {given} (their plans differ)")
+    return done, Path(output)
+
+
+def _planned(m: Manifest) -> str:
+    doc = dataclasses.asdict(m)
+    doc["execution"] = None
+    return dumps(doc)
 
 
 def verify(m: Manifest, output: str | Path | None = None, options: RunOptions | None = None,

@@ -102,8 +102,10 @@ def split(job: FileJob, part_bytes: int) -> list[FileJob]:
 
 
 def build_jobs(m: Manifest, opened: list[OpenedModel]) -> list[FileJob]:
-    """The file jobs of a manifest, base's file layout kept (one file per base shard)."""
+    """The file jobs of a manifest: its plan's layout, or the base's (one file per base shard)."""
     base, experts = opened[0], opened[1:]
+    if m.plan.layout is not None:
+        return [_laid_out(m, f, opened) for f in m.plan.layout]
     files = []
     single = len(base.model.files) == 1
     for fh in base.model.files:
@@ -116,20 +118,50 @@ def build_jobs(m: Manifest, opened: list[OpenedModel]) -> list[FileJob]:
     return files
 
 
-def _tensor_sources(m: Manifest, info, base: OpenedModel, experts: list[OpenedModel]) -> TensorSources:
-    tp = m.plan.tensors.get(info.name)
-    stored = base.stored(-1, info.name)
+def _laid_out(m: Manifest, f, opened: list[OpenedModel]) -> FileJob:
+    """One file of a plan's own layout: each tensor merged from its source tensor of every model, or
+    (a stacked layer) copied from the one model it names, through its operator's kernel with no
+    expert (the model's tensor stands as the base)."""
+    tensors = []
+    for e in f.tensors:
+        if e.model is None:
+            info = opened[0].model.tensors.get(e.source)
+            if info is None:
+                raise MergepipeError(f"manifest: plan.layout: the base has no tensor {e.source!r}")
+            tensors.append(_tensor_sources(m, info, opened[0], opened[1:], e.name))
+            continue
+        src = opened[e.model + 1]
+        info = src.model.tensors.get(e.source)
+        if info is None:
+            raise MergepipeError(f"manifest: plan.layout: {src.ref} has no tensor {e.source!r}")
+        tensors.append(_tensor_sources(m, info, src, [], e.name, e.model))
+    return FileJob(layout(f.name, [(t.name, t.out_dtype, t.shape) for t in tensors]), m.operator.name, tuple(tensors))
+
+
+def _tensor_sources(m: Manifest, info, base: OpenedModel, experts: list[OpenedModel], name: str | None = None,
+                    model: int = -1) -> TensorSources:
+    """`info`: the input tensor, `name`: the output's (default: the same). `model`: whose tensor
+    `base` holds (-1: the base's)."""
+    name = name or info.name
+    tp = m.plan.tensors.get(name)
+    stored = base.stored(model, info.name)
     if tp is None:
         if info.is_float:
-            raise MergepipeError(f"manifest: plan has no entry for floating tensor {info.name!r}")
-        return TensorSources(info.name, info.shape, info.dtype, stored, (), (), None)
+            raise MergepipeError(f"manifest: plan has no entry for floating tensor {name!r}")
+        return TensorSources(name, info.shape, info.dtype, stored, (), (), None)
     if tp.blocks != B.n_blocks(info.shape):
-        raise MergepipeError(f"manifest: plan.tensors.{info.name} has {tp.blocks} blocks, the base tensor {B.n_blocks(info.shape)}")
+        raise MergepipeError(f"manifest: plan.tensors.{name} has {tp.blocks} blocks, the base tensor {B.n_blocks(info.shape)}")
+    if model >= 0:  # a stacked layer of expert `model`: it stands as the base and as its one expert, unread
+        return TensorSources(name, info.shape, m.out_dtype or info.dtype, stored, (stored,), (frozenset(),),
+                             TensorParams(tp.params, (tp.expert_params[model],)), tp.data)
+    if not experts:  # a stacked layer of the base: the operator's merge of the base alone
+        return TensorSources(name, info.shape, m.out_dtype or info.dtype, stored, (), (),
+                             TensorParams(tp.params, ()), tp.data)
     sketched = tuple(frozenset(runs_to_set(r)) for r in tp.sketched) if tp.sketched else ()
     sketches = tuple((e.sketch or {}).get(info.name) for e in experts) if sketched else ()
     if any(sel and sk is None for sel, sk in zip(sketched, sketches)):
-        raise MergepipeError(f"manifest: plan.tensors.{info.name} fills blocks from a sketch its expert does not record")
-    return TensorSources(info.name, info.shape, m.out_dtype or info.dtype, stored,
+        raise MergepipeError(f"manifest: plan.tensors.{name} fills blocks from a sketch its expert does not record")
+    return TensorSources(name, info.shape, m.out_dtype or info.dtype, stored,
                          tuple(e.stored(k, info.name) for k, e in enumerate(experts)),
                          tuple(frozenset(runs_to_set(r)) for r in tp.selected),
                          TensorParams(tp.params, tuple(tp.expert_params)), tp.data, sketched, sketches)

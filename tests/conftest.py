@@ -19,6 +19,13 @@ def family(tmp_path_factory) -> dict[str, Path]:
     return build_family(tmp_path_factory.mktemp("family"), TINY, experts=4, seed=0, shards=2)
 
 
+@pytest.fixture(scope="session")
+def recipe_families(tmp_path_factory) -> Path:
+    """The tiny Llama, Mistral, Qwen2 and Gemma2 families the recipe corpus merges (tests/corpus.py)."""
+    import corpus
+    return corpus.build(tmp_path_factory.mktemp("recipe-families"))
+
+
 @pytest.fixture()
 def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("MERGEPIPE_CACHE", str(tmp_path / "cache"))

@@ -11,7 +11,7 @@ from conftest import write_config
 
 @pytest.mark.parametrize("spec, total, want", [
     ("20%", 1000, 200), ("100%", 1000, 1000), ("0%", 1000, 0), ("3GiB", 0, 3 * 2**30),
-    ("500MB", 0, 500 * 10**6), ("1.5KiB", 0, 1536), ("12345", 0, 12345)])
+    ("500MB", 0, 500 * 10**6), ("1.5KiB", 0, 1536), ("12345B", 0, 12345)])
 def test_parse_budget(spec, total, want):
     assert parse_budget(spec, total) == want
 
@@ -19,6 +19,14 @@ def test_parse_budget(spec, total, want):
 @pytest.mark.parametrize("spec", ["abc", "150%", "-1", "5 parsecs", ""])
 def test_bad_budgets(spec):
     with pytest.raises(MergepipeError, match="budget"):
+        parse_budget(spec, 1000)
+
+
+@pytest.mark.parametrize("spec", ["20", "0.5", "100"])
+def test_bare_number_budget_is_refused_not_bytes(spec):
+    """`-b 20` meant 20 bytes once; a number without a unit is now refused, and the message offers
+    both readings."""
+    with pytest.raises(MergepipeError, match=rf"no unit: .*{spec}%.*{spec}GiB"):
         parse_budget(spec, 1000)
 
 
@@ -69,14 +77,16 @@ def test_index_reuses_catalog(family, workdir, monkeypatch):
 
 
 @pytest.mark.parametrize("doc, expect", [
-    ({"merge_method": "sce", "base_model": "b", "models": [{"model": "e"}]}, "not supported"),
+    ({"merge_method": "sce", "base_model": "b", "models": [{"model": "e"}]}, "<config>: merge_method 'sce' is not supported"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": 1, "densty": 0.2}}]}, "densty"),
     ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": 1, "density": 0.2}}]}, "density"),
     ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e"}]}, "weight"),
     ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": "x"}}]}, "weight"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": 1, "density": 1.5}}]}, "density"),
     ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": 1}}], "slices": []}, "slices"),
-    ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": [0, 1]}}]}, "gradients"),
+    ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": [0, {"value": 1}]}}]}, "not a mix"),
+    ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": {"filter": "mlp"}}}]}, "value"),
+    ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": ["x", 1]}}]}, "weight"),
     ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": 1}}], "dtype": "int4"}, "dtype"),
 ])
 def test_config_is_strict(doc, expect):
