@@ -8,6 +8,7 @@ import dataclasses
 import os
 import re
 import resource
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
