@@ -226,6 +226,8 @@ def test_assign_places_parts_where_their_inputs_are(family, workdir):
     placed = assign(parts, {"a": every, "b": every, "c": {staging}}, staging)
     per = {n: sum(p.end - p.start for p in parts if placed[p.key] == n) for n in "ab"}
     assert set(placed.values()) == {"a", "b"} and abs(per["a"] - per["b"]) <= max(p.end - p.start for p in parts)
+    # a third node did not answer the probe: nothing may go to Ray's free placement
+    assert set(assign(jobs, {"a": every, "b": every}, staging, nodes=3).values()) == {"a", "b"}
     with pytest.raises(MergepipeError, match="no node of the cluster sees every file"):
         assign(jobs, {"a": {staging}}, staging)
 
@@ -295,7 +297,7 @@ def test_a_node_lost_for_good_fails_in_one_line_and_a_rerun_resumes(cluster, fam
     cluster.wait_for_nodes()
     doomed = node.node_id
     assert doomed in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    monkeypatch.setattr(P, "assign", lambda jobs, sees, staging: {j.key: doomed for j in jobs})
+    monkeypatch.setattr(P, "assign", lambda jobs, sees, staging, nodes=None: {j.key: doomed for j in jobs})
     monkeypatch.setattr(RX, "PART_BYTES", 48 << 10)
     monkeypatch.setenv(SLOW_ENV, "100")
     out, key = workdir / "ray", plan_key(m, "cpu")
