@@ -138,10 +138,10 @@ def test_passthrough_matches_mergekit(family, workdir, one_thread):
 
 @pytest.fixture(scope="module")
 def wide_family(tmp_path_factory):
-    """Tensors of several blocks (the embedding is 2 row blocks), and deltas of a few bf16 ulps, so
+    """Tensors of several blocks (the embedding and lm_head are 2 row blocks each), and deltas of a few bf16 ulps, so
     that many entries tie at a trim threshold, as low-learning-rate fine-tunes do."""
     from mergepipe.synth import Shape, build_family
-    shape = Shape(vocab=8192, hidden=256, intermediate=128, layers=1, heads=4, kv_heads=2)
+    shape = Shape(vocab=4160, hidden=256, intermediate=64, layers=1, heads=4, kv_heads=2)
     return build_family(tmp_path_factory.mktemp("wide"), shape, experts=3, seed=3, delta_scale=3e-4)
 
 
@@ -317,14 +317,16 @@ BUDGETED = {  # id: (method, experts, base, shared, per-model, whether the certi
     "breadcrumbs_ties": ("breadcrumbs_ties", 3, "given", None, {"density": 0.5}, False),
     "della": ("della", 3, "given", None, {"density": 0.5}, False),
     "della_linear": ("della_linear", 3, "given", None, {"density": 0.5}, False),
-    "slerp": ("slerp", 1, "given", {"t": 0.4}, {}, True),
+    "slerp": ("slerp", 1, "given", {"t": 0.4}, {}, False),
 }
 
 
 @pytest.mark.parametrize("case", list(BUDGETED))
-def test_budgeted_methods_read_within_budget(case, wide_family, workdir, one_thread):
+def test_budgeted_methods_read_within_budget(case, family, wide_family, workdir, one_thread):
     from mergepipe.compare import compare
     method, n, base, shared, per_model, certified = BUDGETED[case]
+    if method in ("breadcrumbs", "breadcrumbs_ties", "della_linear"):
+        wide_family = family  # one block per tensor: whole tensors omitted (the suite's time)
     path = workdir / "recipe.yml"
     doc = recipe(wide_family, method, n, base, shared, **per_model)
     if method == "slerp":

@@ -62,13 +62,16 @@ def coefficients(t: float, deltas, dot_threshold: float = 0.9995, eps: float = 1
 
 class Slerp(WholeInputs):
     """Under a budget the tensor streams: M = a W0 + b W1 = (a + b) W0 + b Delta with (a, b) from the
-    index, each block the plan does not read a zero delta, and the certificate |b| ||Delta_omitted||.
+    index, each block the plan does not read a zero delta (no certificate: see `additive`).
     A tensor read whole merges as mergekit does (so at 100% the output is mergekit's, bit for bit)."""
     name = "slerp"
     params = (Param("t", float, per_expert=False, expect="a number"),)
     experts_range = (1, 1)
     budgeted = True
-    additive = True
+    # M = (a + b) W0 + b Delta is additive, but a partly read tensor takes (a, b) from the index while
+    # the full merge computes them from the tensors: they differ in rounding, which the bound does not
+    # cover (measured: 1.5e-5 relative over the bound on the test family), so none is recorded
+    additive = False
     index_stats = ("dot", "base_sq")
 
     def tensor_data(self, info, deltas, tp) -> dict:
