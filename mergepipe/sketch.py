@@ -137,13 +137,16 @@ def _q2_encode(d, group: int):
     lo = lo16.astype(np.float32)[:, None]
     step = (hi16.astype(np.float32)[:, None] - lo) / np.float32(3)
     inv = np.divide(np.float32(1), step, out=np.zeros_like(step), where=step > 0)
-    q = np.subtract(g.numpy(), lo)
-    np.multiply(q, inv, out=q)
-    np.rint(q, out=q)
-    np.clip(q, 0, 3, out=q)
-    codes = q.reshape(-1)[:n].astype(np.uint8)
-    np.multiply(q, step, out=q)  # the decoded sketch, as _q2_decode computes it
-    np.add(q, lo, out=q)
+    # a non-finite delta (merged only with --allow-nonfinite) codes as whatever the cast gives, as
+    # torch's did: deterministic, and the planner reads such blocks exactly before any other
+    with np.errstate(invalid="ignore", over="ignore"):
+        q = np.subtract(g.numpy(), lo)
+        np.multiply(q, inv, out=q)
+        np.rint(q, out=q)
+        np.clip(q, 0, 3, out=q)
+        codes = q.reshape(-1)[:n].astype(np.uint8)
+        np.multiply(q, step, out=q)  # the decoded sketch, as _q2_decode computes it
+        np.add(q, lo, out=q)
     raw = np.concatenate([_pack2(codes), np.stack([lo16, hi16], axis=1).reshape(-1).view(np.uint8)])
     return raw, _torch(q.reshape(-1)[:n].reshape(r, c))
 
