@@ -169,15 +169,7 @@ def test_rerun_after_a_failed_ray_run_resumes_on_the_local_executor(cluster, fam
     monkeypatch.setenv(SLOW_ENV, "100")
     key = plan_key(m, "cpu")
     staging = staging_for(out.resolve(), key)
-    box: dict = {}
-
-    def run():
-        try:
-            execute(m, out, executor="ray")
-        except MergepipeError as e:
-            box["error"] = e
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    t, box = _execute_in_thread(m, out)
     deadline = time.monotonic() + 120
     while t.is_alive() and time.monotonic() < deadline:
         if len(read_records(staging.journal, key)) >= 6 and (pids := _worker_pids()):
@@ -302,15 +294,7 @@ def test_a_node_lost_for_good_fails_in_one_line_and_a_rerun_resumes(cluster, fam
     monkeypatch.setenv(SLOW_ENV, "100")
     out, key = workdir / "ray", plan_key(m, "cpu")
     staging = staging_for(out.resolve(), key)
-    box: dict = {}
-
-    def run():
-        try:
-            execute(m, out, executor="ray")
-        except MergepipeError as e:
-            box["error"] = e
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    t, box = _execute_in_thread(m, out)
     deadline = time.monotonic() + 120
     while t.is_alive() and time.monotonic() < deadline and len(read_records(staging.journal, key)) < 4:
         time.sleep(0.05)
@@ -354,3 +338,17 @@ def test_the_driver_refuses_a_part_the_disk_does_not_hold(family, workdir):
         f.write(bytes([b[0] ^ 1]))
     with pytest.raises(MergepipeError, match=f"{victim.label()} does not hold what its worker wrote"):
         E._outputs(run, parts, results, staging, {})
+
+
+def _execute_in_thread(m, out):
+    """Execute on Ray in a background thread: (the thread, a dict that gets the run's error, if any)."""
+    box: dict = {}
+
+    def run():
+        try:
+            execute(m, out, executor="ray")
+        except MergepipeError as e:
+            box["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
