@@ -402,12 +402,22 @@ def _hash_range(f, start: int, n: int, *hashes) -> int:
 def hash_file(path: Path, ofile: OutFile | None = None) -> tuple[str, dict[str, str]]:
     """The hashes a Sink computes while writing, from the bytes on disk: the file's xxh3_128 and,
     given its layout, each tensor's xxh3_64. Used by verify and after a stage rewrites tensors in
-    place, so that every root hash comes from one definition."""
-    fh, tensors = xxhash.xxh3_128(), {}
+    place, so that every root hash comes from one definition. One pass over the file: each chunk also
+    feeds the tensors it overlaps."""
+    fh = xxhash.xxh3_128()
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in ofile.tensors) if ofile else []
+    th = {name: xxhash.xxh3_64() for *_, name in spans}
+    buf = bytearray(CHUNK)
+    pos, i = 0, 0
     with open(path, "rb") as f:
-        _hash_range(f, 0, os.fstat(f.fileno()).st_size, fh)
-        for t in ofile.tensors if ofile else ():
-            th = xxhash.xxh3_64()
-            _hash_range(f, t.offset, t.nbytes, th)
-            tensors[t.name] = th.hexdigest()
-    return fh.hexdigest(), tensors
+        while got := f.readinto(buf):
+            chunk, end = memoryview(buf)[:got], pos + got
+            fh.update(chunk)
+            while i < len(spans) and spans[i][0] <= end:
+                lo, hi, name = spans[i]
+                th[name].update(chunk[max(lo, pos) - pos:max(min(hi, end), pos) - pos])
+                if hi > end:
+                    break
+                i += 1
+            pos = end
+    return fh.hexdigest(), {t.name: th[t.name].hexdigest() for t in ofile.tensors} if ofile else {}

@@ -141,3 +141,29 @@ def test_ties_patched_in_the_file_equals_patched_in_memory(family, workdir, monk
     monkeypatch.setattr(T, "IN_MEMORY_BYTES", 0)
     in_file = execute(m, workdir / "file")
     assert in_file.execution.outputs == in_memory.execution.outputs
+
+
+def test_hash_file_in_one_pass_equals_hashing_each_range(tmp_path, monkeypatch):
+    """The one-pass file hash feeds each chunk to the tensors it overlaps: the same digests as hashing
+    the file and every tensor's range on their own, with tensors across chunk edges, empty tensors
+    and a file cut short."""
+    import random
+
+    import xxhash
+
+    from mergepipe import sink
+    from mergepipe.publish import layout
+    monkeypatch.setattr(sink, "CHUNK", 1000)  # many chunk edges inside tensors
+    rnd = random.Random(3)
+    lay = layout("m.safetensors", [(f"t{i}", "BF16", (rnd.choice([0, 1, 7, 600, 1500]),)) for i in range(12)])
+    path = tmp_path / "m.safetensors"
+    body = bytes(rnd.getrandbits(8) for _ in range(lay.size - len(lay.header)))
+
+    def naive(data: bytes) -> tuple[str, dict[str, str]]:
+        return (xxhash.xxh3_128(data).hexdigest(),
+                {t.name: xxhash.xxh3_64(data[t.offset:t.offset + t.nbytes]).hexdigest() for t in lay.tensors})
+
+    for data in (lay.header + body, (lay.header + body)[:lay.size - 1234]):
+        path.write_bytes(data)
+        assert sink.hash_file(path, lay) == naive(data)
+    assert sink.hash_file(path) == (xxhash.xxh3_128(path.read_bytes()).hexdigest(), {})
