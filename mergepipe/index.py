@@ -228,11 +228,17 @@ _FINE_MID2[~np.isfinite(_FINE_MID2)] = 0.0
 _FINE_TO_COARSE = np.clip((np.arange(FINE_BINS) >> 7) - 127, EXP_LO, EXP_HI - 1) - EXP_LO
 
 
-def delta_stats(d: torch.Tensor, base: torch.Tensor) -> tuple:
-    """(l2, max|d|, coarse counts, coarse sums of squares, fine counts, <base, d>, ||base||^2) of one
-    float32 delta block and its base block."""
+def base_terms(base: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """A float32 base block as float64 (flat) and its squared norm: shared by every expert's delta_stats."""
     b64 = base.reshape(-1).double()
-    dot, base_sq = float(torch.dot(b64, d.reshape(-1).double())), float(torch.dot(b64, b64))
+    return b64, float(torch.dot(b64, b64))
+
+
+def delta_stats(d: torch.Tensor, base: tuple[torch.Tensor, float]) -> tuple:
+    """(l2, max|d|, coarse counts, coarse sums of squares, fine counts, <base, d>, ||base||^2) of one
+    float32 delta block, given its base block's base_terms."""
+    b64, base_sq = base
+    dot = float(torch.dot(b64, d.reshape(-1).double()))
     a = d.abs().reshape(-1)
     fine = torch.bincount(a.view(torch.int32) >> 16, minlength=FINE_BINS).numpy()
     count = np.bincount(_FINE_TO_COARSE, weights=fine, minlength=COARSE_BINS).astype(np.int64)
@@ -433,9 +439,10 @@ def _scan(scan: _Scan) -> tuple[dict[int, dict[str, TensorDelta]], dict[int, Ske
                         arr[b] = h
                     if k == -1 and todo and info.is_float:
                         base_f = raw_view(raw, info.dtype, blk.shape(info.shape), cpu).float()
+                        base_t = base_terms(base_f)
                     elif k in stats and base_f is not None:
                         d = raw_view(raw, info.dtype, blk.shape(info.shape), cpu).float() - base_f
-                        _accumulate(stats[k], name, info.shape, b, delta_stats(d, base_f))
+                        _accumulate(stats[k], name, info.shape, b, delta_stats(d, base_t))
                         if k in writers and sketched(info):
                             writers[k].block(name, b, d)
                     if progress:

@@ -80,7 +80,9 @@ class SidecarWriter:
         names = [n for n, info in tensors.items() if sketched(info)]
         self.sizes = {n: block_sizes(spec, tensors[n]) for n in names}
         self.layout = layout(path.name, [(n, "U8", (int(self.sizes[n].sum()),)) for n in names])
-        self.offsets = {t.name: t.offset for t in self.layout.tensors}
+        # where each block's sketch starts: its tensor's offset plus the sizes of the blocks before it
+        starts = {t.name: t.offset for t in self.layout.tensors}
+        self.starts = {n: starts[n] + np.concatenate(([0], np.cumsum(s)[:-1])) for n, s in self.sizes.items()}
         self.hashes = {n: np.zeros(len(s), np.uint64) for n, s in self.sizes.items()}
         self.residual = {n: np.zeros(len(s)) for n, s in self.sizes.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +103,7 @@ class SidecarWriter:
         import torch
         d = delta.reshape(delta.shape[0], -1)
         raw, approx = self.spec.encode(d)
-        os.pwrite(self.fd, memoryview(raw), self.offsets[name] + int(self.sizes[name][:b].sum()))
+        os.pwrite(self.fd, memoryview(raw), int(self.starts[name][b]))
         self.hashes[name][b] = xxhash.xxh3_64_intdigest(raw)
         self.residual[name][b] = float(torch.linalg.vector_norm(torch.sub(d, approx, out=approx), dtype=torch.float64))
 
@@ -114,7 +116,7 @@ class SidecarWriter:
         os.fsync(self.fd)
         os.close(self.fd)
         os.replace(self.tmp, final)
-        tensors = {n: SketchTensor(self.offsets[n], self.sizes[n], self.hashes[n], self.residual[n]) for n in self.sizes}
+        tensors = {n: SketchTensor(int(self.starts[n][0]), self.sizes[n], self.hashes[n], self.residual[n]) for n in self.sizes}
         return SketchIndex(final, self.spec, self.layout.size, identity(final), tensors)
 
     def abort(self) -> None:
