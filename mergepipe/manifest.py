@@ -349,8 +349,12 @@ def _check_sketched(m: Manifest, name: str, tp: TensorPlan) -> None:
 
 
 def _check_params(op, shared: dict, per_expert: list[dict], where: str) -> None:
-    """Parameters as the planner wrote them: complete, known and in range."""
+    """Parameters as the planner wrote them: complete, known and in range. A parameter an operator
+    gained after manifests were written (`Param.since_default`) may be absent: it then had its default."""
     params, experts = op.resolve(shared, per_expert, f"manifest: {where}")
+    late = [p for p in op.params if p.since_default]
+    shared = {**{p.name: p.default for p in late if not p.per_expert}, **shared}
+    per_expert = [{**{p.name: p.default for p in late if p.per_expert}, **e} for e in per_expert]
     if params != shared or experts != per_expert:
         raise MergepipeError(f"manifest: {where}: params and expert_params must list exactly the parameters "
                              f"{op.name} takes, per expert and shared")

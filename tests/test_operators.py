@@ -80,7 +80,9 @@ def test_trim_bin_brackets_the_kth_value():
 
 def test_operator_specs_reject_unknown_and_unused():
     ta = get("task_arithmetic")
-    with pytest.raises(MergepipeError, match="no per-model parameter 'density'"):
+    with pytest.raises(MergepipeError, match="takes no parameter 'seed'"):
+        ta.resolve({"seed": 1}, [{"weight": 1}], "cfg")
+    with pytest.raises(MergepipeError, match="'density' = 0.5, expected 1"):  # mergekit's, but a no-op here
         ta.resolve({}, [{"weight": 1, "density": 0.5}], "cfg")
     with pytest.raises(MergepipeError, match="takes no parameter 'rescale'"):
         get("ties").resolve({"rescale": True}, [{"weight": 1}], "cfg")

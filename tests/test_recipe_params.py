@@ -140,11 +140,22 @@ def test_stacked_output_has_its_own_layers_and_config(families, tmp_path):
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "e"}], "modelz": []}, "unknown key 'modelz'"),
     ({"merge_method": "slerp", "base_model": "b", "models": [{"model": "e"}], "parameters": {"t": {"filtr": "x"}}},
      "conditional parameter"),
+    # parameters mergekit declares for task arithmetic but ignores there: taken only where they change nothing
+    ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {
+        "weight": 1, "density": 0.5}}]}, "'density' = 0.5, expected 1 .*dare_linear"),
+    ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": 1}}],
+      "parameters": {"rescale": True}}, "'rescale' = True, expected false"),
 ])
 def test_recipe_refusals_name_the_file(doc, expect):
     with pytest.raises(MergepipeError, match=expect) as e:
         parse_config(doc, "recipe.yml")
     assert str(e.value).startswith("recipe.yml: ") and "\n" not in str(e.value)
+
+
+def test_task_arithmetic_takes_mergekits_no_op_parameters():
+    cfg = parse_config({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e", "parameters": {
+        "weight": 1, "density": 1}}], "parameters": {"int8_mask": True, "rescale": False}}, "r.yml")
+    assert cfg.params["int8_mask"] is True and cfg.expert_params[0]["density"] == 1.0
 
 
 def test_numbers_mergekit_reads_from_strings_and_flags_from_numbers():

@@ -30,6 +30,7 @@ class Param:
     default: Any = None  # None: required
     check: Callable[[Any], bool] = lambda v: True
     expect: str = ""
+    since_default: bool = False  # added after manifests were written: one that omits it means the default
 
     def coerce(self, value: Any, where: str) -> Any:
         if self.type is bool:

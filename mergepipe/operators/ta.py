@@ -28,6 +28,16 @@ class TaskArithmetic(Operator):
         Param("weight", float, per_expert=True, expect="a number"),
         Param("lambda", float, per_expert=False, default=1.0, expect="a number"),
         Param("normalize", bool, per_expert=False, default=False, expect="true or false"),
+        # mergekit 0.1.5 declares these for every generalized task arithmetic method. Without
+        # sparsification or sign consensus they change nothing, so they are taken only at values
+        # that say so: a density or rescale given here would otherwise be silently ignored
+        Param("int8_mask", bool, per_expert=False, default=False, expect="true or false", since_default=True),
+        Param("rescale", bool, per_expert=False, default=False, check=lambda v: v is False,
+              expect="false (task_arithmetic keeps every entry, so there is nothing to rescale; dare_linear does)",
+              since_default=True),
+        Param("density", float, per_expert=True, default=1.0, check=lambda v: v == 1.0,
+              expect="1 (task_arithmetic keeps every entry; dare_linear, ties or breadcrumbs sparsify)",
+              since_default=True),
     )
     additive = True
 
