@@ -28,9 +28,9 @@ class TaskArithmetic(Operator):
         Param("weight", float, per_expert=True, expect="a number"),
         Param("lambda", float, per_expert=False, default=1.0, expect="a number"),
         Param("normalize", bool, per_expert=False, default=False, expect="true or false"),
-        # mergekit 0.1.5 declares these for every generalized task arithmetic method. Without
-        # sparsification or sign consensus they change nothing, so they are taken only at values
-        # that say so: a density or rescale given here would otherwise be silently ignored
+        # mergekit 0.1.5 declares these for every generalized task arithmetic method and, without
+        # sparsification or sign consensus, ignores them: taken here only at values that change
+        # nothing, so that a density or rescale meant for another method is refused, not ignored
         Param("int8_mask", bool, per_expert=False, default=False, expect="true or false", since_default=True),
         Param("rescale", bool, per_expert=False, default=False, check=lambda v: v is False,
               expect="false (task_arithmetic keeps every entry, so there is nothing to rescale; dare_linear does)",
