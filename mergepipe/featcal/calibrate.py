@@ -736,13 +736,9 @@ def _step_stats(run: _Run, step: _Plan, lm, hs: Stream, xe: Stream | None, seqs)
             _check_rows(x, b, width, name)
             for g in step.groups:
                 xt = None if xe is None else p.alpha * xe.read(j, j + b, width).to(dev) + (1 - p.alpha) * x
-                if lin[g] is None:
-                    lin[g] = S.LinearStats.zeros(x.shape[-1], same=xe is None, device=dev)
-                lin[g].add(x, xt, omega)
+                _add_linear(lin, g, x, xt, omega, xe is None, dev)
             for spec in step.norms:
-                if nrm[spec.name] is None:
-                    nrm[spec.name] = S.NormStats.zeros(x.shape[-1], device=dev)
-                nrm[spec.name].add(x, omega, spec.kind, spec.eps)
+                _add_norm(nrm, spec, x, omega, dev)
             j += b
     return lin, nrm
 
@@ -805,17 +801,26 @@ def _collect(run: _Run, plan: _Plan, lm, le, hs: Stream, he: Stream | None, seqs
                 xs = lm_in[specs[0].name].float()
                 _check_rows(xs, b, width, specs[0].name)
                 xt = None if same else p.alpha * le_in[specs[0].name].float() + (1 - p.alpha) * xs
-                if lin[g] is None:
-                    lin[g] = S.LinearStats.zeros(xs.shape[-1], same=same, device=dev)
-                lin[g].add(xs, xt, omega)
+                _add_linear(lin, g, xs, xt, omega, same, dev)
             for spec in plan.norms:
                 x = lm_in[spec.name].float()
                 _check_rows(x, b, width, spec.name)
-                if nrm[spec.name] is None:
-                    nrm[spec.name] = S.NormStats.zeros(x.shape[-1], device=dev)
-                nrm[spec.name].add(x, omega, spec.kind, spec.eps)
+                _add_norm(nrm, spec, x, omega, dev)
             j += b
     return lin, nrm
+
+
+def _add_linear(lin: dict, g: str, x: Tensor, xt: Tensor | None, omega: Tensor, same: bool, dev) -> None:
+    """One batch into group g's statistics, created at the first batch (its width is the input's)."""
+    if lin[g] is None:
+        lin[g] = S.LinearStats.zeros(x.shape[-1], same=same, device=dev)
+    lin[g].add(x, xt, omega)
+
+
+def _add_norm(nrm: dict, spec, x: Tensor, omega: Tensor, dev) -> None:
+    if nrm[spec.name] is None:
+        nrm[spec.name] = S.NormStats.zeros(x.shape[-1], device=dev)
+    nrm[spec.name].add(x, omega, spec.kind, spec.eps)
 
 
 def _check_rows(x: Tensor, b: int, width: int, name: str) -> None:
