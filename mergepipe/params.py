@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import recipe
-from .errors import MergepipeError
 from .layers import Target
 from .operators import Operator, TensorParams
 
@@ -70,20 +69,9 @@ def check_settings(op: Operator, shared: dict, experts: list[dict], where: str) 
     per-model use of a shared parameter, out-of-range values), before any model is opened."""
     out_shared = {}
     for key, value in shared.items():
-        p = op.param(key)
-        if p is None:
-            raise MergepipeError(f"{where}: {op.name} takes no parameter {key!r} "
-                                 f"(it takes {', '.join(q.name for q in op.params) or 'none'})")
-        out_shared[key] = recipe.check_setting(value, p, f"{where}: parameters.{key}")
-    out_experts = []
-    for i, given in enumerate(experts):
-        e = {}
-        for key, value in given.items():
-            p = op.param(key)
-            if p is None or not p.per_expert:
-                raise MergepipeError(f"{where}: models[{i}]: {op.name} takes no per-model parameter {key!r}")
-            e[key] = recipe.check_setting(value, p, f"{where}: models[{i}].parameters.{key}")
-        out_experts.append(e)
+        out_shared[key] = recipe.check_setting(value, op.known(key, where), f"{where}: parameters.{key}")
+    out_experts = [{key: recipe.check_setting(value, op.known(key, where, i), f"{where}: models[{i}].parameters.{key}")
+                    for key, value in given.items()} for i, given in enumerate(experts)]
     return out_shared, out_experts
 
 

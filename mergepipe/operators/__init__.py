@@ -128,6 +128,16 @@ class Operator:
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
+    def known(self, key: str, where: str, expert: int | None = None) -> Param:
+        """The parameter `key` (a per-model one when `expert` is given), or the one-line refusal."""
+        p = self.param(key)
+        if expert is not None and (p is None or not p.per_expert):
+            raise MergepipeError(f"{where}: models[{expert}]: {self.name} takes no per-model parameter {key!r}")
+        if p is None:
+            raise MergepipeError(f"{where}: {self.name} takes no parameter {key!r} "
+                                 f"(it takes {', '.join(q.name for q in self.params) or 'none'})")
+        return p
+
     def validate(self, shared: dict) -> None:
         """Rules across shared parameters that one Param cannot see; raises MergepipeError."""
 
@@ -135,19 +145,10 @@ class Operator:
         """Validate and fill defaults: (global parameters, one dict per expert)."""
         g: dict = {}
         for key, value in shared.items():
-            p = self.param(key)
-            if p is None:
-                raise MergepipeError(f"{where}: {self.name} takes no parameter {key!r} "
-                                     f"(it takes {', '.join(q.name for q in self.params)})")
-            g[key] = p.coerce(value, where)
+            g[key] = self.known(key, where).coerce(value, where)
         experts = []
         for i, given in enumerate(per_expert):
-            e = {}
-            for key, value in given.items():
-                p = self.param(key)
-                if p is None or not p.per_expert:
-                    raise MergepipeError(f"{where}: models[{i}]: {self.name} takes no per-model parameter {key!r}")
-                e[key] = p.coerce(value, f"{where}: models[{i}]")
+            e = {key: self.known(key, where, i).coerce(value, f"{where}: models[{i}]") for key, value in given.items()}
             for p in self.params:
                 if p.per_expert and p.name not in e:
                     if p.name in g:
