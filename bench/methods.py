@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from bench.core import SHAPES, tool_env
-from bench.measure import can_drop_caches, drop_caches, run_measured
+from bench.measure import can_drop_caches, drop_caches, read_once, run_measured
 from mergepipe.compare import compare
 from mergepipe.synth import build_family
 
@@ -77,11 +77,7 @@ def _wall(cmd, env, runs: int) -> tuple[float, object]:
 
 def warm(fam: dict) -> None:
     """Read the family once: every tool starts from a warm page cache (a cold run before drops it)."""
-    for folder in fam.values():
-        for f in sorted(Path(folder).glob("*.safetensors")):
-            with open(f, "rb") as fh:
-                while fh.read(64 << 20):
-                    pass
+    read_once(f for folder in fam.values() for f in sorted(Path(folder).glob("*.safetensors")))
 
 
 def bench_method(method: str, fam: dict, work: Path, args, env) -> dict:

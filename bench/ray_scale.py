@@ -102,13 +102,9 @@ def settle(timeout_s: float = 60.0) -> None:
 
 def warm(manifest: Path) -> None:
     """Read every input file once, so that each run starts from the same warm page cache."""
+    from bench.measure import read_once
     doc = json.loads(manifest.read_text())
-    for model in [doc["base"], *doc["experts"]]:
-        for f in model["files"]:
-            path = Path(model["ref"]) / f["name"]
-            with open(path, "rb") as fh:
-                while fh.read(64 << 20):
-                    pass
+    read_once(Path(model["ref"]) / f["name"] for model in [doc["base"], *doc["experts"]] for f in model["files"])
 
 
 def ray_child(manifest: Path, work: Path, workers: int, runs: int) -> dict:

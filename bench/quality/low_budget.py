@@ -34,7 +34,7 @@ from mergepipe.checkpoint import open_model
 from mergepipe.config import load_config
 from mergepipe.index import Catalog
 
-from .table import OPS, cached, family, mean
+from .table import cached, family, mean, recipe
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = P.choose
@@ -94,13 +94,8 @@ def rule(name: str, names: list[str]):
 def probe(spec: str, paths: dict, tasks: list[str], evaluate, work: Path) -> dict:
     op, budget, name, *kind = spec.split(":")
     kind = kind[0] if kind else "q2"
-    method, per_model, shared, _ = OPS[op]
-    experts = [n for n in paths if n != "base"]
-    cfg = {"merge_method": method, "base_model": str(paths["base"]),
-           "models": [{"model": str(paths[n]), "parameters": dict(per_model)} for n in experts], "dtype": "float32",
-           **({"parameters": shared} if shared else {})}
     cfg_path = work / f"{op}.yml"
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cfg_path.write_text(yaml.safe_dump(recipe(paths, op), sort_keys=False))
     config = load_config(cfg_path)
     floating = [n for n, i in open_model(config.base).tensors.items() if i.is_float]  # the plan's targets, in order
     P.choose = rule(name, floating)

@@ -67,17 +67,23 @@ def calibration_file(work: Path, tasks: list[str], n: int) -> Path:
     return path
 
 
+def recipe(paths: dict[str, Path], op: str) -> dict:
+    """The merge config of operator row `op` over the family (its FeatCal section apart)."""
+    method, per_model, shared, _ = OPS[op]
+    cfg = {"merge_method": method, "base_model": str(paths["base"]),
+           "models": [{"model": str(paths[n]), "parameters": dict(per_model)} for n in paths if n != "base"],
+           "dtype": "float32"}
+    if shared:
+        cfg["parameters"] = shared
+    return cfg
+
+
 def merge(paths: dict[str, Path], op: str, budget: int, planner: str, work: Path,
           fill: str = "sketch", sketch: str = "q2", calibration=calibration_file) -> tuple[Path, dict]:
     """Plan and execute one merge through the CLI; `calibration(work, tasks, n)` writes the data of
     a FeatCal row (default: the trained family's)."""
-    method, per_model, shared, calib = OPS[op]
+    cfg, calib = recipe(paths, op), OPS[op][3]
     experts = [n for n in paths if n != "base"]
-    cfg = {"merge_method": method, "base_model": str(paths["base"]),
-           "models": [{"model": str(paths[n]), "parameters": dict(per_model)} for n in experts],
-           "dtype": "float32"}
-    if shared:
-        cfg["parameters"] = shared
     if calib:
         tasks = [n.removeprefix("expert_").removeprefix("expert-") for n in experts]
         work.mkdir(parents=True, exist_ok=True)
