@@ -209,18 +209,22 @@ def ulps_map(a, b):
     return (ordered(a) - ordered(b)).abs()
 
 
-def test_ties_keeps_exactly_k_and_equals_mergekit_with_the_hash_tie_order(wide_family, workdir, one_thread):
-    """The streaming TIES kernel (thresholds from the index, a spill for the threshold bin) equals
-    mergekit's TIES with its argsort replaced by the exact-k hash order, and away from threshold
-    ties equals mergekit's own output."""
+@pytest.mark.parametrize("rescale", [False, True])
+def test_ties_keeps_exactly_k_and_equals_mergekit_with_the_hash_tie_order(rescale, wide_family, workdir, one_thread):
+    """The streaming TIES kernel (thresholds from the index, a spill for the threshold bin), and with
+    rescale the whole-tensor one (mergekit's L1 rescale of each trimmed delta), equal mergekit's TIES
+    with its argsort replaced by the exact-k hash order, and away from threshold ties equal mergekit's
+    own output (equal magnitudes have the same L1, so the rescale factor does not depend on the tie
+    order)."""
     from mergepipe.operators import positional as P
     from mergepipe.operators import sparsify as S
     density = 0.3
-    cfg = recipe(wide_family, "ties", 3, density=density)
+    cfg = recipe(wide_family, "ties", 3, shared={"rescale": True} if rescale else None, density=density)
     mp, mk, done = both(workdir, cfg)
     base = load_all(wide_family["base"])
     for name, tp in done.plan.tensors.items():
         assert tp.data["tie"] == "hash" and tp.data["k"] == [max(1, int(density * base[name].numel()))] * 3
+        assert tp.params["rescale"] is rescale
 
     ref = {}
     for name in base:  # TIES's tie stream is keyed "tie"
@@ -229,10 +233,12 @@ def test_ties_keeps_exactly_k_and_equals_mergekit_with_the_hash_tie_order(wide_f
         models = [load_all(m["model"]) for m in cfg["models"]]
         keys = [P.stream_key(0, name, k, "tie") for k in range(3)]
         original = mks.magnitude
-        mks.magnitude = lambda t, density, rescale_norm=None: S.magnitude(t, density, keys.pop(0))
+        mks.magnitude = lambda t, density, rescale_norm=None: S.magnitude(t, density, keys.pop(0),
+                                                                        rescale_norm is not None)
         try:
             ref[name] = merge_tensors([base[name], *(m[name] for m in models)], "ties",
-                                      parameters={"weight": list(WEIGHTS[:3]), "density": [density] * 3},
+                                      parameters={"weight": list(WEIGHTS[:3]), "density": [density] * 3,
+                                                  "rescale": rescale},
                                       base_index=0, dtype=torch.float32)
         finally:
             mks.magnitude = original

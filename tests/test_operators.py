@@ -84,8 +84,11 @@ def test_operator_specs_reject_unknown_and_unused():
         ta.resolve({"seed": 1}, [{"weight": 1}], "cfg")
     with pytest.raises(MergepipeError, match="'density' = 0.5, expected 1"):  # mergekit's, but a no-op here
         ta.resolve({}, [{"weight": 1, "density": 0.5}], "cfg")
-    with pytest.raises(MergepipeError, match="takes no parameter 'rescale'"):
-        get("ties").resolve({"rescale": True}, [{"weight": 1}], "cfg")
+    with pytest.raises(MergepipeError, match="takes no parameter 'seed'"):
+        get("ties").resolve({"seed": 1}, [{"weight": 1}], "cfg")
+    with pytest.raises(MergepipeError, match="'rescale' = 'yes', expected true or false"):
+        get("ties").resolve({"rescale": "yes"}, [{"weight": 1}], "cfg")
+    assert get("ties").resolve({"rescale": True}, [{"weight": 1}], "cfg")[0]["rescale"] is True
     shared, per = get("ties").resolve({"density": 0.4}, [{"weight": 1}], "cfg")
     assert per == [{"weight": 1.0, "density": 0.4}] and shared["normalize"] is True
     assert np.isclose(shared["lambda"], 1.0)

@@ -36,6 +36,7 @@ RANDOM = Rule((), lambda d, p, key, rescale: S.bernoulli(d, p["density"], key, r
 OUTLIERS = Rule((Param("gamma", float, per_expert=True, default=0.01, check=lambda v: 0 <= v <= 1,
                        expect="a fraction in [0, 1]"),),
                 lambda d, p, key, rescale: S.magnitude_outliers(d, p["density"], p["gamma"], key, rescale), False)
+MAGNITUDE = Rule((), lambda d, p, key, rescale: S.magnitude(d, p["density"], key, rescale), False)
 DELLA = Rule((Param("epsilon", float, per_expert=True, default=0.15, check=lambda v: 0 <= v < 1,
                     expect="a fraction in [0, 1)"),),
              lambda d, p, key, rescale: S.della_magprune(d, p["density"], p["epsilon"], key, rescale), True)
@@ -48,8 +49,9 @@ def _flag(name: str, default: bool) -> Param:
 class GeneralizedTaskArithmetic(Operator):
     additive = False
 
-    def __init__(self, name: str, rule: Rule, consensus: bool, normalize: bool, rescale: bool) -> None:
-        self.name, self.rule, self.consensus = name, rule, consensus
+    def __init__(self, name: str, rule: Rule, consensus: bool, normalize: bool, rescale: bool,
+                 stream: str = "sparsify") -> None:
+        self.name, self.rule, self.consensus, self.stream = name, rule, consensus, stream
         self.params = (
             Param("weight", float, per_expert=True, expect="a number"),
             Param("density", float, per_expert=True, default=1.0, check=lambda v: 0 <= v <= 1,
@@ -88,7 +90,7 @@ class GeneralizedTaskArithmetic(Operator):
         deltas = base.new_empty((n, *base.shape))
         for k in range(n):
             x, inputs[k] = inputs[k], None
-            deltas[k] = self.rule.apply(x - base, tp.experts[k], P.stream_key(seed, job.name, k, "sparsify"),
+            deltas[k] = self.rule.apply(x - base, tp.experts[k], P.stream_key(seed, job.name, k, self.stream),
                                         shared["rescale"])
             del x
         weights = torch.tensor(tp.weights(), dtype=deltas.dtype, device=deltas.device).view(-1, 1)

@@ -6,6 +6,11 @@ Trimming needs each (expert, tensor)'s k-th largest |delta|. The index holds a h
 entries above the bin are kept, entries below are dropped, and only the few inside the bin wait for
 the exact k-th value, found from the bin's entries after the tensor has streamed (no sort, no second
 read). A block whose max |delta| lies below the bin contributes nothing and is never read.
+
+With `rescale: true` (mergekit's L1 rescale of each trimmed delta, |Delta|_1 / |trim(Delta)|_1) the
+factor needs every entry of the (expert, tensor) before the sign election, so that variant reads
+every non-zero block and merges whole tensors: the generalized task arithmetic's kernel with the
+same exact-k trim and the same tie stream, so its kept entries are the streaming kernel's.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import torch
 from ..errors import MergepipeError
 from ..index import EXP_LO, FINITE_BINS
 from . import Candidates, Certificate, Operator, Param, TensorParams, register
+from .gta import MAGNITUDE, GeneralizedTaskArithmetic
 from .ties_stream import Trim, TiesTensor, trim_for
+from .whole import WholeTensor
 
 
 
@@ -41,6 +48,7 @@ class Ties(Operator):
         Param("lambda", float, per_expert=False, default=1.0, expect="a number"),
         Param("normalize", bool, per_expert=False, default=True, expect="true or false"),
         Param("int8_mask", bool, per_expert=False, default=False, expect="true or false"),
+        Param("rescale", bool, per_expert=False, default=False, expect="true or false", since_default=True),
     )
 
     def tensor_data(self, info, deltas, tp: TensorParams) -> dict:
@@ -54,7 +62,10 @@ class Ties(Operator):
                 "tie": "hash", "tie_seed": 0}
 
     def candidates(self, info, k, delta, tp, coef, data) -> Candidates:
-        """A block whose max |delta| lies below the trim bin contributes nothing and is never read."""
+        """A block whose max |delta| lies below the trim bin contributes nothing and is never read
+        (with rescale, every non-zero block counts towards the L1 factor)."""
+        if tp.shared["rescale"]:
+            return super().candidates(info, k, delta, tp, coef, data)
         trim = Trim(*data["trim"][k])
         share = abs(coef) * delta.l2
         score = abs(coef) * trimmed_score(delta, trim.lo)
@@ -85,10 +96,14 @@ class Ties(Operator):
                                      "one count per expert equal to above + need where it trims")
 
     def kernel(self, job, dev: str, scratch):
+        if job.params.shared["rescale"]:
+            return WholeTensor(job, torch.device(dev), _RESCALED.merge)
         return TiesTensor(self, job, torch.device(dev), scratch)
 
 
 TIES = register(Ties())
+# TIES's own parameters and defaults resolve the job; this only merges (its keys: the "tie" stream)
+_RESCALED = GeneralizedTaskArithmetic("ties", MAGNITUDE, consensus=True, normalize=True, rescale=True, stream="tie")
 
 
 def _is_int(v) -> bool:
