@@ -61,19 +61,20 @@ def elect_and_mean(trimmed: torch.Tensor, weights: list[float], lam: float, norm
     """trimmed: [k, n] float32 trimmed deltas of the experts read here (an unread one is zero, which
     never agrees with a sign, so it is simply left out). Overwrites `trimmed`.
 
-    mergekit's arithmetic, element for element, in float-only operations (torch's boolean masks
-    cost about four times as much): the elected sign is +1 where the weighted sum is >= 0, and an
-    entry agrees when sign(entry) * elected == 1."""
+    mergekit's arithmetic, element for element, with masks as float 0/1 (a comparison written
+    straight into a float tensor costs one pass; torch's boolean masks, and indexing with them, cost
+    several): the elected sign is +1 where the weighted sum is >= 0, and an entry agrees when
+    sign(entry) == elected (a zero entry never does)."""
     w = torch.tensor(weights, dtype=trimmed.dtype, device=trimmed.device).view(-1, 1)
     trimmed.mul_(w)
     elected = trimmed.sum(dim=0).sign_().add_(0.5).sign_()  # -1, or +1 where the sum is >= 0
-    agree = trimmed.sign().mul_(elected).clamp_(min=0)  # 1.0 where the signs agree, else 0.0
+    agree = trimmed.sign()
+    torch.eq(agree, elected, out=agree)  # 1.0 where the signs agree, else 0.0
     mixed = trimmed.mul_(agree).sum(dim=0)
     if normalize:
         divisor = (w * agree).sum(dim=0)
-        # 1 where 0, as mergekit's divisor[divisor == 0] = 1: adds 1 - |sign(x)|, which is 0 elsewhere
-        # (x + 0 is x exactly); four float passes cost a quarter of a masked fill
-        divisor.add_(divisor.sign().abs_().neg_().add_(1))
+        # 1 where 0, as mergekit's divisor[divisor == 0] = 1: adding 0 elsewhere changes no bit
+        divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor)))
         mixed /= divisor
     if lam != 1:
         mixed *= lam
@@ -125,8 +126,8 @@ def _cut(low_hist: torch.Tensor, tbin: int, need: int, lo: float) -> Cut:
 
 
 def _at_least(a: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """1.0 where a >= bound, else 0.0, in float operations (a - bound is exactly 0 only when equal)."""
-    return (a - bound).sign_().add_(0.5).sign_().clamp_(min=0)
+    """1.0 where a >= bound, else 0.0, as a float tensor of a's shape."""
+    return torch.ge(a, bound, out=torch.empty_like(a))
 
 
 class TiesTensor:
