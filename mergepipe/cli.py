@@ -228,11 +228,13 @@ def execute(manifest: Path = typer.Argument(...),
 
 @command
 @flags(YamlFlags, "cuda", "copy_tokenizer", "lazy_unpickle", "allow_crimes", "out_shard_size", into="mk")
+@flags(PlanOptions, "planner", "seed", "fill", "sketch", into="plan_opts")
 @flags(RunOptions, "device", "force", "allow_pickle", "allow_nonfinite", "executor", "ray_address", "path_map")
 def merge(config: Path = typer.Argument(..., help="mergekit YAML recipe."),
           out_path: Path = typer.Argument(..., metavar="OUT", help="Output folder (published atomically)."),
           budget: str = typer.Option("100%", "--budget", "-b", help="Expert bytes to read: 20% or 3GiB or 500MB."),
-          catalog: Optional[Path] = CATALOG, as_json: bool = JSON, opts: RunOptions = None, mk: YamlFlags = None):
+          catalog: Optional[Path] = CATALOG, as_json: bool = JSON, opts: RunOptions = None, mk: YamlFlags = None,
+          plan_opts: PlanOptions = None):
     """Plan and execute a mergekit recipe in one step, as mergekit-yaml does; the manifest is kept in OUT."""
     from .config import load_config
     from .execute import check_device, execute as run
@@ -244,7 +246,7 @@ def merge(config: Path = typer.Argument(..., help="mergekit YAML recipe."),
         opts = dataclasses.replace(opts, device="cuda")
     check_device(opts.device)  # before planning: a missing GPU is known without reading anything
     cfg = load_config(config)
-    plan_opts = PlanOptions(allow_pickle=opts.allow_pickle, allow_nonfinite=opts.allow_nonfinite)
+    plan_opts = dataclasses.replace(plan_opts, allow_pickle=opts.allow_pickle, allow_nonfinite=opts.allow_nonfinite)
     with progress_bar("index", _unindexed_bytes(cfg), as_json) as cb:
         m = plan_merge(cfg, budget, _catalog(catalog), dataclasses.replace(plan_opts, progress=cb))
     _notes(cfg)

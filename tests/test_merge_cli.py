@@ -77,6 +77,26 @@ def test_mergekit_yaml_flags(recipe_families, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_merge_takes_the_planning_flags_of_plan(recipe_families, tmp_path):
+    """`merge` is `plan` then `execute`: the planner, its seed, the fill and the sketch kind reach the plan,
+    and the same flags given to `plan` then `execute` give the same bytes."""
+    r_path = recipe(tmp_path, recipe_families)
+    flags = ["-b", "30%", "--planner", "random", "--seed", "5", "--fill", "zero", "--sketch", "sign"]
+    r = cli("merge", r_path, tmp_path / "m", "--catalog", tmp_path / "c", *flags)
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "m" / "mergepipe.manifest.json").read_text())
+    assert (m["plan"]["planner"], m["plan"]["seed"], m["plan"]["fill"]) == ("random", 5, "zero")
+    assert cli("plan", r_path, "-o", tmp_path / "p.json", "--catalog", tmp_path / "c", *flags).exit_code == 0
+    assert cli("execute", tmp_path / "p.json", "-o", tmp_path / "e").exit_code == 0
+    e = json.loads((tmp_path / "e" / "mergepipe.manifest.json").read_text())
+    assert e["execution"]["root_hash"] == m["execution"]["root_hash"]
+    default = cli("merge", r_path, tmp_path / "d", "--catalog", tmp_path / "c", "-b", "30%")
+    assert default.exit_code == 0, default.output
+    d = json.loads((tmp_path / "d" / "mergepipe.manifest.json").read_text())
+    assert (d["plan"]["planner"], d["plan"]["fill"]) == ("score", "sketch")
+    one_line_error(cli("merge", r_path, tmp_path / "x", "--fill", "half"), "fill")
+
+
 def test_verify_takes_a_plan_a_manifest_or_a_folder(recipe_families, tmp_path):
     r_path = recipe(tmp_path, recipe_families)
     assert cli("plan", r_path, "-o", tmp_path / "plan.json", "--catalog", tmp_path / "c").exit_code == 0
