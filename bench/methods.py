@@ -151,12 +151,13 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     env = tool_env()
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
     for method in args.methods.split(","):
         rows.append(bench_method(method.strip(), fam, work, args, env))
-        print(json.dumps(rows[-1]))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "methods.json").write_text(json.dumps({"shape": args.shape, "rows": rows}, indent=1))
-    (args.out / "methods.md").write_text(f"# methods vs mergekit 0.1.5 ({args.shape}, warm cache)\n\n{table(rows)}\n")
+        print(json.dumps(rows[-1]), flush=True)
+        # after every method, so that a run cut short keeps what it measured
+        (args.out / "methods.json").write_text(json.dumps({"shape": args.shape, "rows": rows}, indent=1))
+        (args.out / "methods.md").write_text(f"# methods vs mergekit 0.1.5 ({args.shape}, warm cache)\n\n{table(rows)}\n")
     print(table(rows))
 
 
