@@ -90,9 +90,9 @@ def bench_method(method: str, fam: dict, work: Path, args, env) -> dict:
     tiny_cfg.write_text(yaml.safe_dump(recipe(tiny, method), sort_keys=False))
     row: dict = {"method": method}
     mk_out = work / "out-mergekit"
-    shutil.rmtree(mk_out, ignore_errors=True)
     mk_exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
     if not args.no_peer:
+        shutil.rmtree(mk_out, ignore_errors=True)
         row["mergekit_s"], _ = _wall([mk_exe, str(cfg_path), str(mk_out), "--no-copy-tokenizer"], env, args.runs)
     catalog = ["--catalog", str(work / "catalog.sqlite")]
     for budget in ("100%",) if method in UNBUDGETED else ("100%", "20%"):
