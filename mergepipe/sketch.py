@@ -34,6 +34,11 @@ NORMAL_CODES = NORMAL_LEVELS[CODES.astype(np.int64)]
 SIGNS = np.array([[1.0 if v >> (7 - i) & 1 else -1.0 for i in range(8)] for v in range(256)], np.float32)
 
 
+# the same tables with each row as one 16-byte item: a take of whole items copies them, where a take
+# along axis 0 of the 2-D table goes value by value
+TABLES = {normal: t.view(np.complex128).reshape(256) for normal, t in ((False, CODES), (True, NORMAL_CODES))}
+
+
 @dataclass(frozen=True)
 class SketchSpec:
     kind: str
@@ -86,6 +91,19 @@ class SketchSpec:
         if self.kind == "sign":
             return _sign_decode(raw, rows, cols, self.param("rows"), lo, hi)
         return _q2_decode(raw, rows * cols, self.param("group"), lo, hi, self.kind == "q2n")
+
+    def add_range(self, raw: np.ndarray, rows: int, cols: int, lo: int, hi: int, out: np.ndarray,
+                  pairs: bool = False) -> np.ndarray:
+        """out += entries [lo, hi) of the decoded block, value for value as decode_range gives them;
+        pairs: `out` is in floats.to_f32's paired layout (even positions, then odd)."""
+        values = self.decode_range(raw, rows, cols, lo, hi)
+        if pairs:
+            h = (hi - lo) // 2
+            np.add(out[:h], values[0::2], out=out[:h])
+            np.add(out[h:], values[1::2], out=out[h:])
+        else:
+            np.add(out, values, out=out)
+        return out
 
 
 def _groups(d, size: int):
@@ -161,10 +179,16 @@ def _q2_decode(raw: np.ndarray, n: int, group: int, lo: int, hi: int, normal: bo
     g0, g1 = lo // group, -(-hi // group)
     e0, e1 = g0 * group, min(g1 * group, n)  # the whole groups that hold [lo, hi)
     b0, b1 = e0 // 4, -(-e1 // 4)
-    codes = np.empty((b1 - b0) * 4, np.float32)  # one table lookup per byte, not a shift, mask and cast per entry
-    np.take(NORMAL_CODES if normal else CODES, raw[b0:b1], axis=0, out=codes.reshape(-1, 4))
-    q = np.zeros((g1 - g0) * group, np.float32)  # the last group's padding stays zero
-    q[:e1 - e0] = codes[e0 - 4 * b0:e1 - 4 * b0]
+    # one table lookup per byte, not a shift, mask and cast per entry; the last group's padding is zero
+    q = np.empty((g1 - g0) * group, np.float32)
+    aligned = group % 4 == 0  # groups start on a byte: the codes land in place
+    codes = q[:(b1 - b0) * 4] if aligned else np.empty((b1 - b0) * 4, np.float32)
+    np.take(TABLES[normal], raw[b0:b1], out=codes.view(np.complex128))
+    if aligned:
+        q[len(codes):] = 0
+    else:
+        q[:e1 - e0] = codes[e0 - 4 * b0:e1 - 4 * b0]
+        q[e1 - e0:] = 0
     q = q.reshape(-1, group)
     scales = raw[-(-n // 4):].view(np.float16).astype(np.float32)
     if normal:

@@ -221,12 +221,11 @@ class FilledBlock(F32Block):
 
     @property
     def pairable(self) -> bool:
-        return False
+        return self._base.pairable
 
     def values(self, lo: int, hi: int, out: np.ndarray, pairs: bool = False) -> np.ndarray:
-        self._base.values(lo, hi, out)
-        np.add(out, self._spec.decode_range(self._raw, *self._shape, lo, hi), out=out)
-        return out
+        self._base.values(lo, hi, out, pairs)
+        return self._spec.add_range(self._raw, *self._shape, lo, hi, out, pairs)
 
     def tensor(self, dev, lo: int = 0, hi: int | None = None):
         import torch

@@ -51,6 +51,29 @@ def test_a_range_decodes_to_the_same_values_as_the_block(spec):
         assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), whole[lo:hi].view(np.uint32)), (lo, hi)
 
 
+@pytest.mark.parametrize("spec", [SketchSpec.make("sign", rows=3), SketchSpec.make("q2", group=6),
+                                  SketchSpec.make("q2n", group=4), SketchSpec.make("q2"), SketchSpec.make("q2n")])
+def test_adding_a_range_in_either_layout_adds_the_decoded_values(spec):
+    """add_range (what a merge calls) adds decode_range's values bit for bit, in natural order or in
+    floats' paired layout (even offsets, then odd), whether the range starts on a group or not."""
+    shape = (13, 150)
+    d = (np.random.default_rng(5).standard_normal(shape) * 1e-3).astype(np.float32)
+    raw, _ = spec.encode(torch.from_numpy(d))
+    n = shape[0] * shape[1]
+    rng = np.random.default_rng(6)
+    ranges = [(0, n), (64, n), (128, 1280), (0, 2), *((a, a + 2 * int(rng.integers(1, 400))) for a in rng.integers(0, 1500, 30))]
+    for lo, hi in ranges:
+        lo, hi = int(lo), int(min(hi, n - (n - lo) % 2))
+        start = rng.standard_normal(hi - lo).astype(np.float32)
+        values = spec.decode_range(raw, *shape, lo, hi)
+        for pairs in (False, True):
+            out = np.concatenate([start[0::2], start[1::2]]) if pairs else start.copy()
+            spec.add_range(raw, *shape, lo, hi, out, pairs)
+            want = start + values
+            want = np.concatenate([want[0::2], want[1::2]]) if pairs else want
+            assert np.array_equal(out.view(np.uint32), want.view(np.uint32)), (lo, hi, pairs)
+
+
 def test_sign_scale_is_the_mean_magnitude():
     d = np.array([[1.0, -3.0], [2.0, -2.0]], np.float32)
     _, approx = SketchSpec.make("sign", rows=2).encode(torch.from_numpy(d))
