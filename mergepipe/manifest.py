@@ -348,13 +348,19 @@ def _check_sketched(m: Manifest, name: str, tp: TensorPlan) -> None:
                                  f"or its sketch has not {tp.blocks} block hashes")
 
 
+def with_late_defaults(op, shared: dict, per_expert: list[dict]) -> tuple[dict, list[dict]]:
+    """Copies of recorded parameters with the defaults of those the operator gained after the
+    manifest was written (`Param.since_default`) filled in: what a kernel is given."""
+    late = [p for p in op.params if p.since_default]
+    return ({**{p.name: p.default for p in late if not p.per_expert}, **shared},
+            [{**{p.name: p.default for p in late if p.per_expert}, **e} for e in per_expert])
+
+
 def _check_params(op, shared: dict, per_expert: list[dict], where: str) -> None:
     """Parameters as the planner wrote them: complete, known and in range. A parameter an operator
     gained after manifests were written (`Param.since_default`) may be absent: it then had its default."""
     params, experts = op.resolve(shared, per_expert, f"manifest: {where}")
-    late = [p for p in op.params if p.since_default]
-    shared = {**{p.name: p.default for p in late if not p.per_expert}, **shared}
-    per_expert = [{**{p.name: p.default for p in late if p.per_expert}, **e} for e in per_expert]
+    shared, per_expert = with_late_defaults(op, shared, per_expert)
     if params != shared or experts != per_expert:
         raise MergepipeError(f"manifest: {where}: params and expert_params must list exactly the parameters "
                              f"{op.name} takes, per expert and shared")

@@ -20,7 +20,7 @@ from . import operators
 from .checkpoint import TensorInfo
 from .errors import MergepipeError
 from .journal import Journal
-from .manifest import Manifest, OutputFile, runs_to_set
+from .manifest import Manifest, OutputFile, runs_to_set, with_late_defaults
 from .operators import Blockwise, TensorParams
 from .publish import OutFile, layout
 from .sink import Resume, Sink, open_output
@@ -149,14 +149,18 @@ def _tensor_sources(m: Manifest, info, base: OpenedModel, experts: list[OpenedMo
         if info.is_float:
             raise MergepipeError(f"manifest: plan has no entry for floating tensor {name!r}")
         return TensorSources(name, info.shape, info.dtype, stored, (), (), None)
+    def params(per_expert) -> TensorParams:
+        shared, per = with_late_defaults(operators.get(m.operator.name), tp.params, list(per_expert))
+        return TensorParams(shared, tuple(per))
+
     if tp.blocks != B.n_blocks(info.shape):
         raise MergepipeError(f"manifest: plan.tensors.{name} has {tp.blocks} blocks, the base tensor {B.n_blocks(info.shape)}")
     if model >= 0:  # a stacked layer of expert `model`: it stands as the base and as its one expert, unread
         return TensorSources(name, info.shape, m.out_dtype or info.dtype, stored, (stored,), (frozenset(),),
-                             TensorParams(tp.params, (tp.expert_params[model],)), tp.data)
+                             params([tp.expert_params[model]]), tp.data)
     if not experts:  # a stacked layer of the base: the operator's merge of the base alone
         return TensorSources(name, info.shape, m.out_dtype or info.dtype, stored, (), (),
-                             TensorParams(tp.params, ()), tp.data)
+                             params([]), tp.data)
     sketched = tuple(frozenset(runs_to_set(r)) for r in tp.sketched) if tp.sketched else ()
     sketches = tuple((e.sketch or {}).get(info.name) for e in experts) if sketched else ()
     if any(sel and sk is None for sel, sk in zip(sketched, sketches)):
@@ -164,7 +168,7 @@ def _tensor_sources(m: Manifest, info, base: OpenedModel, experts: list[OpenedMo
     return TensorSources(name, info.shape, m.out_dtype or info.dtype, stored,
                          tuple(e.stored(k, info.name) for k, e in enumerate(experts)),
                          tuple(frozenset(runs_to_set(r)) for r in tp.selected),
-                         TensorParams(tp.params, tuple(tp.expert_params)), tp.data, sketched, sketches)
+                         params(tp.expert_params), tp.data, sketched, sketches)
 
 
 def kernels(job: FileJob, dev: str, scratch: Path) -> list:

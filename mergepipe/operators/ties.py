@@ -64,7 +64,7 @@ class Ties(Operator):
     def candidates(self, info, k, delta, tp, coef, data) -> Candidates:
         """A block whose max |delta| lies below the trim bin contributes nothing and is never read
         (with rescale, every non-zero block counts towards the L1 factor)."""
-        if tp.shared.get("rescale"):  # absent from plans written before TIES took it
+        if tp.shared["rescale"]:
             return super().candidates(info, k, delta, tp, coef, data)
         trim = Trim(*data["trim"][k])
         share = abs(coef) * delta.l2
@@ -96,7 +96,7 @@ class Ties(Operator):
                                      "one count per expert equal to above + need where it trims")
 
     def kernel(self, job, dev: str, scratch):
-        if job.params.shared.get("rescale"):
+        if job.params.shared["rescale"]:
             return WholeTensor(job, torch.device(dev), _RESCALED.merge)
         return TiesTensor(self, job, torch.device(dev), scratch)
 
