@@ -132,18 +132,38 @@ def _entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     return TensorInfo(name, path, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    """Up to n bytes at offset (fewer only at the end of the file)."""
+    parts, got = [], 0
+    while got < n:
+        b = os.pread(fd, n - got, offset + got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
 def read_header(path: Path) -> FileHeader:
     """Parse and validate a safetensors header; refuse anything off the format."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            # Exactly the header's bytes: a buffered sequential read would read ahead into the data and
+            # mark a page there for asynchronous read-ahead, which a later planned read of that page
+            # then sets off even through a POSIX_FADV_RANDOM descriptor (measured: 1.7% of the expert
+            # bytes read beyond the plan at 20% on the 0.5B bench family, from its sidecars).
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            head = _pread_all(fd, 8, 0)
             if len(head) < 8:
                 raise MergepipeError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
                 raise MergepipeError(f"{path}: not a safetensors file (header length {n} exceeds the file or 100,000,000 bytes)")
-            raw = f.read(n)
+            raw = _pread_all(fd, n, 8)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise MergepipeError(f"{path}: cannot read ({e.strerror})") from None
     try:

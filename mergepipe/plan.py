@@ -315,7 +315,7 @@ def select(op, resolver: Resolver, base: Model, experts: list[Model], fam: Famil
     shapes = [models[t.models[0]].tensors[t.source].shape for t in targets]
     tensors, bound = _tensor_plans(op, Outputs(targets, shapes, copied), len(experts), table, state, data, resolver)
     return Selection(tensors, total, budget_bytes, sum(tp.planned_bytes for tp in tensors.values()),
-                     op.certificate(bound if np.isfinite(bound) else None))
+                     op.certificate(bound if np.isfinite(bound) else None, data))
 
 
 def _size(model: Model, name: str) -> int:

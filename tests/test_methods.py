@@ -323,16 +323,28 @@ BUDGETED = {  # id: (method, experts, base, shared, per-model, whether the certi
     "breadcrumbs_ties": ("breadcrumbs_ties", 3, "given", None, {"density": 0.5}, False),
     "della": ("della", 3, "given", None, {"density": 0.5}, False),
     "della_linear": ("della_linear", 3, "given", None, {"density": 0.5}, False),
-    "slerp": ("slerp", 1, "given", {"t": 0.4}, {}, False),
+    "slerp": ("slerp", 1, "given", {"t": 0.4}, {}, False),  # the embedding interpolates spherically
+    "slerp-linear": ("slerp", 1, "given", {"t": 0.4}, {}, True),  # every tensor in the linear regime
 }
 
 
+@pytest.fixture(scope="module")
+def close_family(tmp_path_factory):
+    """wide_family's shapes with deltas a third as large: every tensor's cosine to the base is above
+    slerp's threshold by more than the certificate's margin, as in a low-learning-rate fine-tune."""
+    from mergepipe.synth import Shape, build_family
+    shape = Shape(vocab=4160, hidden=256, intermediate=64, layers=1, heads=4, kv_heads=2)
+    return build_family(tmp_path_factory.mktemp("close"), shape, experts=1, seed=3, delta_scale=1e-4)
+
+
 @pytest.mark.parametrize("case", list(BUDGETED))
-def test_budgeted_methods_read_within_budget(case, family, wide_family, workdir, one_thread):
+def test_budgeted_methods_read_within_budget(case, family, wide_family, close_family, workdir, one_thread):
     from mergepipe.compare import compare
     method, n, base, shared, per_model, certified = BUDGETED[case]
     if method in ("breadcrumbs", "breadcrumbs_ties", "della_linear"):
         wide_family = family  # one block per tensor: whole tensors omitted (the suite's time)
+    if case == "slerp-linear":
+        wide_family = close_family
     path = workdir / "recipe.yml"
     doc = recipe(wide_family, method, n, base, shared, **per_model)
     if method == "slerp":
@@ -350,6 +362,8 @@ def test_budgeted_methods_read_within_budget(case, family, wide_family, workdir,
         assert 0 < compare(workdir / "part", workdir / "full").frobenius <= m.plan.certificate.bound
     else:
         assert m.plan.certificate.kind == "none" and method in m.plan.certificate.note
+    if method == "slerp" and not certified:
+        assert "model.embed_tokens.weight" in m.plan.certificate.note and "spherically" in m.plan.certificate.note
 
 
 @pytest.mark.parametrize("method", ["nuslerp", "model_stock"])

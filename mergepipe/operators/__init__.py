@@ -196,7 +196,8 @@ class Operator:
         """The tensor's plan data once the plan is chosen; `whole`: every candidate block is read."""
         return data
 
-    def certificate(self, bound: float | None) -> Certificate:
+    def certificate(self, bound: float | None, data: dict | None = None) -> Certificate:
+        """The plan's certificate from its bound; `data`: each tensor's settled plan data."""
         if not self.additive:
             return Certificate("none", None, f"{self.name} is not additive: only the measured deviation is reported")
         if bound is None:

@@ -130,7 +130,7 @@ class Gcwm(Operator):
         norm = float(np.sqrt(np.sum(delta.l2.astype(np.float64) ** 2)))
         return Candidates(np.zeros(1, np.int64), np.array([tp.experts[k]["weight"] * norm]), np.zeros(1))
 
-    def certificate(self, bound) -> Certificate:
+    def certificate(self, bound, data=None) -> Certificate:
         return Certificate("none", None, "gcwm is not additive (SVD, barycenter and the inner solve are "
                            "non-linear): an unread expert tensor leaves that tensor's active set, and only "
                            "the measured deviation is reported")

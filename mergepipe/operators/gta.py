@@ -72,7 +72,7 @@ class GeneralizedTaskArithmetic(Operator):
                                      f"inside (0, 1) (density {p['density']})")
         return g, experts
 
-    def certificate(self, bound) -> Certificate:
+    def certificate(self, bound, data=None) -> Certificate:
         return Certificate("none", None, f"{self.name} is not additive: its sparsification"
                            f"{' and sign election are' if self.consensus else ' is'} non-linear, so only the "
                            "measured deviation is reported")

@@ -10,13 +10,14 @@ import numpy as np
 import torch
 
 from ..errors import MergepipeError
-from . import Blockwise, Candidates, Param, register
+from . import Blockwise, Candidates, Certificate, Param, register
 from .whole_only import WholeInputs
 
 CHUNK = 1024 * 1024  # mergekit's _CHUNK_ELEMENTS, over a batch of one tensor
+DOT_THRESHOLD = 0.9995  # mergekit's: above it (in |cosine|) slerp interpolates linearly
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = DOT_THRESHOLD,
           eps: float = 1e-8) -> torch.Tensor:
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)
     tt = torch.tensor([t], dtype=torch.float32, device=v0.device).reshape(-1, 1)
@@ -42,40 +43,62 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     return result.reshape(v0.shape)
 
 
-def coefficients(t: float, deltas, dot_threshold: float = 0.9995, eps: float = 1e-8) -> tuple[float, float]:
+# How far inside the linear regime the index's cosine must be for the tensors' own float32 cosine to
+# be on the same side of the threshold: far above the rounding of a float32 sum over any tensor.
+MARGIN = 1e-4
+
+
+def coefficients(t: float, deltas, dot_threshold: float = DOT_THRESHOLD, eps: float = 1e-8) -> tuple[float, float, float]:
     """slerp's (coef_a, coef_b) from the index alone: ||W0||^2 = sum_b ||W0_b||^2, <W0, W1> =
     ||W0||^2 + sum_b <W0_b, Delta_b>, ||W1||^2 = ||W0||^2 + 2 sum_b <W0_b, Delta_b> + ||Delta||^2
     (float64), then mergekit's own float32 steps from the norms and the cosine on, so that where it
-    interpolates linearly (the usual case for a fine-tune) the coefficients are its, bit for bit."""
+    interpolates linearly (the usual case for a fine-tune) the coefficients are its, bit for bit.
+    Also returns the cosine (float64)."""
     n0sq, dot0, dsq = float(deltas.base_sq.sum()), float(deltas.dot.sum()), float((deltas.l2 ** 2).sum())
     na, nb = math.sqrt(n0sq), math.sqrt(max(0.0, n0sq + 2 * dot0 + dsq))
     na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
-    dot = torch.tensor([[(n0sq + dot0) / (na * nb)]], dtype=torch.float32).clamp(-1, 1)
+    cos = (n0sq + dot0) / (na * nb)
+    dot = torch.tensor([[cos]], dtype=torch.float32).clamp(-1, 1)
     tt = torch.tensor([t], dtype=torch.float32).reshape(-1, 1)
     linear = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    return float(coef_a), float(coef_b)
+    return float(coef_a), float(coef_b), cos
 
 
 class Slerp(WholeInputs):
     """Under a budget the tensor streams: M = a W0 + b W1 = (a + b) W0 + b Delta with (a, b) from the
-    index, each block the plan does not read a zero delta (no certificate: see `additive`).
-    A tensor read whole merges as mergekit does (so at 100% the output is mergekit's, bit for bit)."""
+    index, each block the plan does not read a zero delta. A tensor read whole merges as mergekit
+    does (so at 100% the output is mergekit's, bit for bit).
+
+    The certificate: where the cosine puts a tensor in the linear regime, (a, b) = (1 - t, t) in
+    float32 both from the index and from the tensors, a read block's bytes are the full merge's and
+    an unread one deviates by b Delta, which the Frobenius bound covers. Where a partly read tensor
+    interpolates spherically, its (a, b) from the index differ in rounding from those the tensors
+    give (measured: 1.5e-5 relative over the bound on the test family), which no bound covers, and
+    the plan records none."""
     name = "slerp"
     params = (Param("t", float, per_expert=False, expect="a number"),)
     experts_range = (1, 1)
     budgeted = True
-    # M = (a + b) W0 + b Delta is additive, but a partly read tensor takes (a, b) from the index while
-    # the full merge computes them from the tensors: they differ in rounding, which the bound does not
-    # cover (measured: 1.5e-5 relative over the bound on the test family), so none is recorded
-    additive = False
+    additive = True
     index_stats = ("dot", "base_sq")
 
     def tensor_data(self, info, deltas, tp) -> dict:
-        return {"coef": list(coefficients(tp.shared["t"], deltas[0])), "whole": False}
+        a, b, cos = coefficients(tp.shared["t"], deltas[0])
+        return {"coef": [a, b], "whole": False, "cos": cos}
+
+    def certificate(self, bound, data=None) -> Certificate:
+        spherical = sorted(n for n, d in (data or {}).items()
+                           if not d["whole"] and not abs(d.get("cos", 0.0)) > DOT_THRESHOLD + MARGIN)
+        if spherical:
+            return Certificate("none", None, f"slerp: {len(spherical)} partly read tensor(s) interpolate "
+                               f"spherically (first: {spherical[0]}, cosine {data[spherical[0]]['cos']:.6f}); "
+                               "their coefficients from the index differ in rounding from the tensors' own, "
+                               "which no bound covers: only the measured deviation is reported")
+        return super().certificate(bound, data)
 
     def settle(self, data: dict | None, whole: bool) -> dict | None:
         return {**data, "whole": whole}
@@ -87,10 +110,12 @@ class Slerp(WholeInputs):
 
     def check_plan(self, name: str, tp, experts: int) -> None:
         d = tp.data or {}
-        ok = set(d) == {"coef", "whole"} and isinstance(d["whole"], bool) and isinstance(d["coef"], list) \
-            and len(d["coef"]) == 2 and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in d["coef"])
+        number = (lambda c: isinstance(c, (int, float)) and not isinstance(c, bool))
+        ok = set(d) - {"cos"} == {"coef", "whole"} and isinstance(d["whole"], bool) and isinstance(d["coef"], list) \
+            and len(d["coef"]) == 2 and all(map(number, d["coef"])) and number(d.get("cos", 0.0))
         if not ok:
-            raise MergepipeError(f"plan.tensors.{name}.data must be {{\"coef\": [a, b], \"whole\": true or false}}")
+            raise MergepipeError(f"plan.tensors.{name}.data must be {{\"coef\": [a, b], \"whole\": true or false[, "
+                                 f"\"cos\": a number]}}")
 
     def kernel(self, job, dev: str, scratch):
         if job.data["whole"]:

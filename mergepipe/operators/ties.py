@@ -72,7 +72,7 @@ class Ties(Operator):
         idx = np.nonzero((delta.maxabs >= trim.lo) & (delta.l2 > 0) & (coef != 0))[0]
         return Candidates(idx, score[idx], share[idx])
 
-    def certificate(self, bound) -> Certificate:
+    def certificate(self, bound, data=None) -> Certificate:
         return Certificate("none", None, "ties is not additive: trimming and sign election are non-linear, so "
                            "only the measured deviation is reported")
 
