@@ -17,7 +17,9 @@ measured. "Gap closed": (NLL of the operator alone - NLL with FeatCal) / (NLL of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ from .tasks import BOS, EOS, TASKS, encode, train_set
 
 REPO = Path(__file__).resolve().parents[2]
 REAL = Path("/work/quality-cache")
+CLI_THREADS = torch.get_num_threads()  # what `mergepipe execute` computes with (main() lowers it for scoring)
 
 
 def mean(scores: dict, key: str) -> float:
@@ -149,8 +152,54 @@ def _tokens(manifest: dict) -> list[int] | None:
     return stages[0]["record"]["tokens"] if stages else None
 
 
+def merge_part(m) -> dict:
+    """A manifest's merge: what its file jobs write (its stages, recipe text and execution apart)."""
+    doc = dataclasses.asdict(m)
+    for key in ("stages", "execution", "recipe"):
+        doc.pop(key)
+    return doc
+
+
+def calibrate_plain(plain: Path, manifest: Path, out: Path) -> tuple[Path, dict]:
+    """A FeatCal row from its op's plain merge: the row is planned with `mergepipe plan` as usual, its
+    merge part is checked to be the plain row's plan, and its FeatCal stage (the code `execute` runs
+    after the merge) calibrates a copy of the plain row's published output. Executing the merge again
+    would write the same bytes (replay is bit-exact), so only the merge's time is saved; the output
+    folder is not published through execute's staging and carries no completed manifest. Checked: TIES +
+    FeatCal 8 on the real family made this way has the model.safetensors bytes of the CLI's row."""
+    from mergepipe import stages
+    from mergepipe.checkpoint import Reader
+    from mergepipe.manifest import load_manifest
+    from mergepipe.sources import open_recorded
+    m, done = load_manifest(manifest), load_manifest(plain / "mergepipe.manifest.json")
+    if merge_part(m) != merge_part(done):
+        raise SystemExit(f"{manifest}: its merge is not the plan of {plain}; cannot reuse that output")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(plain, out, ignore=shutil.ignore_patterns("mergepipe.manifest.json"))
+    opened = open_recorded([m.base, *m.experts], None, False)
+    experts = [o.model for o in opened[1:]]
+    reader, threads = Reader(), torch.get_num_threads()
+    torch.set_num_threads(CLI_THREADS)  # the stage's matmuls round by thread count: compute as execute does
+    try:
+        (st,) = m.stages
+        stage = stages.get(st.kind)
+        t0 = time.perf_counter()
+        stage.run(stage.load(st.record, f"{manifest}: stage", len(experts)),
+                  stages.StageContext(opened[0].model, experts, out, reader, "cpu", None))
+        seconds = time.perf_counter() - t0
+        names = {str(fh.path) for e in experts for fh in e.files}
+        read = sum(n for path, n in reader.bytes_read.items() if path in names)
+    finally:
+        reader.close()
+        torch.set_num_threads(threads)
+    return out, {"calibration_seconds": round(seconds, 1), "stage_bytes_read": read,
+                 "merge_reused": str(plain), "statistics": st.record["statistics"], "tokens": st.record["tokens"]}
+
+
 def rows(scale: str, paths: dict[str, Path], tasks: list[str], evaluate, ops: list[str], samples: list[int],
-         work: Path, out: Path, cached: dict | None = None, keep: bool = False, log=print) -> list[dict]:
+         work: Path, out: Path, cached: dict | None = None, keep: bool = False, reuse: bool = False,
+         log=print) -> list[dict]:
     stem = "featcal-quality" + ("-real" if scale == "real" else "")
     result: list[dict] = []
     if keep and (out / f"{stem}.json").exists():  # rows measured before: kept, not measured again
@@ -169,18 +218,25 @@ def rows(scale: str, paths: dict[str, Path], tasks: list[str], evaluate, ops: li
             name = op if n is None else f"{op}+featcal{n}"
             if name in done:
                 continue
-            t0 = time.perf_counter()
-            folder, ex = table.merge(paths, name, 100, "score", work, calibration=calib)
-            seconds = time.perf_counter() - t0
-            manifest = json.loads((folder / "mergepipe.manifest.json").read_text())
-            widest = max(manifest["stages"][0]["record"]["statistics"]["mlp.down_proj"]) if n else None
-            tokens = _tokens(manifest)
-            result.append({"model": name, "op": op, "featcal": n, "scores": evaluate(folder, tasks),
-                           "tokens": tokens, "underdetermined": bool(tokens and min(tokens) < widest),
-                           "merge_seconds": round(seconds, 1), "expert_bytes_read": ex["expert_bytes_read"],
-                           "stage_bytes_read": (ex.get("stage_bytes_read") or {}).get("featcal", 0),
-                           "peak_rss_bytes": ex["peak_rss_bytes"]})
-            log(f"{name}: mean NLL {mean(result[-1]['scores'], 'nll'):.3f} ({seconds:.0f} s merge)")
+            if reuse and n:
+                manifest = table.plan(paths, name, 100, "score", work, calibration=calib)
+                folder, row = calibrate_plain(table.merged_folder(work, op, 100, "score"), manifest,
+                                              work / "calibrated" / name)
+                stats, tokens = row.pop("statistics"), row.pop("tokens")
+                seconds = row["calibration_seconds"]
+            else:
+                t0 = time.perf_counter()
+                folder, ex = table.merge(paths, name, 100, "score", work, calibration=calib)
+                seconds = time.perf_counter() - t0
+                manifest = json.loads((folder / "mergepipe.manifest.json").read_text())
+                stats, tokens = (manifest["stages"][0]["record"]["statistics"] if n else None), _tokens(manifest)
+                row = {"merge_seconds": round(seconds, 1), "expert_bytes_read": ex["expert_bytes_read"],
+                       "stage_bytes_read": (ex.get("stage_bytes_read") or {}).get("featcal", 0),
+                       "peak_rss_bytes": ex["peak_rss_bytes"]}
+            widest = max(stats["mlp.down_proj"]) if n else None
+            result.append({"model": name, "op": op, "featcal": n, "scores": evaluate(folder, tasks), "tokens": tokens,
+                           "underdetermined": bool(tokens and min(tokens) < widest), **row})
+            log(f"{name}: mean NLL {mean(result[-1]['scores'], 'nll'):.3f} ({seconds:.0f} s)")
             write(result, tasks, scale, out, stem)
     return result
 
@@ -201,7 +257,9 @@ def write(result: list[dict], tasks: list[str], scale: str, out: Path, stem: str
              "", f"Test split; experts scored on their own task only (their mean columns: that task). Experts' mean "
              f"NLL on their own tasks: {own:.3f}. Gap closed: (operator alone - with "
              "FeatCal) / (operator alone - experts on their own tasks), in mean answer NLL. `*`: fewer calibration "
-             "tokens per expert than down_proj has inputs (allowed here with allow_underdetermined).", "",
+             "tokens per expert than down_proj has inputs (allowed here with allow_underdetermined). `†`: the FeatCal "
+             "stage alone, run on a copy of the op's plain merge (`--reuse-merge`; the row's merge part is that "
+             "row's plan, checked).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result:
         s = r["scores"]
@@ -210,7 +268,8 @@ def write(result: list[dict], tasks: list[str], scale: str, out: Path, stem: str
         cells += [f"{mean(s, 'nll'):.3f}", f"{mean(s, 'token_acc'):.3f}", f"{mean(s, 'exact'):.3f}",
                   f"{r['gap_closed']:.0%}" if "gap_closed" in r else "—",
                   str(min(r["tokens"])) if r.get("tokens") else "—",
-                  f"{r['merge_seconds']:.0f}" if "merge_seconds" in r else "—",
+                  f"{r['merge_seconds']:.0f}" if "merge_seconds" in r else
+                  f"{r['calibration_seconds']:.0f} †" if "calibration_seconds" in r else "—",
                   f"{r['stage_bytes_read'] / 2**20:.1f}" if r.get("stage_bytes_read") else "—"]
         lines.append("| " + " | ".join(cells) + " |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
@@ -226,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "cache" / "featcal-rows")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--keep", action="store_true", help="keep the rows of an earlier run, measure only new ones")
+    ap.add_argument("--reuse-merge", action="store_true",
+                    help="FeatCal rows calibrate a copy of their op's plain merge instead of merging again")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.what == "sweep":
@@ -242,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         from .evaluate import evaluate
         paths, tasks, cached = trained_paths(args.family), list(TASKS), None
     rows(args.scale, paths, tasks, evaluate, args.ops.split(","), samples, args.work / args.scale, args.out, cached,
-         args.keep)
+         args.keep, args.reuse_merge)
 
 
 if __name__ == "__main__":

@@ -78,10 +78,10 @@ def recipe(paths: dict[str, Path], op: str) -> dict:
     return cfg
 
 
-def merge(paths: dict[str, Path], op: str, budget: int, planner: str, work: Path,
-          fill: str = "sketch", sketch: str = "q2", calibration=calibration_file) -> tuple[Path, dict]:
-    """Plan and execute one merge through the CLI; `calibration(work, tasks, n)` writes the data of
-    a FeatCal row (default: the trained family's)."""
+def plan(paths: dict[str, Path], op: str, budget: int, planner: str, work: Path, fill: str = "sketch",
+         sketch: str = "q2", calibration=calibration_file) -> Path:
+    """Plan one merge through the CLI; its manifest's path. `calibration(work, tasks, n)` writes the
+    data of a FeatCal row (default: the trained family's)."""
     cfg, calib = recipe(paths, op), OPS[op][3]
     experts = [n for n in paths if n != "base"]
     if calib:
@@ -89,14 +89,28 @@ def merge(paths: dict[str, Path], op: str, budget: int, planner: str, work: Path
         work.mkdir(parents=True, exist_ok=True)
         cfg["calibrate"] = {"data": str(calibration(work, tasks, calib["samples"])), "tasks": tasks,
                             "parameters": calib}
-    name = f"{op}-{budget}-{planner}-{fill}-{sketch}"
     (work / "configs").mkdir(parents=True, exist_ok=True)
     cfg_path = work / "configs" / f"{op}.yml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    manifest = work / "manifests" / f"{name}.json"
+    manifest = work / "manifests" / f"{_name(op, budget, planner, fill, sketch)}.json"
     mergepipe("plan", str(cfg_path), "--budget", f"{budget}%", "-o", str(manifest), "--planner", planner,
               "--fill", fill, "--sketch", sketch, "--catalog", str(work / "catalog.sqlite"))
-    out = work / "merged" / name
+    return manifest
+
+
+def _name(op: str, budget: int, planner: str, fill: str, sketch: str) -> str:
+    return f"{op}-{budget}-{planner}-{fill}-{sketch}"
+
+
+def merged_folder(work: Path, op: str, budget: int, planner: str, fill: str = "sketch", sketch: str = "q2") -> Path:
+    return work / "merged" / _name(op, budget, planner, fill, sketch)
+
+
+def merge(paths: dict[str, Path], op: str, budget: int, planner: str, work: Path,
+          fill: str = "sketch", sketch: str = "q2", calibration=calibration_file) -> tuple[Path, dict]:
+    """Plan and execute one merge through the CLI."""
+    manifest = plan(paths, op, budget, planner, work, fill, sketch, calibration)
+    out = merged_folder(work, op, budget, planner, fill, sketch)
     execution = mergepipe("execute", str(manifest), "-o", str(out), "--force")
     doc = json.loads(manifest.read_text())
     sidecars = {e["sketch"]["path"] for e in doc["experts"] if e.get("sketch")}
