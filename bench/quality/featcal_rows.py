@@ -147,6 +147,12 @@ def own_task_nll(rows: list[dict], tasks: list[str]) -> float:
     return statistics.fmean(by[n][t]["nll"] for n in by for t in tasks if n.endswith(f"_{t}") or n.endswith(f"-{t}"))
 
 
+def _resumed_share(manifest: dict) -> float:
+    """The share of a completed manifest's output that a killed earlier run had written."""
+    ex = manifest["execution"]
+    return (ex.get("resumed_bytes") or 0) / max(1, sum(o["size"] for o in ex["outputs"].values()))
+
+
 def _tokens(manifest: dict) -> list[int] | None:
     stages = manifest.get("stages") or []
     return stages[0]["record"]["tokens"] if stages else None
@@ -231,6 +237,7 @@ def rows(scale: str, paths: dict[str, Path], tasks: list[str], evaluate, ops: li
                 manifest = json.loads((folder / "mergepipe.manifest.json").read_text())
                 stats, tokens = (manifest["stages"][0]["record"]["statistics"] if n else None), _tokens(manifest)
                 row = {"merge_seconds": round(seconds, 1), "expert_bytes_read": ex["expert_bytes_read"],
+                       "resumed_share": _resumed_share(manifest),
                        "stage_bytes_read": (ex.get("stage_bytes_read") or {}).get("featcal", 0),
                        "peak_rss_bytes": ex["peak_rss_bytes"]}
             widest = max(stats["mlp.down_proj"]) if n else None
@@ -259,7 +266,8 @@ def write(result: list[dict], tasks: list[str], scale: str, out: Path, stem: str
              "FeatCal) / (operator alone - experts on their own tasks), in mean answer NLL. `*`: fewer calibration "
              "tokens per expert than down_proj has inputs (allowed here with allow_underdetermined). `†`: the FeatCal "
              "stage alone, run on a copy of the op's plain merge (`--reuse-merge`; the row's merge part is that "
-             "row's plan, checked).", "",
+             "row's plan, checked). `‡ N%`: the merge resumed a killed run's staging folder, N% of its output "
+             "already written; its time is the rest's.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result:
         s = r["scores"]
@@ -268,7 +276,8 @@ def write(result: list[dict], tasks: list[str], scale: str, out: Path, stem: str
         cells += [f"{mean(s, 'nll'):.3f}", f"{mean(s, 'token_acc'):.3f}", f"{mean(s, 'exact'):.3f}",
                   f"{r['gap_closed']:.0%}" if "gap_closed" in r else "—",
                   str(min(r["tokens"])) if r.get("tokens") else "—",
-                  f"{r['merge_seconds']:.0f}" if "merge_seconds" in r else
+                  f"{r['merge_seconds']:.0f}" + (f" ‡ {r['resumed_share']:.0%}" if r.get("resumed_share") else "")
+                  if "merge_seconds" in r else
                   f"{r['calibration_seconds']:.0f} †" if "calibration_seconds" in r else "—",
                   f"{r['stage_bytes_read'] / 2**20:.1f}" if r.get("stage_bytes_read") else "—"]
         lines.append("| " + " | ".join(cells) + " |")
