@@ -78,7 +78,8 @@ def execute(cfg: dict, work: Path, name: str) -> dict:
         if r.returncode != 0:
             raise SystemExit(f"mergepipe {args[0]} failed: {r.stderr_tail}")
     done = json.loads((out / "mergepipe.manifest.json").read_text())
-    return {"wall_s": r.wall_s, "peak_rss_bytes": r.peak_rss_bytes, "calibration": done.get("calibration")}
+    stages = done.get("stages") or []
+    return {"wall_s": r.wall_s, "peak_rss_bytes": r.peak_rss_bytes, "calibration": stages[0]["record"] if stages else None}
 
 
 def timing(fam: dict[str, Path], work: Path, device: str, samples: int = 32, seq_len: int = 256,
@@ -105,7 +106,7 @@ def timing(fam: dict[str, Path], work: Path, device: str, samples: int = 32, seq
     done = run(m, work / "out-featcal", device=device, force=True)
     ex = done.execution
     return {"device": ex.device, "wall_s": ex.wall_s, "experts": len(m.experts), "samples": samples,
-            "seq_len": seq_len, "layers": max(m.calibration.prefixes),
+            "seq_len": seq_len, "layers": max(m.stages[0].record["prefixes"]),
             "peak_rss_bytes": ex.peak_rss_bytes, "peak_device_bytes": ex.peak_device_bytes,
             "expert_bytes_read": ex.expert_bytes_read}
 
