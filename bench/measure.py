@@ -166,3 +166,31 @@ def cached_bytes(paths: list[Path]) -> int | None:
     except (FileNotFoundError, subprocess.CalledProcessError):
         return None
     return sum(int(x) for x in res.stdout.split())
+
+
+def resident_pages(path) -> set[int]:
+    """The indices of the file's pages that are in the page cache now (mincore over a read-only
+    shared mapping; mapping reads nothing)."""
+    import ctypes
+    import ctypes.util
+    import mmap
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size, page = os.path.getsize(path), mmap.PAGESIZE
+    if not size:
+        return set()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
+        try:
+            if libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore {path}")
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return {i for i, v in enumerate(vec) if v & 1}

@@ -9,6 +9,8 @@ from mergepipe.blocks import BLOCK_ELEMS, block, blocks, n_blocks, rows_per_bloc
 from mergepipe.checkpoint import Reader, open_model, read_header
 from mergepipe.errors import MergepipeError
 
+from bench.measure import resident_pages
+
 
 def test_folder_sharded_and_single_file(family, tmp_path):
     m = open_model(family["base"])
@@ -196,31 +198,6 @@ def test_hub_id_resolves_from_offline_cache(tmp_path, monkeypatch, family):
         importlib.reload(c)
 
 
-def _resident_pages(path) -> set[int]:
-    """The file's pages in the page cache (mincore over a read-only shared mapping)."""
-    import ctypes
-    import ctypes.util
-    import mmap
-    import os
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    size, page = os.path.getsize(path), mmap.PAGESIZE
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
-        try:
-            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
-        finally:
-            libc.munmap(addr, size)
-    finally:
-        os.close(fd)
-    return {i for i, v in enumerate(vec) if v & 1}
-
-
 def test_a_header_read_reads_no_further_and_leaves_no_read_ahead_behind(tmp_path):
     """The page cache after reading a header and one planned range holds those pages only: a
     buffered header read would read ahead into the data and leave a read-ahead mark there, which a
@@ -233,12 +210,12 @@ def test_a_header_read_reads_no_further_and_leaves_no_read_ahead_behind(tmp_path
     os.fsync(fd)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.close(fd)
-    if _resident_pages(path):
+    if resident_pages(path):
         pytest.skip("this file system keeps the file's pages cached after POSIX_FADV_DONTNEED")
     header = read_header(path)
     page = mmap.PAGESIZE
     head_pages = set(range((header.data_start + page - 1) // page))
-    assert _resident_pages(path) <= head_pages
+    assert resident_pages(path) <= head_pages
     start, end = 4 * page, 2 ** 20  # a planned range soon after the header
     Reader().read(path, start, end)
-    assert _resident_pages(path) <= head_pages | set(range(start // page, (end + page - 1) // page))
+    assert resident_pages(path) <= head_pages | set(range(start // page, (end + page - 1) // page))
