@@ -57,33 +57,42 @@ def audit(manifest: Path, out: Path) -> dict:
             "cached": cached * PAGE, "touched": touched * PAGE, "outside_plan": outside * PAGE}
 
 
+def write(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "page-audit.json").write_text(json.dumps(rows, indent=1))
+    pct = (lambda r, k: f"{r[k] / r['expert_bytes_total']:.2%}")
+    lines = ["# Cold-cache page audit of budgeted executions (expert files and their sidecars)", "",
+             "`python -m bench.page_audit MANIFEST ...`: page cache dropped before each run; shares of the "
+             "experts' bytes. cached: pages the run brought into the cache (the OS's count); touched: pages "
+             "its planned reads span; outside the plan: cached and not touched (the files' headers).", "",
+             "| manifest | method | budget | counted | touched | cached | outside the plan |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {Path(r['manifest']).name} | {r['method']} | {pct(r, 'budget_bytes')} | {pct(r, 'counted')} | "
+                     f"{pct(r, 'touched')} | {pct(r, 'cached')} | {r['outside_plan'] / 2**10:.0f} KiB |")
+    (out / "page-audit.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("manifests", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=Path("bench/results/page-audit"))
+    ap.add_argument("--keep", action="store_true", help="keep the rows of an earlier run, audit only new manifests")
     args = ap.parse_args(argv)
     if not can_drop_caches():
         raise SystemExit("the page audit drops the page cache: run it as root")
-    rows = []
+    old = args.out / "page-audit.json"
+    rows = json.loads(old.read_text()) if args.keep and old.exists() else []
+    done = {r["manifest"] for r in rows}
     with tempfile.TemporaryDirectory() as tmp:
         for man in args.manifests:
+            if str(man) in done:
+                continue
             rows.append(audit(man, Path(tmp) / "out"))
             r = rows[-1]
             print(f"{man.name}: cached {r['cached'] / r['expert_bytes_total']:.2%}, touched "
                   f"{r['touched'] / r['expert_bytes_total']:.2%}, counted {r['counted'] / r['expert_bytes_total']:.2%}",
                   flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "page-audit.json").write_text(json.dumps(rows, indent=1))
-    pct = (lambda r, k: f"{r[k] / r['expert_bytes_total']:.2%}")
-    lines = ["# Cold-cache page audit of budgeted executions (expert files and their sidecars)", "",
-             "`python -m bench.page_audit MANIFEST ...`: page cache dropped before each run; shares of the "
-             "experts' bytes. cached: pages the run brought into the cache (the OS's count); touched: pages "
-             "its planned reads span; outside the plan: cached and not touched.", "",
-             "| manifest | method | budget | counted | touched | cached | outside the plan |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {Path(r['manifest']).name} | {r['method']} | {pct(r, 'budget_bytes')} | {pct(r, 'counted')} | "
-                     f"{pct(r, 'touched')} | {pct(r, 'cached')} | {r['outside_plan'] / 2**10:.0f} KiB |")
-    (args.out / "page-audit.md").write_text("\n".join(lines) + "\n")
+            write(rows, args.out)  # after every manifest: a run cut short keeps what it measured
 
 
 if __name__ == "__main__":
