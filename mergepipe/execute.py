@@ -147,22 +147,12 @@ def _merge_and_stages(run: _Run, staging: Staging, reader: Reader) -> Manifest:
     results = {p.key: ran[p.key].result for p in parts}
     outputs = _outputs(run, parts, results, staging, executor.read_back) if executor.shared else {
         k[0]: r.output for k, r in results.items()}
-    base = run.opened[0].model
     write_sidecars(run.m, [o.model.root for o in run.opened], staging.folder)
     if any(staging.folder.glob("*/*.safetensors")) or len(list(staging.folder.glob("*.safetensors"))) > 1:
         _write_index(staging.folder)
     diagnostics = {k: v for r in results.values() for k, v in r.meta.items()}
     before = dict(reader.bytes_read)
-    stage_reads: dict[str, int] = {}
-    for st in run.m.stages:
-        ctx = stages.StageContext(base, [o.model for o in run.opened[1:]], staging.folder, reader, run.dev,
-                                  run.opts.root_path)
-        snap = dict(reader.bytes_read)
-        for name, d in stages.get(st.kind).run(_record(st, len(ctx.experts)), ctx).diagnostics.items():
-            diagnostics[name] = {**diagnostics.get(name, {}), **d}
-        experts = {str(fh.path) for o in run.opened[1:] for fh in o.model.files}
-        stage_reads[st.kind] = stage_reads.get(st.kind, 0) + sum(
-            n - snap.get(path, 0) for path, n in reader.bytes_read.items() if path in experts)
+    stage_reads = run_stages(run.m, run.opened, staging.folder, reader, run.dev, run.opts.root_path, diagnostics)
     if run.m.stages:  # the stages rewrote tensors in place
         outputs = {j.layout.name: OutputFile(j.layout.size, *hash_file(staging.folder / j.layout.name, j.layout))
                    for j in run.jobs}
@@ -172,6 +162,23 @@ def _merge_and_stages(run: _Run, staging: Staging, reader: Reader) -> Manifest:
         done.execution.stage_bytes_read = stage_reads
     done.execution.executor, done.execution.jobs = executor.name, [ran[p.key].run for p in parts]
     return done
+
+
+def run_stages(m: Manifest, opened: list[OpenedModel], folder: Path, reader: Reader, dev: str,
+               root: Path | None, diagnostics: dict) -> dict[str, int]:
+    """Run the manifest's stages over the merged files in `folder`, in order; their per-tensor
+    diagnostics merged into `diagnostics`. Returns the expert bytes each stage kind read."""
+    experts = [o.model for o in opened[1:]]
+    names = {str(fh.path) for e in experts for fh in e.files}
+    stage_reads: dict[str, int] = {}
+    for st in m.stages:
+        ctx = stages.StageContext(opened[0].model, experts, folder, reader, dev, root)
+        snap = dict(reader.bytes_read)
+        for name, d in stages.get(st.kind).run(_record(st, len(experts)), ctx).diagnostics.items():
+            diagnostics[name] = {**diagnostics.get(name, {}), **d}
+        stage_reads[st.kind] = stage_reads.get(st.kind, 0) + sum(
+            n - snap.get(path, 0) for path, n in reader.bytes_read.items() if path in names)
+    return stage_reads
 
 
 def _outputs(run: _Run, parts: list[FileJob], results: dict[tuple[str, int], FileResult], staging: Staging,

@@ -173,8 +173,8 @@ def calibrate_plain(plain: Path, manifest: Path, out: Path) -> tuple[Path, dict]
     would write the same bytes (replay is bit-exact), so only the merge's time is saved; the output
     folder is not published through execute's staging and carries no completed manifest. Checked: TIES +
     FeatCal 8 on the real family made this way has the model.safetensors bytes of the CLI's row."""
-    from mergepipe import stages
     from mergepipe.checkpoint import Reader
+    from mergepipe.execute import run_stages
     from mergepipe.manifest import load_manifest
     from mergepipe.sources import open_recorded
     m, done = load_manifest(manifest), load_manifest(plain / "mergepipe.manifest.json")
@@ -183,23 +183,17 @@ def calibrate_plain(plain: Path, manifest: Path, out: Path) -> tuple[Path, dict]
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(plain, out, ignore=shutil.ignore_patterns("mergepipe.manifest.json"))
-    opened = open_recorded([m.base, *m.experts], None, False)
-    experts = [o.model for o in opened[1:]]
     reader, threads = Reader(), torch.get_num_threads()
     torch.set_num_threads(CLI_THREADS)  # the stage's matmuls round by thread count: compute as execute does
     try:
-        (st,) = m.stages
-        stage = stages.get(st.kind)
         t0 = time.perf_counter()
-        stage.run(stage.load(st.record, f"{manifest}: stage", len(experts)),
-                  stages.StageContext(opened[0].model, experts, out, reader, "cpu", None))
+        reads = run_stages(m, open_recorded([m.base, *m.experts], None, False), out, reader, "cpu", None, {})
         seconds = time.perf_counter() - t0
-        names = {str(fh.path) for e in experts for fh in e.files}
-        read = sum(n for path, n in reader.bytes_read.items() if path in names)
     finally:
         reader.close()
         torch.set_num_threads(threads)
-    return out, {"calibration_seconds": round(seconds, 1), "stage_bytes_read": read,
+    (st,) = m.stages
+    return out, {"calibration_seconds": round(seconds, 1), "stage_bytes_read": reads.get("featcal", 0),
                  "merge_reused": str(plain), "statistics": st.record["statistics"], "tokens": st.record["tokens"]}
 
 
