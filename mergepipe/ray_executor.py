@@ -121,14 +121,20 @@ def part_task(job: FileJob, records: list[Record], cfg: TaskConfig) -> Iterator[
     threading.Thread(target=work, daemon=True, name="mergepipe-part").start()
     try:
         while True:
-            item = q.get()
-            if item[0] == "error":
-                raise item[1]
+            items = [q.get()]
+            while items[-1][0] == "record" and not q.empty():  # what queued up meanwhile: one reply, not one each
+                items.append(q.get())
+            records = [(it[1], it[2]) for it in items if it[0] == "record"]
             n, progress[0] = progress[0], 0
-            if item[0] == "done":
-                yield ("done", item[1], n)
+            if records:
+                yield ("records", records, n, dict(ctx.reads))
+                n = 0
+            last = items[-1]
+            if last[0] == "error":
+                raise last[1]
+            if last[0] == "done":
+                yield ("done", last[1], n)
                 return
-            yield ("record", item[1], item[2], n, dict(ctx.reads))
     finally:
         reader.close()
 
@@ -274,8 +280,8 @@ class RayExecutor:
             for gen in ready:
                 try:
                     item = ray.get(next(gen))
-                    if item[0] == "record":
-                        env.journal.append(item[1], item[2])
+                    for rec, sync in item[1] if item[0] == "records" else ():
+                        env.journal.append(rec, sync)
                 except BaseException:  # noqa: BLE001 - StopIteration, the stop itself, or its death
                     del running[gen]
         for gen in running:  # hung past the wait: the only case left for a cancel
@@ -294,14 +300,14 @@ class RayExecutor:
             part.node, part.started = node, time.perf_counter()
             part.resumed = resumed
             return False
-        n = item[3] if kind == "record" else item[2]  # input bytes read since the last item
+        n = item[2]  # input bytes read since the last item
         if env.progress and n:
             env.progress(n)
-        if kind == "record":
-            _, rec, sync, _n, reads = item
-            env.journal.append(rec, sync)
-            part.records.append(rec)
-            part.reads = reads
+        if kind == "records":
+            _, records, _n, part.reads = item
+            for rec, sync in records:
+                env.journal.append(rec, sync)
+                part.records.append(rec)
             return False
         return True
 
