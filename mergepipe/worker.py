@@ -225,10 +225,11 @@ def run_file(job: FileJob, ctx: WorkerContext) -> FileResult:
                 return ks[i].compute(b, BlockInputs(job.tensors[i], b, reads, raws, ctx.allow_nonfinite))
 
             current = -1
+            pool = B.compute_pool(ctx.device, ctx.threads)[0]  # in_order's: idle while a tensor finishes
             for ((i, b, reads), raws), result in B.in_order(ctx.device, compute, stream(items, ctx.reader), ctx.threads):
                 if i != current:
                     if current >= 0:
-                        _finish(ks[current], outs[current], sink, slow)
+                        _finish(ks[current], outs[current], sink, slow, pool)
                     sink.begin(outs[i].name, outs[i].offset)
                     current = i
                 ks[i].take(b, result, sink)
@@ -237,7 +238,7 @@ def run_file(job: FileJob, ctx: WorkerContext) -> FileResult:
                 if ctx.progress:
                     ctx.progress(sum(len(raw) for raw in raws))
             if current >= 0:
-                _finish(ks[current], outs[current], sink, slow)
+                _finish(ks[current], outs[current], sink, slow, pool)
         finally:
             size = sink.close()
     if size != job.end:
@@ -246,8 +247,8 @@ def run_file(job: FileJob, ctx: WorkerContext) -> FileResult:
                                  {t.name: sink.tensor_hashes[t.name] for t in outs}), sink.meta, dict(read))
 
 
-def _finish(kernel, ot, sink: Sink, slow: float) -> None:
-    kernel.finish(sink)
+def _finish(kernel, ot, sink: Sink, slow: float, pool) -> None:
+    kernel.finish(sink, pool)
     if sink.position != ot.offset + ot.nbytes:
         raise RuntimeError(f"internal: {ot.name} ends at {sink.position}, expected {ot.offset + ot.nbytes}")
     if slow:

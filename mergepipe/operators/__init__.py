@@ -80,13 +80,14 @@ class TensorParams:
 class Kernel(Protocol):
     """Merges one output tensor from its blocks. `compute` is pure and runs on the compute pool in
     any order; `take` runs in block order on the writing thread; `finish` ends the tensor in the sink
-    (sink.end) after its last block."""
+    (sink.end) after its last block, and may use the compute pool, idle meanwhile, for a whole-tensor
+    pass (`pool`; None: compute on the calling thread)."""
     journal_blocks: bool  # a journal record may end after any block (a killed run resumes inside it)
     in_place: bool  # the kernel patches its bytes in the file after writing them (no O_DIRECT)
 
     def compute(self, b: int, block: BlockInputs) -> Any: ...
     def take(self, b: int, result: Any, sink) -> None: ...
-    def finish(self, sink) -> None: ...
+    def finish(self, sink, pool=None) -> None: ...
 
 
 class Operator:
@@ -272,5 +273,5 @@ class Blockwise:
         sink.write(result)
         sink.block_done(self.name)
 
-    def finish(self, sink) -> None:
+    def finish(self, sink, pool=None) -> None:
         sink.end(self.name)

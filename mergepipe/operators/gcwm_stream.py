@@ -41,7 +41,7 @@ class GcwmTensor:
         for k, x in experts:
             self.experts[k][r0:r1] = x
 
-    def finish(self, sink) -> None:
+    def finish(self, sink, pool=None) -> None:
         job, dev, active, base = self.job, self.dev, self.active, self.base
         # float32, as the spec asks (the reference subtracts in bf16)
         deltas = [self.experts.pop(k).sub_(base) for k in active]

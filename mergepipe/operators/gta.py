@@ -19,7 +19,7 @@ from ..errors import MergepipeError
 from . import Certificate, Operator, Param, register
 from . import positional as P
 from . import sparsify as S
-from .whole import WholeTensor
+from .whole import WholeTensor, each_step
 
 CHUNK = 1 << 20  # elements per step after sparsification: bounds the consensus's temporaries
 
@@ -80,7 +80,7 @@ class GeneralizedTaskArithmetic(Operator):
     def kernel(self, job, dev: str, scratch):
         return WholeTensor(job, torch.device(dev), self.merge)
 
-    def merge(self, job, base: torch.Tensor, inputs: list) -> torch.Tensor:
+    def merge(self, job, base: torch.Tensor, inputs: list, pool=None) -> torch.Tensor:
         """mergekit's merge_group, operation for operation (float32): each delta sparsified whole,
         then the weighting, consensus and mean in chunks of elements (every operation after the
         sparsification is per element, or a sum over the experts, so chunking changes no bit)."""
@@ -96,10 +96,12 @@ class GeneralizedTaskArithmetic(Operator):
         weights = torch.tensor(tp.weights(), dtype=deltas.dtype, device=deltas.device).view(-1, 1)
         flat, b = deltas.view(n, -1), base.reshape(-1)
         out = torch.empty_like(b)
-        for s in range(0, b.numel(), CHUNK):
-            d = flat[:, s:s + CHUNK]
+
+        def mix(lo: int, hi: int) -> None:
+            d = flat[:, lo:hi]
             d.mul_(weights)
-            out[s:s + CHUNK] = b[s:s + CHUNK] + self._mix(d, weights, shared)
+            out[lo:hi] = b[lo:hi] + self._mix(d, weights, shared)
+        each_step(pool, b.numel(), mix, CHUNK)
         return out.view(base.shape)
 
     def _mix(self, d: torch.Tensor, weights: torch.Tensor, shared: dict) -> torch.Tensor:

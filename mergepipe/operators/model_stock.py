@@ -7,30 +7,64 @@ from __future__ import annotations
 import torch
 
 from . import Param, register
+from .whole import each_step
 from .whole_only import WholeInputs
 
 
-def model_stock(w_0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:
+def model_stock(w_0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool, pool=None) -> torch.Tensor:
     out_shape = w_0.shape
     if filter_wise:
         if w_0.dim() == 1:
             w_0, ws = w_0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
-    else:
-        w_0, ws = w_0.reshape(-1), [w.reshape(-1) for w in ws]
-    offsets = [w - w_0 for w in ws]
-    cos_thetas = []
-    for i, a in enumerate(offsets):
-        for b in offsets[i + 1:]:
-            norm_product = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-            cos_thetas.append(((a * b).sum(dim=-1) / norm_product.clamp(min=1e-6)).clamp(-1, 1))
+        offsets = [w - w_0 for w in ws]
+        norms = [torch.norm(a, dim=-1) for a in offsets]
+        dots = {(i, j): (offsets[i] * offsets[j]).sum(dim=-1) for i in range(len(ws)) for j in range(i + 1, len(ws))}
+        t = _t(norms, dots, len(ws))
+        return (t * (sum(ws) / len(ws)) + (1 - t) * w_0).reshape(out_shape)
+    return _flat(w_0.reshape(-1), [w.reshape(-1) for w in ws], pool).reshape(out_shape)
+
+
+def _flat(w_0: torch.Tensor, ws: list[torch.Tensor], pool) -> torch.Tensor:
+    """model_stock over flat tensors with mergekit's bits: every elementwise pass split over the pool,
+    each norm and dot product one torch sum over the whole tensor, as mergekit's. The offsets are never
+    all held: one scratch tensor takes each offset for its norm, then each pair's product."""
+    n = w_0.numel()
+    scratch = torch.empty_like(w_0)
+
+    def into_scratch(f):
+        each_step(pool, n, lambda lo, hi: f(lo, hi, scratch[lo:hi]))
+        return scratch
+
+    norms = [torch.norm(into_scratch(lambda lo, hi, o, w=w: torch.sub(w[lo:hi], w_0[lo:hi], out=o)), dim=-1)
+             for w in ws]
+    dots = {}
+    for i in range(len(ws)):
+        for j in range(i + 1, len(ws)):
+            def product(lo, hi, o, a=ws[i], b=ws[j]):
+                torch.mul(a[lo:hi] - w_0[lo:hi], b[lo:hi] - w_0[lo:hi], out=o)
+            dots[i, j] = into_scratch(product).sum(dim=-1)
+    t = _t(norms, dots, len(ws))
+    keep, out = 1 - t, scratch
+
+    def mix(lo: int, hi: int) -> None:  # t * (sum(ws) / count) + (1 - t) * w_0, sum from 0 as Python's
+        r = out[lo:hi]
+        torch.add(ws[0][lo:hi], 0, out=r)
+        for w in ws[1:]:
+            r.add_(w[lo:hi])
+        r.div_(len(ws)).mul_(t)
+        r.add_(keep * w_0[lo:hi])
+    each_step(pool, n, mix)
+    return out
+
+
+def _t(norms: list[torch.Tensor], dots: dict, count: int) -> torch.Tensor:
+    """How far the average moves from the base: from the mean pairwise cosine of the offsets."""
+    cos_thetas = [((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)) for (i, j), dot in dots.items()]
     cos_theta = torch.stack(cos_thetas).mean(dim=0).unsqueeze(-1)
-    count = len(ws)
     denominator = 1 + (count - 1) * cos_theta
     singular = denominator.abs() < 1e-6  # no finite estimate there: keep the base
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
-    t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
-    average = sum(ws) / count
-    return (t * average + (1 - t) * w_0).reshape(out_shape)
+    return torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
 
 
 class ModelStock(WholeInputs):
@@ -38,8 +72,8 @@ class ModelStock(WholeInputs):
     params = (Param("filter_wise", bool, per_expert=False, default=False, expect="true or false"),)
     experts_range = (2, None)
 
-    def merge(self, job, base, inputs):
-        return model_stock(base, inputs, job.params.shared["filter_wise"])
+    def merge(self, job, base, inputs, pool):
+        return model_stock(base, inputs, job.params.shared["filter_wise"], pool)
 
 
 MODEL_STOCK = register(ModelStock())

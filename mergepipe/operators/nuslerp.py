@@ -7,19 +7,20 @@ from __future__ import annotations
 import torch
 
 from . import Param, register
+from .whole import each_step
 from .whole_only import WholeInputs, is_base
 
 
 def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, eps: float = 1e-8,
-            flatten: bool = False) -> torch.Tensor:
+            flatten: bool = False, pool=None) -> torch.Tensor:
     out_shape = v0.shape
 
     def normalize(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
         return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=eps)
 
     if flatten:
-        v0, v1 = v0.reshape(-1), v1.reshape(-1)
-    elif dim != -1:
+        return _flat(t, v0.reshape(-1), v1.reshape(-1), eps, pool).reshape(out_shape)
+    if dim != -1:
         v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
     v0_u, v1_u = normalize(v0), normalize(v1)
     cos_theta = torch.sum(v0_u * v1_u, dim=-1, keepdim=True).clamp(-1, 1)
@@ -28,9 +29,32 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, eps: fl
     sin_theta = torch.sin(theta)
     result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
     result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
-    if dim != -1 and not flatten:
+    if dim != -1:
         result = result.transpose(dim, -1)
     return result.reshape(out_shape)
+
+
+def _flat(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float, pool) -> torch.Tensor:
+    """nuslerp over flat tensors, mergekit's operations with its elementwise passes split over the
+    pool; each norm and the dot product stay one torch sum over the whole tensor (its bits)."""
+    n = v0.numel()
+    c0 = torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    c1 = torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    product = torch.empty_like(v0)
+    each_step(pool, n, lambda lo, hi: torch.mul(v0[lo:hi] / c0, v1[lo:hi] / c1, out=product[lo:hi]))
+    cos_theta = torch.sum(product, dim=-1, keepdim=True).clamp(-1, 1)
+    del product
+    colinear = bool((1 - cos_theta.square()) <= eps ** 2)
+    theta = torch.acos(torch.where(torch.tensor(colinear), 0, cos_theta))
+    sin_theta = torch.sin(theta)
+    s0, s1 = torch.sin((1 - t) * theta), torch.sin(t * theta)
+    out = torch.empty_like(v0)
+
+    def mix(lo: int, hi: int) -> None:
+        a, b = v0[lo:hi], v1[lo:hi]
+        out[lo:hi] = (1 - t) * a + t * b if colinear else (s0 * a + s1 * b) / sin_theta
+    each_step(pool, n, mix)
+    return out
 
 
 class NuSlerp(WholeInputs):
@@ -43,14 +67,25 @@ class NuSlerp(WholeInputs):
     base_policy = "optional"
     experts_range = (2, 2)
 
-    def merge(self, job, base, inputs):
+    def merge(self, job, base, inputs, pool):
         shared, weights = job.params.shared, job.params.weights()
         total = sum(weights)
         t = 0.5 if abs(total) < 1e-6 else weights[1] / total
         dim, flatten = (0 if shared["nuslerp_row_wise"] else -1), shared["nuslerp_flatten"]
         if is_base(job, 0):  # no base_model: the two models themselves
-            return nuslerp(t, inputs[0], inputs[1], dim=dim, flatten=flatten)
-        return base + nuslerp(t, inputs[0] - base, inputs[1] - base, dim=dim, flatten=flatten)
+            return nuslerp(t, inputs[0], inputs[1], dim=dim, flatten=flatten, pool=pool)
+        b, n = base.reshape(-1), base.numel()
+        deltas = [torch.empty_like(b), torch.empty_like(b)]
+
+        def diff(lo: int, hi: int) -> None:
+            for d, x in zip(deltas, inputs):
+                torch.sub(x.reshape(-1)[lo:hi], b[lo:hi], out=d[lo:hi])
+        each_step(pool, n, diff)
+        inputs.clear()
+        out = nuslerp(t, *(d.view(base.shape) for d in deltas), dim=dim, flatten=flatten, pool=pool).reshape(-1)
+        deltas.clear()
+        each_step(pool, n, lambda lo, hi: torch.add(b[lo:hi], out[lo:hi], out=out[lo:hi]))
+        return out.view(base.shape)
 
 
 NUSLERP = register(NuSlerp())

@@ -9,8 +9,11 @@ import math
 import numpy as np
 import torch
 
+from .. import floats
 from ..errors import MergepipeError
 from . import Blockwise, Candidates, Certificate, Param, register
+from .ta import NP_CHUNK
+from .whole import each_step
 from .whole_only import WholeInputs
 
 CHUNK = 1024 * 1024  # mergekit's _CHUNK_ELEMENTS, over a batch of one tensor
@@ -18,28 +21,36 @@ DOT_THRESHOLD = 0.9995  # mergekit's: above it (in |cosine|) slerp interpolates 
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = DOT_THRESHOLD,
-          eps: float = 1e-8) -> torch.Tensor:
+          eps: float = 1e-8, pool=None) -> torch.Tensor:
+    """mergekit's slerp of one tensor. Its norms and dot product are sums of per-chunk sums, so each
+    chunk's part runs on the pool (a thread each, single-threaded torch) with the same bits."""
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)
     tt = torch.tensor([t], dtype=torch.float32, device=v0.device).reshape(-1, 1)
     if not a.shape[1]:
         return ((1 - tt) * a + tt * b).reshape(v0.shape)
     n = a.shape[1]
-    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[:, s:s + CHUNK], dim=1, keepdim=True)
-                                                   for s in range(0, n, CHUNK)]), dim=0)
-    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[:, s:s + CHUNK], dim=1, keepdim=True)
-                                                   for s in range(0, n, CHUNK)]), dim=0)
+
+    def per_chunk(fn):
+        return each_step(pool, n, fn, CHUNK)
+
+    norm_a = torch.linalg.vector_norm(torch.stack(per_chunk(
+        lambda lo, hi: torch.linalg.vector_norm(a[:, lo:hi], dim=1, keepdim=True))), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack(per_chunk(
+        lambda lo, hi: torch.linalg.vector_norm(b[:, lo:hi], dim=1, keepdim=True))), dim=0)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = torch.stack([(a[:, s:s + CHUNK] / norm_a * (b[:, s:s + CHUNK] / norm_b)).sum(dim=1, keepdim=True)
-                       for s in range(0, n, CHUNK)]).sum(dim=0).clamp(-1, 1)
+    dot = torch.stack(per_chunk(lambda lo, hi: (a[:, lo:hi] / norm_a * (b[:, lo:hi] / norm_b)).sum(dim=1, keepdim=True)))
+    dot = dot.sum(dim=0).clamp(-1, 1)
     linear = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
     result = torch.empty_like(a)
-    for s in range(0, n, CHUNK):
-        result[:, s:s + CHUNK] = coef_a * a[:, s:s + CHUNK] + coef_b * b[:, s:s + CHUNK]
+
+    def blend(lo: int, hi: int) -> None:
+        result[:, lo:hi] = coef_a * a[:, lo:hi] + coef_b * b[:, lo:hi]
+    per_chunk(blend)
     return result.reshape(v0.shape)
 
 
@@ -66,6 +77,35 @@ def coefficients(t: float, deltas, dot_threshold: float = DOT_THRESHOLD, eps: fl
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
     return float(coef_a), float(coef_b), cos
+
+
+def blend_numpy(block, a: float, b: float) -> tuple[np.ndarray, bool]:
+    """a * W0 + b * W1 over one block in numpy, torch's float32 operations in its order (so its bits),
+    a cache-sized step at a time: (output bytes, whether all came out finite). W1 is the base where
+    the plan does not read the expert."""
+    isz = floats.ITEMSIZE[block.job.out_dtype]
+    n = block.base.numel
+    out = np.empty(n * isz, np.uint8)
+    step = min(NP_CHUNK, n)
+    x0, x1 = np.empty(step, np.float32), np.empty(step, np.float32)
+    scratch = np.empty(step, np.uint32)
+    fa, fb = np.float32(a), np.float32(b)
+    expert = block.experts[0][1] if block.experts else None
+    finite = True
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        v0, v1 = x0[:e - s], x1[:e - s]
+        pairs = block.paired(e - s)
+        block.base.values(s, e, v0, pairs)
+        if expert is None:
+            v1[...] = v0
+        else:
+            expert.values(s, e, v1, pairs)
+        np.multiply(v0, fa, out=v0)
+        np.multiply(v1, fb, out=v1)
+        np.add(v0, v1, out=v0)
+        finite &= floats.from_f32(v0, block.job.out_dtype, out[s * isz:e * isz], scratch[:e - s], pairs)
+    return out, finite
 
 
 class Slerp(WholeInputs):
@@ -118,13 +158,19 @@ class Slerp(WholeInputs):
                                  f"\"cos\": a number]}}")
 
     def kernel(self, job, dev: str, scratch):
-        if job.data["whole"]:
+        # Read whole, a tensor the index puts in the linear regime streams too: mergekit's coefficients
+        # there are (1 - t, t) in float32 whatever its norms and dot come to, so its bits are these.
+        if job.data["whole"] and not abs(job.data.get("cos", 0.0)) > DOT_THRESHOLD + MARGIN:
             return super().kernel(job, dev, scratch)
         tdev = torch.device(dev)
         a, b = (torch.tensor(c, dtype=torch.float32, device=tdev) for c in job.data["coef"])
         from ..tensors import all_finite, to_bytes, torch_dtype
 
         def merge(block):
+            if dev == "cpu" and block.numpy_ok():
+                out, finite = blend_numpy(block, *job.data["coef"])
+                block.check_finite(finite)
+                return out
             x0 = block.base.tensor(tdev)
             x1 = block.experts[0][1].tensor(tdev) if block.experts else x0
             out = a * x0 + b * x1
@@ -132,8 +178,8 @@ class Slerp(WholeInputs):
             return to_bytes(out.to(torch_dtype(block.job.out_dtype)))
         return Blockwise(job.name, merge)
 
-    def merge(self, job, base, inputs):
-        return slerp(job.params.shared["t"], base, inputs[0])
+    def merge(self, job, base, inputs, pool):
+        return slerp(job.params.shared["t"], base, inputs[0], pool=pool)
 
 
 SLERP = register(Slerp())

@@ -211,7 +211,7 @@ class TiesTensor:
                 arr.tofile(self.spill)
             self.records.append((first, len(arrays[0]), ks))
 
-    def finish(self, sink) -> None:
+    def finish(self, sink, pool=None) -> None:
         job, dev, trims = self.job, self.dev, self.trims
         out_t, out_size = torch_dtype(job.out_dtype), self.out_size
         if self.exact_k:

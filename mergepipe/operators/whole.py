@@ -14,9 +14,23 @@ from ..tensors import all_finite, to_bytes, torch_dtype
 
 WRITE_ROWS_BYTES = 16 << 20  # output written in slices of about this size
 
-# merge(job, base, inputs) -> float32 result of the tensor's shape; inputs: one per expert (the
-# base itself where the expert was read nowhere), which the merge may release as it goes
-Merge = Callable[[object, torch.Tensor, list], torch.Tensor]
+STEP = 1 << 20  # elements per step of a pass split over the compute pool
+
+# merge(job, base, inputs, pool) -> float32 result of the tensor's shape; inputs: one per expert (the
+# base itself where the expert was read nowhere), which the merge may release as it goes; pool: the
+# compute pool, idle while a whole tensor merges (see each_step)
+Merge = Callable[[object, torch.Tensor, list, object], torch.Tensor]
+
+
+def each_step(pool, n: int, fn: Callable[[int, int], object], step: int = STEP) -> list:
+    """[fn(lo, hi) for the steps of [0, n)], run on the pool (None: here), in order. Only for work
+    whose bits do not depend on where it is cut: elementwise operations into disjoint slices, or a
+    reduction that the method itself defines per step (slerp's chunks). Each step's torch runs
+    single-threaded, so a whole tensor's pass uses every compute thread and stays bit-exact."""
+    steps = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+    if pool is None or len(steps) < 2:
+        return [fn(lo, hi) for lo, hi in steps]
+    return [f.result() for f in [pool.submit(fn, lo, hi) for lo, hi in steps]]
 
 
 class WholeTensor:
@@ -42,15 +56,18 @@ class WholeTensor:
         for k, buf in self.experts.items():
             buf[first:end] = experts.get(k, base)
 
-    def finish(self, sink) -> None:
+    def finish(self, sink, pool=None) -> None:
         job = self.job
         base = self.base.view(job.shape)
         # the list is the inputs' only holder: a merge may drop each once it has used it
         inputs = [self.experts.pop(k).view(job.shape) if k in self.experts else base for k in range(len(job.experts))]
         self.base = self.experts = None
-        merged = self.merge(job, base, inputs)
-        self.last.check_finite(all_finite(merged))
-        out = merged.to(torch_dtype(job.out_dtype)).reshape(-1)
+        merged = self.merge(job, base, inputs, pool).reshape(-1)
+        self.last.check_finite(all(each_step(pool, merged.numel(), lambda lo, hi: all_finite(merged[lo:hi]))))
+        out = merged
+        if merged.dtype != torch_dtype(job.out_dtype):
+            out = torch.empty(merged.numel(), dtype=torch_dtype(job.out_dtype), device=merged.device)
+            each_step(pool, out.numel(), lambda lo, hi: out[lo:hi].copy_(merged[lo:hi]))
         step = max(1, WRITE_ROWS_BYTES // out.element_size())
         for s in range(0, out.numel(), step):
             sink.write(to_bytes(out[s:s + step]))

@@ -23,7 +23,7 @@ class WholeInputs(Operator):
     def kernel(self, job, dev: str, scratch):
         return WholeTensor(job, torch.device(dev), self.merge)
 
-    def merge(self, job, base: torch.Tensor, inputs: list) -> torch.Tensor:
+    def merge(self, job, base: torch.Tensor, inputs: list, pool) -> torch.Tensor:
         raise NotImplementedError
 
 
