@@ -202,6 +202,11 @@ class F32Block:
             self._dev = raw_view(self._raw, self._dtype, (-1,), dev)
         return self._dev[lo:hi].float()
 
+    def into(self, dst) -> None:
+        """The block's entries widened into float32 tensor `dst` (one pass, no temporary)."""
+        from .tensors import raw_view
+        dst.copy_(raw_view(self._raw, self._dtype, (-1,), dst.device))
+
 
 class FilledBlock(F32Block):
     """An expert block filled from its sketch: base + S, decoded and added range by range as the
@@ -232,6 +237,9 @@ class FilledBlock(F32Block):
         hi = self.numel if hi is None else hi
         sketch = torch.from_numpy(self._spec.decode_range(self._raw, *self._shape, lo, hi))
         return self._base.tensor(dev, lo, hi) + sketch.to(dev)
+
+    def into(self, dst) -> None:
+        dst.copy_(self.tensor(dst.device))
 
 
 class BlockInputs:

@@ -8,6 +8,7 @@ comes in a WorkerContext.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,6 +242,9 @@ def run_file(job: FileJob, ctx: WorkerContext) -> FileResult:
                 _finish(ks[current], outs[current], sink, slow, pool)
         finally:
             size = sink.close()
+            if "torch" in sys.modules:  # whole-tensor kernels keep their buffers for the next tensor
+                from .operators.whole import SPARES
+                SPARES.clear()
     if size != job.end:
         raise RuntimeError(f"internal: {path} ends at {size} bytes, its layout at {job.end}")
     return FileResult(OutputFile(job.end - job.start, sink.file_hash.hexdigest() if job.whole else "",

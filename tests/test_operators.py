@@ -92,3 +92,21 @@ def test_operator_specs_reject_unknown_and_unused():
     shared, per = get("ties").resolve({"density": 0.4}, [{"weight": 1}], "cfg")
     assert per == [{"weight": 1.0, "density": 0.4}] and shared["normalize"] is True
     assert np.isclose(shared["lambda"], 1.0)
+
+
+def test_whole_tensor_buffers_are_reused_but_never_the_one_being_written():
+    import torch
+    from mergepipe.operators.whole import Spares
+    spares, cpu = Spares(), torch.device("cpu")
+    a, b = spares.take(1000, cpu), spares.take(1000, cpu)
+    spares.settle(b)  # b's bytes are still queued for the writer: only a comes back
+    again = spares.take(600, cpu)
+    assert again.numel() == 600 and again.data_ptr() == a.data_ptr()
+    fresh = spares.take(600, cpu)  # nothing free is left: a new one
+    assert fresh.data_ptr() not in (a.data_ptr(), b.data_ptr())
+    spares.release(fresh)  # done with early: the same merge's next take reuses it
+    assert spares.take(10, cpu).data_ptr() == fresh.data_ptr()
+    spares.settle(torch.empty(1))
+    assert len(spares.free) <= 3  # at most one tensor's worth is kept
+    spares.clear()
+    assert not spares.free and not spares.loans()

@@ -19,7 +19,7 @@ from ..errors import MergepipeError
 from . import Certificate, Operator, Param, register
 from . import positional as P
 from . import sparsify as S
-from .whole import WholeTensor, each_step
+from .whole import SPARES, WholeTensor, each_step
 
 CHUNK = 1 << 20  # elements per step after sparsification: bounds the consensus's temporaries
 
@@ -87,15 +87,17 @@ class GeneralizedTaskArithmetic(Operator):
         tp, shared = job.params, job.params.shared
         seed = shared.get("seed", 0)
         n = len(inputs)
-        deltas = base.new_empty((n, *base.shape))
+        deltas = SPARES.take(n * base.numel(), base.device).view(n, *base.shape)
         for k in range(n):
             x, inputs[k] = inputs[k], None
             deltas[k] = self.rule.apply(x - base, tp.experts[k], P.stream_key(seed, job.name, k, self.stream),
                                         shared["rescale"])
+            if x.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
+                SPARES.release(x)  # the output's buffer, below, may reuse it
             del x
         weights = torch.tensor(tp.weights(), dtype=deltas.dtype, device=deltas.device).view(-1, 1)
         flat, b = deltas.view(n, -1), base.reshape(-1)
-        out = torch.empty_like(b)
+        out = SPARES.take(b.numel(), b.device)
 
         def mix(lo: int, hi: int) -> None:
             d = flat[:, lo:hi]

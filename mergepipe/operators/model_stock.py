@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import Param, register
-from .whole import each_step
+from .whole import SPARES, each_step
 from .whole_only import WholeInputs
 
 
@@ -29,7 +29,7 @@ def _flat(w_0: torch.Tensor, ws: list[torch.Tensor], pool) -> torch.Tensor:
     each norm and dot product one torch sum over the whole tensor, as mergekit's. The offsets are never
     all held: one scratch tensor takes each offset for its norm, then each pair's product."""
     n = w_0.numel()
-    scratch = torch.empty_like(w_0)
+    scratch = SPARES.take(n, w_0.device)
 
     def into_scratch(f):
         each_step(pool, n, lambda lo, hi: f(lo, hi, scratch[lo:hi]))

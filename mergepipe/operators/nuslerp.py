@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import Param, register
-from .whole import each_step
+from .whole import SPARES, each_step
 from .whole_only import WholeInputs, is_base
 
 
@@ -40,7 +40,7 @@ def _flat(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float, pool) -> tor
     n = v0.numel()
     c0 = torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
     c1 = torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
-    product = torch.empty_like(v0)
+    product = SPARES.take(n, v0.device)
     each_step(pool, n, lambda lo, hi: torch.mul(v0[lo:hi] / c0, v1[lo:hi] / c1, out=product[lo:hi]))
     cos_theta = torch.sum(product, dim=-1, keepdim=True).clamp(-1, 1)
     del product
@@ -48,7 +48,7 @@ def _flat(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float, pool) -> tor
     theta = torch.acos(torch.where(torch.tensor(colinear), 0, cos_theta))
     sin_theta = torch.sin(theta)
     s0, s1 = torch.sin((1 - t) * theta), torch.sin(t * theta)
-    out = torch.empty_like(v0)
+    out = SPARES.take(n, v0.device)
 
     def mix(lo: int, hi: int) -> None:
         a, b = v0[lo:hi], v1[lo:hi]
@@ -75,12 +75,15 @@ class NuSlerp(WholeInputs):
         if is_base(job, 0):  # no base_model: the two models themselves
             return nuslerp(t, inputs[0], inputs[1], dim=dim, flatten=flatten, pool=pool)
         b, n = base.reshape(-1), base.numel()
-        deltas = [torch.empty_like(b), torch.empty_like(b)]
+        deltas = [SPARES.take(n, b.device), SPARES.take(n, b.device)]
 
         def diff(lo: int, hi: int) -> None:
             for d, x in zip(deltas, inputs):
                 torch.sub(x.reshape(-1)[lo:hi], b[lo:hi], out=d[lo:hi])
         each_step(pool, n, diff)
+        for x in inputs:
+            if x.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
+                SPARES.release(x)
         inputs.clear()
         out = nuslerp(t, *(d.view(base.shape) for d in deltas), dim=dim, flatten=flatten, pool=pool).reshape(-1)
         deltas.clear()

@@ -55,17 +55,38 @@ def order_at(key: int, positions: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# Positions per step: a hash makes a dozen int64 passes, which stay in cache at this size (whole
+# tensors took four times as long). Each value depends on its position alone, so steps change no bit.
+STEP = 1 << 16
+
+
+def _stepped(n: int, dtype, device, fill) -> torch.Tensor:
+    if torch.device(device).type != "cpu":  # a GPU keeps whole tensors in flight: one launch each
+        return fill(0, n)
+    out = torch.empty(n, dtype=dtype, device=device)
+    for lo in range(0, n, STEP):
+        hi = min(lo + STEP, n)
+        out[lo:hi] = fill(lo, hi)
+    return out
+
+
 def order(key: int, start: int, n: int, device) -> torch.Tensor:
-    return order_at(key, torch.arange(start, start + n, dtype=torch.int64, device=device))
+    return _stepped(n, torch.int64, device, lambda lo, hi: order_at(
+        key, torch.arange(start + lo, start + hi, dtype=torch.int64, device=device)))
 
 
 def uniform(key: int, start: int, n: int, device) -> torch.Tensor:
     """float32 uniforms in [0, 1) per position, in steps of 2^-24 (exact in float32)."""
-    return _shr(mix(key, start, n, device), 40).to(torch.float32).mul_(_U24)
+    return _stepped(n, torch.float32, device,
+                    lambda lo, hi: _shr(mix(key, start + lo, hi - lo, device), 40).to(torch.float32).mul_(_U24))
 
 
 def magnitude_key(a: torch.Tensor, key: int, start: int = 0) -> torch.Tensor:
     """|delta| (float32, >= 0) and its tie order as one int64 sort key, distinct per position: a
     larger magnitude is a larger key, equal magnitudes are ordered by the seeded hash of position."""
-    bits = a.reshape(-1).view(torch.int32).to(torch.int64)
-    return (bits << 32) | order(key, start, a.numel(), a.device)
+    bits = a.reshape(-1).view(torch.int32)
+
+    def keys(lo: int, hi: int) -> torch.Tensor:
+        return (bits[lo:hi].to(torch.int64) << 32) | order_at(
+            key, torch.arange(start + lo, start + hi, dtype=torch.int64, device=a.device))
+    return _stepped(a.numel(), torch.int64, a.device, keys)

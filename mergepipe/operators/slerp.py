@@ -13,7 +13,7 @@ from .. import floats
 from ..errors import MergepipeError
 from . import Blockwise, Candidates, Certificate, Param, register
 from .ta import NP_CHUNK
-from .whole import each_step
+from .whole import SPARES, each_step
 from .whole_only import WholeInputs
 
 CHUNK = 1024 * 1024  # mergekit's _CHUNK_ELEMENTS, over a batch of one tensor
@@ -46,7 +46,7 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = D
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    result = torch.empty_like(a)
+    result = SPARES.take(n, a.device).view(1, n)
 
     def blend(lo: int, hi: int) -> None:
         result[:, lo:hi] = coef_a * a[:, lo:hi] + coef_b * b[:, lo:hi]

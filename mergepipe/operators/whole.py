@@ -6,6 +6,7 @@ nowhere is the base itself. Memory: (experts read + 1) float32 copies of one ten
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -33,6 +34,65 @@ def each_step(pool, n: int, fn: Callable[[int, int], object], step: int = STEP) 
     return [f.result() for f in [pool.submit(fn, lo, hi) for lo, hi in steps]]
 
 
+class Spares:
+    """Float32 buffers of whole tensors, kept from one tensor's merge for the next: a fresh buffer of a
+    whole tensor is fresh pages, and faulting them in costs about as much as a pass of the merge. The
+    largest tensor needed them anyway, so keeping them raises no peak. What a thread takes is on loan
+    until its tensor is written (settle); a run drops them all at its end (clear)."""
+
+    def __init__(self) -> None:
+        self.free: list[torch.Tensor] = []
+        self.lock = threading.Lock()  # a library caller may run merges on several threads
+        self.local = threading.local()
+
+    def take(self, n: int, dev: torch.device) -> torch.Tensor:
+        """A float32 tensor of n entries (contents undefined), on loan to this thread."""
+        buf = None
+        with self.lock:
+            fits = [i for i, b in enumerate(self.free) if b.numel() >= n and b.device == dev]
+            if fits:
+                buf = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+        if buf is None:
+            buf = torch.empty(n, dtype=torch.float32, device=dev)
+        if dev.type == "cpu":
+            self.loans().append(buf)
+        return buf[:n]
+
+    def release(self, t: torch.Tensor) -> None:
+        """A loan this thread's merge is done with (a tensor not on loan is left alone): the merge's
+        next take may reuse it, so dropping an input early still lowers the peak."""
+        ptr, loans = t.untyped_storage().data_ptr(), self.loans()
+        for i, b in enumerate(loans):
+            if b.untyped_storage().data_ptr() == ptr:
+                with self.lock:
+                    self.free.append(loans.pop(i))
+                return
+
+    def loans(self) -> list:
+        if not hasattr(self.local, "loans"):
+            self.local.loans = []
+        return self.local.loans
+
+    def settle(self, writing: torch.Tensor) -> None:
+        """Take back this thread's loans, except one whose memory `writing` shares (the sink's writer
+        thread has yet to write it: it is freed as usual once written)."""
+        ptr = writing.untyped_storage().data_ptr()
+        loans = self.loans()
+        back = [b for b in loans if b.untyped_storage().data_ptr() != ptr]
+        with self.lock:
+            # the largest, as many as one tensor's merge takes: a smaller one a larger replaced goes
+            self.free = sorted(self.free + back, key=torch.Tensor.numel, reverse=True)[:len(loans)]
+        loans.clear()
+
+    def clear(self) -> None:
+        self.loans().clear()
+        with self.lock:
+            self.free.clear()
+
+
+SPARES = Spares()
+
+
 class WholeTensor:
     journal_blocks = False  # computed from the whole tensor: no record inside it
     in_place = False
@@ -43,18 +103,23 @@ class WholeTensor:
         self.base = self.experts = self.last = None
 
     def compute(self, b: int, block):
-        return (block.first, block.base.tensor(self.dev), {k: x.tensor(self.dev) for k, x in block.experts}, block)
+        return block  # widened in take, straight into the whole tensor
 
-    def take(self, b: int, result, sink) -> None:
-        first, base, experts, self.last = result
+    def take(self, b: int, block, sink) -> None:
+        self.last = block
         n = self.job.numel
         if self.base is None:  # allocated at the tensor's first block, not while the one before merges
-            self.base = torch.empty(n, dtype=torch.float32, device=self.dev)
-            self.experts = {k: torch.empty(n, dtype=torch.float32, device=self.dev) for k in self.active}
-        end = first + base.numel()
-        self.base[first:end] = base
+            self.base = SPARES.take(n, self.dev)
+            self.experts = {k: SPARES.take(n, self.dev) for k in self.active}
+        first = block.first
+        end = first + block.base.numel
+        block.base.into(self.base[first:end])
+        read = dict(block.experts)
         for k, buf in self.experts.items():
-            buf[first:end] = experts.get(k, base)
+            if k in read:
+                read[k].into(buf[first:end])
+            else:
+                buf[first:end] = self.base[first:end]
 
     def finish(self, sink, pool=None) -> None:
         job = self.job
@@ -63,6 +128,7 @@ class WholeTensor:
         inputs = [self.experts.pop(k).view(job.shape) if k in self.experts else base for k in range(len(job.experts))]
         self.base = self.experts = None
         merged = self.merge(job, base, inputs, pool).reshape(-1)
+        del base, inputs
         self.last.check_finite(all(each_step(pool, merged.numel(), lambda lo, hi: all_finite(merged[lo:hi]))))
         out = merged
         if merged.dtype != torch_dtype(job.out_dtype):
@@ -71,5 +137,6 @@ class WholeTensor:
         step = max(1, WRITE_ROWS_BYTES // out.element_size())
         for s in range(0, out.numel(), step):
             sink.write(to_bytes(out[s:s + step]))
+        SPARES.settle(out)
         sink.end(job.name)
         self.last = None
