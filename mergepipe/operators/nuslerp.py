@@ -43,7 +43,7 @@ def _flat(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float, pool) -> tor
     product = SPARES.take(n, v0.device)
     each_step(pool, n, lambda lo, hi: torch.mul(v0[lo:hi] / c0, v1[lo:hi] / c1, out=product[lo:hi]))
     cos_theta = torch.sum(product, dim=-1, keepdim=True).clamp(-1, 1)
-    del product
+    SPARES.release(product)  # the output below may reuse it
     colinear = bool((1 - cos_theta.square()) <= eps ** 2)
     theta = torch.acos(torch.where(torch.tensor(colinear), 0, cos_theta))
     sin_theta = torch.sin(theta)

@@ -1,8 +1,9 @@
 """The kernel of an operator that needs whole tensors (slerp's norms, a sparsifier's ranks, an L1
 rescale): the base and each read expert tensor are assembled in float32 from their hash-checked
-blocks as they stream, merged once the last block is in, written, and freed before the next tensor.
-A block the plan does not read for an expert takes the base's rows (a zero delta); an expert read
-nowhere is the base itself. Memory: (experts read + 1) float32 copies of one tensor, plus the merge's."""
+blocks as they stream, merged once the last block is in (its elementwise passes spread over the
+compute pool), and written; their buffers go to the next tensor (Spares). A block the plan does not
+read for an expert takes the base's rows (a zero delta); an expert read nowhere is the base itself.
+Memory: (experts read + 1) float32 copies of the largest tensor, plus the merge's buffers."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ WRITE_ROWS_BYTES = 16 << 20  # output written in slices of about this size
 STEP = 1 << 20  # elements per step of a pass split over the compute pool
 
 # merge(job, base, inputs, pool) -> float32 result of the tensor's shape; inputs: one per expert (the
-# base itself where the expert was read nowhere), which the merge may release as it goes; pool: the
+# base itself where the expert was read nowhere), which the merge may release as it goes (see
+# Spares.release); pool: the
 # compute pool, idle while a whole tensor merges (see each_step)
 Merge = Callable[[object, torch.Tensor, list, object], torch.Tensor]
 
@@ -124,7 +126,7 @@ class WholeTensor:
     def finish(self, sink, pool=None) -> None:
         job = self.job
         base = self.base.view(job.shape)
-        # the list is the inputs' only holder: a merge may drop each once it has used it
+        # the list is the inputs' only holder: a merge may release each (SPARES.release) once used
         inputs = [self.experts.pop(k).view(job.shape) if k in self.experts else base for k in range(len(job.experts))]
         self.base = self.experts = None
         merged = self.merge(job, base, inputs, pool).reshape(-1)
