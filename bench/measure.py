@@ -156,16 +156,13 @@ def run_measured(cmd: list[str], *, cwd: str | Path | None = None, env: dict | N
 
 
 def cached_bytes(paths: list[Path]) -> int | None:
-    """How much of `paths` is in the page cache now (util-linux fincore), to check that a cold run
-    really starts cold. None if fincore is unavailable."""
-    if not paths:
-        return 0
+    """How much of `paths` is in the page cache now, in whole pages (as util-linux fincore counts),
+    to check that a cold run really starts cold. None where mincore is unavailable."""
+    import mmap
     try:
-        res = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, paths)],
-                             capture_output=True, text=True, check=True)
-    except (FileNotFoundError, subprocess.CalledProcessError):
+        return sum(len(resident_pages(p)) for p in paths) * mmap.PAGESIZE
+    except (OSError, AttributeError):
         return None
-    return sum(int(x) for x in res.stdout.split())
 
 
 def resident_pages(path) -> set[int]:

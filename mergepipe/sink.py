@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import queue
@@ -137,20 +138,18 @@ class DirectFile:
 _IO_POOL: list[ThreadPoolExecutor] = []
 
 
+@functools.lru_cache(maxsize=1)
 def _sync_file_range():
     """libc's sync_file_range (Linux), or None."""
-    if not _SFR:
-        import ctypes
-        try:
-            f = ctypes.CDLL(None, use_errno=True).sync_file_range
-            f.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-        except (AttributeError, OSError):
-            f = None
-        _SFR.append(f)
-    return _SFR[0]
+    import ctypes
+    try:
+        f = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    f.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return f
 
 
-_SFR: list = []
 SYNC_FILE_RANGE_WRITE = 2
 
 

@@ -92,8 +92,7 @@ class GeneralizedTaskArithmetic(Operator):
             x, inputs[k] = inputs[k], None
             deltas[k] = self.rule.apply(x - base, tp.experts[k], P.stream_key(seed, job.name, k, self.stream),
                                         shared["rescale"])
-            if x.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
-                SPARES.release(x)  # the output's buffer, below, may reuse it
+            SPARES.release(x, keep=base)  # the output's buffer, below, may reuse it
             del x
         weights = torch.tensor(tp.weights(), dtype=deltas.dtype, device=deltas.device).view(-1, 1)
         flat, b = deltas.view(n, -1), base.reshape(-1)

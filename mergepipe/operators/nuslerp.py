@@ -82,8 +82,7 @@ class NuSlerp(WholeInputs):
                 torch.sub(x.reshape(-1)[lo:hi], b[lo:hi], out=d[lo:hi])
         each_step(pool, n, diff)
         for x in inputs:
-            if x.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
-                SPARES.release(x)
+            SPARES.release(x, keep=base)
         inputs.clear()
         out = nuslerp(t, *(d.view(base.shape) for d in deltas), dim=dim, flatten=flatten, pool=pool).reshape(-1)
         deltas.clear()

@@ -60,10 +60,13 @@ class Spares:
             self.loans().append(buf)
         return buf[:n]
 
-    def release(self, t: torch.Tensor) -> None:
+    def release(self, t: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """A loan this thread's merge is done with (a tensor not on loan is left alone): the merge's
-        next take may reuse it, so dropping an input early still lowers the peak."""
+        next take may reuse it, so dropping an input early still lowers the peak. Nothing happens
+        where `t` shares `keep`'s memory (an input that is the base itself, still needed)."""
         ptr, loans = t.untyped_storage().data_ptr(), self.loans()
+        if keep is not None and keep.untyped_storage().data_ptr() == ptr:
+            return
         for i, b in enumerate(loans):
             if b.untyped_storage().data_ptr() == ptr:
                 with self.lock:
