@@ -2,8 +2,8 @@
 
     python -m bench.methods [--shape qwen05b|demo|tiny] [--methods linear,slerp,...] [--runs 1]
 
-Per method: mergekit-yaml's wall time; mergepipe's (plan excluded: the family is indexed once
-first) at 100% and, for budgeted methods, at 20%; the expert bytes mergepipe counted and the bytes
+Per method: mergekit-yaml's wall time (median of --runs, each run kept in the JSON) and peak RSS;
+mergepipe's (plan excluded: the family is indexed once first) at 100% and, for budgeted methods, at 20%; the expert bytes mergepipe counted and the bytes
 the kernel read for it (/proc io, ~0 on a warm page cache); at 100% the agreement with mergekit
 (differing elements, max ulp in the output dtype); at 20% the measured deviation from mergepipe at
 100% against the recorded certificate. Warm page cache, except one cold run at 20% (where the page
@@ -67,12 +67,14 @@ def recipe(fam: dict, method: str) -> dict:
     return cfg
 
 
-def _wall(cmd, env, runs: int) -> tuple[float, object]:
+def _wall(cmd, env, runs: int) -> tuple[float, object, list[float], int]:
+    """Median wall time, the last run, every run's wall time, and the peak RSS over the runs."""
     results = [run_measured(cmd, env=env) for _ in range(runs)]
     for r in results:
         if r.returncode:
             raise SystemExit(f"{shlex.join(cmd)} failed: {r.stderr_tail}")
-    return statistics.median(r.wall_s for r in results), results[-1]
+    walls = [r.wall_s for r in results]
+    return statistics.median(walls), results[-1], walls, max(r.peak_rss_bytes for r in results)
 
 
 def warm(fam: dict) -> None:
@@ -93,7 +95,8 @@ def bench_method(method: str, fam: dict, work: Path, args, env) -> dict:
     mk_exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
     if not args.no_peer:
         shutil.rmtree(mk_out, ignore_errors=True)
-        row["mergekit_s"], _ = _wall([mk_exe, str(cfg_path), str(mk_out), "--no-copy-tokenizer"], env, args.runs)
+        row["mergekit_s"], _, row["mergekit_runs_s"], row["mergekit_peak_rss"] = _wall(
+            [mk_exe, str(cfg_path), str(mk_out), "--no-copy-tokenizer"], env, args.runs)
     catalog = ["--catalog", str(work / "catalog.sqlite")]
     for budget in ("100%",) if method in UNBUDGETED else ("100%", "20%"):
         tag = budget.rstrip("%")
@@ -101,7 +104,8 @@ def bench_method(method: str, fam: dict, work: Path, args, env) -> dict:
         r = run_measured(mp + ["plan", str(cfg_path), "--budget", budget, "-o", str(manifest), *catalog], env=env)
         if r.returncode:
             raise SystemExit(f"plan {method} {budget} failed: {r.stderr_tail}")
-        wall, res = _wall(mp + ["execute", str(manifest), "-o", str(out), "--force", "--json"], env, args.runs)
+        wall, res, row[f"mergepipe_{tag}_runs_s"], row[f"mergepipe_{tag}_peak_rss"] = _wall(
+            mp + ["execute", str(manifest), "-o", str(out), "--force", "--json"], env, args.runs)
         done = json.loads((out / "mergepipe.manifest.json").read_text())
         row[f"mergepipe_{tag}_s"] = wall
         row[f"expert_bytes_{tag}"] = done["execution"]["expert_bytes_read"]
@@ -137,9 +141,9 @@ def bench_method(method: str, fam: dict, work: Path, args, env) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | mergekit s | mergepipe 100% s | ratio | differ (max ulp) | 20% s | expert bytes read at 20% | "
-             "OS read at 20%, cold, less the base | expert files' pages cached by that cold run | "
-             "deviation at 20% / certificate |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | mergekit s | mergepipe 100% s | ratio | differ (max ulp) | peak RSS GiB, mergekit / mergepipe 100% | "
+             "20% s | expert bytes read at 20% | OS read at 20%, cold, less the base | expert files' pages cached by that "
+             "cold run | deviation at 20% / certificate |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         share = f"{r['expert_bytes_20'] / r['expert_bytes_total']:.1%}" if "expert_bytes_20" in r else "n/a"
         cert = (f"{r['deviation_20']:.3g} / {r['bound_20']:.3g}" if r.get("bound_20") is not None
@@ -151,7 +155,8 @@ def table(rows: list[dict]) -> str:
         peer = (f"{r['mergekit_s']:.2f} | {r['mergepipe_100_s']:.2f} | {r['mergepipe_100_s'] / r['mergekit_s']:.2f}x | "
                 f"{r['differing'] / r['elements']:.3%} ({r['max_ulp']})" if "mergekit_s" in r
                 else f"not run | {r['mergepipe_100_s']:.2f} | n/a | n/a")
-        lines.append(f"| {r['method']} | {peer} | {r.get('mergepipe_20_s', float('nan')):.2f} | {share} | {cold} | {cert} |")
+        rss = " / ".join(f"{r[k] / 2**30:.2f}" if r.get(k) else "n/a" for k in ("mergekit_peak_rss", "mergepipe_100_peak_rss"))
+        lines.append(f"| {r['method']} | {peer} | {rss} | {r.get('mergepipe_20_s', float('nan')):.2f} | {share} | {cold} | {cert} |")
     return "\n".join(lines)
 
 
