@@ -69,6 +69,21 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
+def evict(paths) -> bool:
+    """Drop these files' pages from the page cache (written back first), and only theirs: a cold
+    run for the model files whose code, libraries and manifest stay cached. No root needed. False
+    where the file system keeps the pages (tmpfs, some network file systems)."""
+    paths = list(paths)
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return not any(resident_pages(p) for p in paths)
+
+
 def read_once(paths) -> None:
     """Read each file to the end: a warm page cache for the next run (bench runs are warm unless cold)."""
     for path in paths:

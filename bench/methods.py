@@ -6,8 +6,9 @@ Per method: mergekit-yaml's wall time (median of --runs, each run kept in the JS
 mergepipe's (plan excluded: the family is indexed once first) at 100% and, for budgeted methods, at 20%; the expert bytes mergepipe counted and the bytes
 the kernel read for it (/proc io, ~0 on a warm page cache); at 100% the agreement with mergekit
 (differing elements, max ulp in the output dtype); at 20% the measured deviation from mergepipe at
-100% against the recorded certificate. Warm page cache, except one cold run at 20% (where the page
-cache can be dropped) for the bytes the OS read, less the base's. Writes methods.md and methods.json under --out.
+100% against the recorded certificate. Warm page cache, except one cold run at 20% with the model
+files' pages evicted (code and manifest stay cached) for the bytes the OS read, less the base's
+pages, and the experts' pages it brought in (mincore). Writes methods.md and methods.json under --out.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import yaml
 
 from bench.core import SHAPES, tool_env
-from bench.measure import cached_bytes, can_drop_caches, drop_caches, read_once, run_measured
+from bench.measure import cached_bytes, evict, read_once, run_measured
 from mergepipe.compare import compare
 from mergepipe.synth import build_family
 
@@ -78,7 +79,7 @@ def _wall(cmd, env, runs: int) -> tuple[float, object, list[float], int]:
 
 
 def warm(fam: dict) -> None:
-    """Read the family once: every tool starts from a warm page cache (a cold run before drops it)."""
+    """Read the family once: every tool starts from a warm page cache (a cold run before evicts it)."""
     read_once(f for folder in fam.values() for f in sorted(Path(folder).glob("*.safetensors")))
 
 
@@ -87,9 +88,6 @@ def bench_method(method: str, fam: dict, work: Path, args, env) -> dict:
     warm(fam)
     cfg_path = work / f"{method}.yml"
     cfg_path.write_text(yaml.safe_dump(recipe(fam, method), sort_keys=False))
-    tiny = build_family(args.cache / "tiny" / "family", SHAPES["tiny"], experts=EXPERTS, seed=0, dtype=torch.bfloat16)
-    tiny_cfg = work / f"{method}-tiny.yml"
-    tiny_cfg.write_text(yaml.safe_dump(recipe(tiny, method), sort_keys=False))
     row: dict = {"method": method}
     mk_out = work / "out-mergekit"
     mk_exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
@@ -116,22 +114,17 @@ def bench_method(method: str, fam: dict, work: Path, args, env) -> dict:
                 c = compare(out, mk_out)
                 row.update(differing=c.differing, elements=c.elements, max_ulp=c.max_ulp)
         else:
-            if can_drop_caches():  # the bytes the OS read for a cold run: sidecars and base included
-                drop_caches()
-                # the code (python, numpy, torch, mergepipe) back in the cache: the cold figure is about model files
-                # the same method on the tiny family first: the code a run touches (torch's kernels
-                # included) is back in the cache, so the cold figure is about the model files
-                run_measured(mp + ["merge", str(tiny_cfg), str(work / "out-tiny"), "-b", "20%", "--force",
-                                   "--catalog", str(work / "tiny.sqlite")], env=env)
+            # a cold run for the model files alone: their pages evicted, the code and the manifest kept
+            doc = json.loads(manifest.read_text())
+            expert_files = [f for k in range(RECIPES[method][0]) for f in Path(fam[f"expert{k + 1}"]).glob("*.safetensors")]
+            expert_files += [Path(e["sketch"]["path"]) for e in doc["experts"] if e.get("sketch")]
+            base_files = sorted(Path(fam["base"]).glob("*.safetensors"))
+            if evict(expert_files + base_files):
                 cold = run_measured(mp + ["execute", str(manifest), "-o", str(out), "--force", "--json"], env=env)
-                row["os_read_cold_20"] = cold.read_bytes
-                # the experts' pages the cold run brought into the page cache: the OS's count of what it
-                # read of them (sidecars included), without the code pages a run also reads
-                doc = json.loads(manifest.read_text())
-                expert_files = [f for k in range(RECIPES[method][0]) for f in Path(fam[f"expert{k + 1}"]).glob("*.safetensors")]
-                expert_files += [Path(e["sketch"]["path"]) for e in doc["experts"] if e.get("sketch")]
+                row["os_read_cold_20"] = cold.read_bytes  # everything the process read from disk
+                # the pages the cold run brought in: the OS's own count of what it read of each file
                 row["expert_files_cached_cold_20"] = cached_bytes(expert_files)
-                row["base_bytes_20"] = done["execution"]["base_bytes_read"]
+                row["base_files_cached_cold_20"] = cached_bytes(base_files)
             cert = done["plan"]["certificate"]
             row["deviation_20"] = compare(out, work / "out-mergepipe-100").frobenius
             row["bound_20"] = cert["bound"]
@@ -142,16 +135,16 @@ def bench_method(method: str, fam: dict, work: Path, args, env) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| method | mergekit s | mergepipe 100% s | ratio | differ (max ulp) | peak RSS GiB, mergekit / mergepipe 100% | "
-             "20% s | expert bytes read at 20% | OS read at 20%, cold, less the base | expert files' pages cached by that "
+             "20% s | expert bytes read at 20% | OS read at 20%, cold, less the base's pages | expert files' pages cached by that "
              "cold run | deviation at 20% / certificate |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        share = f"{r['expert_bytes_20'] / r['expert_bytes_total']:.1%}" if "expert_bytes_20" in r else "n/a"
+        share = f"{r['expert_bytes_20'] / r['expert_bytes_total']:.2%}" if "expert_bytes_20" in r else "n/a"
         cert = (f"{r['deviation_20']:.3g} / {r['bound_20']:.3g}" if r.get("bound_20") is not None
                 else f"{r['deviation_20']:.3g} / none" if "deviation_20" in r else "n/a")
-        cold = (f"{(r['os_read_cold_20'] - r['base_bytes_20']) / r['expert_bytes_total']:.1%}"
+        cold = (f"{(r['os_read_cold_20'] - r['base_files_cached_cold_20']) / r['expert_bytes_total']:.2%}"
                 if "os_read_cold_20" in r else "n/a")
         cached = r.get("expert_files_cached_cold_20")
-        cold += f" | {cached / r['expert_bytes_total']:.1%}" if cached is not None else " | n/a"
+        cold += f" | {cached / r['expert_bytes_total']:.2%}" if cached is not None else " | n/a"
         peer = (f"{r['mergekit_s']:.2f} | {r['mergepipe_100_s']:.2f} | {r['mergepipe_100_s'] / r['mergekit_s']:.2f}x | "
                 f"{r['differing'] / r['elements']:.3%} ({r['max_ulp']})" if "mergekit_s" in r
                 else f"not run | {r['mergepipe_100_s']:.2f} | n/a | n/a")

@@ -7,6 +7,8 @@ execution. CI re-executes every manifest here and checks those hashes (tests/tes
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import random
 import sys
@@ -44,6 +46,35 @@ CASES = {  # name: (method, per-model parameters, shared parameters, budget, cal
 }
 
 
+def blas_bound(name: str) -> bool:
+    """Whether the case's bits go through BLAS / LAPACK (GCWM's factorisations, FeatCal's solves),
+    whose kernels MKL picks per CPU model: such a manifest replays bit for bit on the CPU it was
+    recorded on. Task arithmetic and TIES are elementwise and replay anywhere."""
+    method, _, _, _, calibrate = CASES[name]
+    return method == "gcwm" or calibrate is not None
+
+
+def numeric_identity() -> dict:
+    """What BLAS-bound bits depend on: the CPU (vendor, family, model, vector extensions) and the
+    torch build (with its MKL) and the kernels it dispatches to."""
+    import hashlib
+    import platform
+
+    import torch
+    info: dict[str, str] = {}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() in ("vendor_id", "cpu family", "model", "flags") and key.strip() not in info:
+                info[key.strip()] = value.strip()
+    simd = sorted(f for f in info.pop("flags", "").split() if f.startswith(("avx", "amx", "sse", "fma", "f16c")))
+    return {"machine": platform.machine(), **info, "simd": hashlib.sha256(" ".join(simd).encode()).hexdigest()[:16],
+            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+IDENTITY = HERE / "blas-identity.json"  # the numeric identity the BLAS-bound cases were recorded on
+
+
 def replay_family(root: Path) -> dict[str, Path]:
     """The seeded family, its index with the default sketch (the budgeted manifests read the sidecars
     under root/sketches), and the calibration data of the FeatCal manifest (token ids, seeded)."""
@@ -71,15 +102,30 @@ def plan_case(root: Path, paths: dict[str, Path], name: str):
                       relative_to=root, fill=fill)
 
 
-def main() -> None:
+def _portable(m, root: Path):
+    """The manifest with its recipe's paths relative to the family's folder, as its model references are."""
+    if m.recipe is None:
+        return m
+    text, source = (s.replace(str(root), ".") for s in (m.recipe.text, m.recipe.source))
+    return dataclasses.replace(m, recipe=dataclasses.replace(m.recipe, text=text, source=source))
+
+
+def main(argv: list[str]) -> None:
+    """Every case, or the cases named (`python manifests/regenerate.py gcwm-100 ta-featcal`)."""
+    names = argv or list(CASES)
+    bound = [n for n in CASES if blas_bound(n)]
+    if any(n in bound for n in names) and not set(bound) <= set(names):
+        raise SystemExit(f"regenerate the BLAS-bound cases together ({', '.join(bound)}): they share {IDENTITY.name}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = replay_family(root)
-        for name in CASES:
+        for name in names:
             done = execute(plan_case(root, paths, name), root / "out" / name, root=root)
-            done.save(HERE / f"{name}.json")
+            _portable(done, root).save(HERE / f"{name}.json")
             print(f"{name}: root hash {done.execution.root_hash}")
+    if set(bound) <= set(names):
+        IDENTITY.write_text(json.dumps(numeric_identity(), indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -148,8 +148,8 @@ def _merge_and_stages(run: _Run, staging: Staging, reader: Reader) -> Manifest:
     outputs = _outputs(run, parts, results, staging, executor.read_back) if executor.shared else {
         k[0]: r.output for k, r in results.items()}
     write_sidecars(run.m, [o.model.root for o in run.opened], staging.folder)
-    if any(staging.folder.glob("*/*.safetensors")) or len(list(staging.folder.glob("*.safetensors"))) > 1:
-        _write_index(staging.folder)
+    if len(run.jobs) > 1 or any("/" in j.layout.name for j in run.jobs):
+        _write_index(staging.folder, [j.layout for j in run.jobs])
     diagnostics = {k: v for r in results.values() for k, v in r.meta.items()}
     before = dict(reader.bytes_read)
     stage_reads = run_stages(run.m, run.opened, staging.folder, reader, run.dev, run.opts.root_path, diagnostics)
@@ -257,16 +257,13 @@ def _bytes_read(run: _Run, results: dict[str, FileResult], reader: Reader, befor
     return {ref: dict(sorted(files.items())) for ref, files in sorted(read.items())}
 
 
-def _write_index(staging: Path) -> None:
+def _write_index(staging: Path, files: list) -> None:
+    """model.safetensors.index.json from the plan's layouts (the files' headers, just written, are not
+    read back: their pages are not in the page cache after direct I/O)."""
     import json
-    from .checkpoint import read_header
-    weight_map, total = {}, 0
-    for p in sorted(staging.rglob("*.safetensors")):
-        fh = read_header(p)
-        for name, info in fh.tensors.items():
-            weight_map[name] = os.path.relpath(p, staging)
-            total += info.end - info.start
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    weight_map = {t.name: f.name for f in files for t in f.tensors}
+    index = {"metadata": {"total_size": sum(t.nbytes for f in files for t in f.tensors)},
+             "weight_map": dict(sorted(weight_map.items()))}
     (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 

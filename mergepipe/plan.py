@@ -4,7 +4,8 @@ It works from the catalog alone and reads no tensor data. Each operator offers i
 (expert, block) pairs that can change the result at all (a zero delta, a zero weight, or, for TIES,
 a block wholly below the trim threshold cannot), each with a score. They are taken greedily by score
 per byte, ties broken by (tensor, block, expert), while the running total stays within the budget:
-budget-sound by construction, deterministic, and the exact full merge when everything fits.
+budget-sound by construction, deterministic, and the exact full merge when everything fits. Below
+100% the budget caps what the OS reads (mergepipe.pages): whole pages, and every expert file's header.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from . import __version__
 from . import blocks as B
-from . import stages
+from . import pages, stages
 from .budget import parse_budget
 from .checkpoint import Model, open_model
 from .config import MergeConfig
@@ -52,11 +53,16 @@ class Table:
     share: np.ndarray
     sketch_bytes: np.ndarray  # 0: no sketch of this block
     sketch_share: np.ndarray  # |c_k| * ||Delta_kb - S_kb||_F: the certificate share when sketch-filled
+    file: np.ndarray  # where the exact bytes lie: a file id (Files) and the absolute offset in it
+    offset: np.ndarray
+    sketch_file: np.ndarray  # where the sketch lies (-1: no sketch)
+    sketch_offset: np.ndarray
 
     @staticmethod
     def concat(parts: dict[str, list]) -> Table:
         kinds = {"t": np.int64, "b": np.int64, "k": np.int64, "bytes": np.int64, "score": np.float64,
-                 "share": np.float64, "sketch_bytes": np.int64, "sketch_share": np.float64}
+                 "share": np.float64, "sketch_bytes": np.int64, "sketch_share": np.float64, "file": np.int64,
+                 "offset": np.int64, "sketch_file": np.int64, "sketch_offset": np.int64}
         return Table(**{c: np.concatenate(v).astype(kinds[c]) if v else np.zeros(0, kinds[c]) for c, v in parts.items()})
 
 
@@ -96,12 +102,21 @@ def _finite(td: TensorDelta, expert: Model, name: str, allow: bool) -> TensorDel
     return dataclasses.replace(td, l2=np.where(bad, big, td.l2), maxabs=np.where(bad, big, td.maxabs).astype(np.float32))
 
 
+class Files(dict):
+    """File path -> the integer id the planner's page count knows it by."""
+
+    def id(self, path) -> int:
+        return self.setdefault(str(path), len(self))
+
+
 def _candidates(op, targets: list[Target], readable: set[str], experts: list[Model], fam: FamilyIndex,
-                resolver: Resolver, allow_nonfinite: bool, own: set[int]) -> tuple[Table, dict[str, dict | None]]:
-    """The operator's candidates for every readable tensor, and its per-tensor plan data. A target
-    reads its source tensor of every model (a stacked one, of one model, has no candidates). Experts
-    in `own` are the base itself (a method that merges the base as an input): nothing to read."""
+                resolver: Resolver, allow_nonfinite: bool, own: set[int]) -> tuple[Table, dict[str, dict | None], Files]:
+    """The operator's candidates for every readable tensor, its per-tensor plan data, and the ids of
+    the files the candidates lie in. A target reads its source tensor of every model (a stacked one,
+    of one model, has no candidates). Experts in `own` are the base itself (a method that merges the
+    base as an input): nothing to read."""
     cols: dict[str, list] = {c: [] for c in Table.__dataclass_fields__}
+    files = Files()
     data: dict[str, dict | None] = {}
     for ti, target in enumerate(targets):
         name, src = target.name, target.source
@@ -118,24 +133,30 @@ def _candidates(op, targets: list[Target], readable: set[str], experts: list[Mod
             c = op.candidates(e.tensors[src], k, deltas[k], tp, coef[k], data[name])
             if len(c.blocks) > 1 and not (np.diff(c.blocks) > 0).all():
                 raise MergepipeError(f"internal: {op.name}'s candidates for {name!r} are not ascending distinct blocks")
-            if op.unit == "tensor":
-                nbytes = np.array([e.tensors[src].end - e.tensors[src].start])
-            else:
-                nbytes = B.block_bytes(e.tensors[src])
-            cols["t"].append(np.full(len(c.blocks), ti))
+            at = e.tensors[src]
+            nbytes = np.array([at.end - at.start]) if op.unit == "tensor" else B.block_bytes(at)
+            n = len(c.blocks)
+            cols["t"].append(np.full(n, ti))
             cols["b"].append(c.blocks)
-            cols["k"].append(np.full(len(c.blocks), k))
+            cols["k"].append(np.full(n, k))
             cols["bytes"].append(nbytes[c.blocks])
             cols["score"].append(c.score)
             cols["share"].append(c.share)
-            sk = fam.sketches[k].tensors.get(src) if fam.sketches and fam.sketches[k] else None
+            cols["file"].append(np.full(n, files.id(at.file)))
+            cols["offset"].append(at.start + (np.cumsum(nbytes) - nbytes)[c.blocks])
+            sidecar = fam.sketches[k] if fam.sketches and fam.sketches[k] else None
+            sk = sidecar.tensors.get(src) if sidecar else None
             if sk is None or op.unit == "tensor":
-                cols["sketch_bytes"].append(np.zeros(len(c.blocks), np.int64))
+                cols["sketch_bytes"].append(np.zeros(n, np.int64))
                 cols["sketch_share"].append(c.share)
+                cols["sketch_file"].append(np.full(n, -1))
+                cols["sketch_offset"].append(np.zeros(n, np.int64))
             else:
                 cols["sketch_bytes"].append(sk.sizes[c.blocks])
                 cols["sketch_share"].append(np.minimum(c.share, abs(coef[k]) * sk.residual[c.blocks]))
-    return Table.concat(cols), data
+                cols["sketch_file"].append(np.full(n, files.id(sidecar.path)))
+                cols["sketch_offset"].append(sk.start + (np.cumsum(sk.sizes) - sk.sizes)[c.blocks])
+    return Table.concat(cols), data, files
 
 
 OMIT, SKETCH, EXACT = 0, 1, 2
@@ -306,8 +327,12 @@ def select(op, resolver: Resolver, base: Model, experts: list[Model], fam: Famil
     if not op.budgeted and budget_bytes < total:
         raise MergepipeError(f"{opts.source}: {op.name} cannot be budgeted (it needs every input tensor whole); "
                              f"plan it with --budget 100%")
-    table, data = _candidates(op, targets, readable, experts, fam, resolver, opts.allow_nonfinite, own)
-    state = choose(table, budget_bytes - sum(copied), opts.planner, opts.seed)
+    table, data, files = _candidates(op, targets, readable, experts, fam, resolver, opts.allow_nonfinite, own)
+    fixed, sidecars = _fixed_reads(models, experts, own, targets, copied, files), _sidecar_headers(fam, files)
+    # the budget caps the pages the OS reads (below 100%): each block's partly read pages and the headers count
+    state = _within_pages(lambda limit: choose(table, limit, opts.planner, opts.seed),
+                          lambda st: _pages(table, st, fixed, sidecars) if budget_bytes < total else 0,
+                          budget_bytes - sum(copied), budget_bytes)
     whole = np.ones(len(targets), bool)
     np.logical_and.at(whole, table.t, state == EXACT)
     tid = {t.name: i for i, t in enumerate(targets)}
@@ -316,6 +341,55 @@ def select(op, resolver: Resolver, base: Model, experts: list[Model], fam: Famil
     tensors, bound = _tensor_plans(op, Outputs(targets, shapes, copied), len(experts), table, state, data, resolver)
     return Selection(tensors, total, budget_bytes, sum(tp.planned_bytes for tp in tensors.values()),
                      op.certificate(bound if np.isfinite(bound) else None, data))
+
+
+def _within_pages(plan, cost, limit: int, budget: int) -> np.ndarray:
+    """The plan for the largest byte limit found whose pages fit the budget (none, when the headers
+    alone do not). Lowering the limit by the pages over it converges at once where blocks span many
+    pages; where they are smaller than a page that undershoots, and bisection between the last limits
+    over and within wins the rest back."""
+    state, over_at = plan(limit), None
+    while (over := cost(state) - budget) > 0 and limit > 0:
+        over_at, limit = limit, max(limit - over, 0)
+        state = plan(limit)
+    while over_at is not None and over_at - limit > pages.PAGE:
+        mid = (limit + over_at) // 2
+        trial = plan(mid)
+        if cost(trial) <= budget:
+            limit, state = mid, trial
+        else:
+            over_at = mid
+    return state
+
+
+def _fixed_reads(models: list[Model], experts: list[Model], own: set[int], targets: list[Target], copied: list[int],
+                 files: Files) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(file, start, end) of what execute reads of the experts whatever the plan chooses: every file's
+    header (it checks them all) and the stacked tensors it copies whole."""
+    spans = [(files.id(fh.path), 0, fh.data_start) for k, e in enumerate(experts) if k not in own for fh in e.files]
+    for t, n in zip(targets, copied):
+        if n:
+            at = models[t.models[0]].tensors[t.source]
+            spans.append((files.id(at.file), at.start, at.end))
+    return tuple(np.array(c, np.int64) for c in zip(*spans)) if spans else (np.zeros(0, np.int64),) * 3
+
+
+def _sidecar_headers(fam: FamilyIndex, files: Files) -> dict[int, int]:
+    """Sidecar file id -> the end of its header, read when the plan fills any block from it."""
+    return {files.id(sk.path): min(t.start for t in sk.tensors.values())
+            for sk in fam.sketches or [] if sk is not None and sk.tensors}
+
+
+def _pages(c: Table, state: np.ndarray, fixed: tuple[np.ndarray, ...], sidecars: dict[int, int]) -> int:
+    """The bytes of the pages the OS reads for the plan `state`: exact blocks, sketches, the fixed reads
+    and the header of each sidecar in use."""
+    exact, sketch = state == EXACT, state == SKETCH
+    used = np.unique(c.sketch_file[sketch])
+    f = np.concatenate([c.file[exact], c.sketch_file[sketch], fixed[0], used])
+    s = np.concatenate([c.offset[exact], c.sketch_offset[sketch], fixed[1], np.zeros(len(used), np.int64)])
+    e = np.concatenate([(c.offset + c.bytes)[exact], (c.sketch_offset + c.sketch_bytes)[sketch], fixed[2],
+                        np.array([sidecars[int(i)] for i in used], np.int64)])
+    return pages.touched(f, s, e)
 
 
 def _size(model: Model, name: str) -> int:

@@ -117,3 +117,24 @@ def test_changed_file_is_reindexed(copy_family, workdir):
     new = {f.name: f.content_hash for f in after.experts[0].files}
     assert old[shard.name] != new[shard.name]
     assert [f.content_hash for f in before.experts[1].files] == [f.content_hash for f in after.experts[1].files]
+
+
+@pytest.mark.parametrize("budget", ["20%", "45%"])
+def test_the_os_reads_no_more_of_the_experts_than_the_budget(family, workdir, budget):
+    """Below 100% the budget caps what the kernel reads of the experts, counted from the page cache
+    (mincore) after a cold execute: blocks end mid-page, and every file's header is read. On this
+    family most blocks are smaller than a page, so charging bytes alone would read well over it."""
+    import mmap
+    from pathlib import Path
+    from bench.measure import evict, resident_pages
+    from mergepipe.checkpoint import open_model
+    from mergepipe.execute import execute
+    m = plan_merge(load_config(write_config(workdir / "ta.yml", family)), budget, Catalog(workdir / "c.sqlite"))
+    experts = [f.path for k in range(1, 5) for f in open_model(str(family[f"expert{k}"])).files]
+    sidecars = [Path(rec.sketch.path) for rec in m.experts if rec.sketch]
+    assert sidecars, "the plan fills from the sketches: their pages count too"
+    if not evict(experts + sidecars):
+        pytest.skip("this file system keeps the files' pages cached after POSIX_FADV_DONTNEED")
+    done = execute(m, workdir / "out")
+    read = sum(len(resident_pages(p)) for p in experts + sidecars) * mmap.PAGESIZE
+    assert 0 < done.execution.expert_bytes_read <= read <= m.budget.bytes

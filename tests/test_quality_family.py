@@ -77,25 +77,28 @@ def test_evaluate_ranges_and_specialisation(mini):
 
 
 def test_quality_table_end_to_end(mini, tmp_path):
-    """The harness on the mini family: real CLI merges, evaluation, table, plot."""
+    """The harness on the mini family: real CLI merges, evaluation, table, plot. At 50%: the budget
+    counts the pages the OS reads, and at 20% of this toy family (under ten pages) the headers and
+    a few blocks take them all, leaving none for a sidecar's pages."""
     from bench.quality.table import run
 
     root, paths = mini
-    rows = run("mini", ["ta"], [100, 20], root / "a", tmp_path / "work", tmp_path / "out", log=lambda _: None,
-               sketches=("q2", "sign"))
+    rows = run("mini", ["ta"], [100, 50], root / "a", tmp_path / "work", tmp_path / "out", log=lambda _: None,
+               sketches=("q2", "sign"), controls=(50,))
     names = [r["model"] for r in rows]
-    assert names == ["base", *[n for n in paths if n != "base"], "ta 100%", "ta 20%, sketch fill (q2)",
-                     "ta 20%, zero fill", "ta 20%, sketch fill (sign)", "ta 20%, sketch fill (q2) (random planner)"]
+    assert names == ["base", *[n for n in paths if n != "base"], "ta 100%", "ta 50%, sketch fill (q2)",
+                     "ta 50%, zero fill", "ta 50%, sketch fill (sign)", "ta 50%, sketch fill (q2) (random planner)"]
     full, part, zero, sign, rand = rows[-5:]
     assert full["relative_deviation"] == 0.0 and part["relative_deviation"] > 0
     assert [r["fill"] for r in (part, zero, sign, rand)] == ["sketch", "zero", "sketch", "sketch"]
     assert [r["sketch"] for r in (part, sign)] == ["q2", "sign"]
-    assert part["sketch_bytes_read"] > sign["sketch_bytes_read"] > 0 and zero["sketch_bytes_read"] == 0
+    # both kinds read (how much of each is the pages' say on a family this small) and zero fill none
+    assert part["sketch_bytes_read"] > 0 and sign["sketch_bytes_read"] > 0 and zero["sketch_bytes_read"] == 0
     for r in (part, zero, sign, rand):
-        assert r["expert_bytes_read"] <= full["expert_bytes_read"] * 0.2 + 1
+        assert r["expert_bytes_read"] <= full["expert_bytes_read"] * 0.5 + 1
     assert part["relative_deviation"] < zero["relative_deviation"]
     md = (tmp_path / "out" / "quality.md").read_text()
-    assert "ta 20%, sketch fill (q2) (random planner)" in md and (tmp_path / "out" / "quality.png").stat().st_size > 0
+    assert "ta 50%, sketch fill (q2) (random planner)" in md and (tmp_path / "out" / "quality.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "quality.json").read_text())["rows"][0]["model"] == "base"
 
 
