@@ -328,11 +328,12 @@ def select(op, resolver: Resolver, base: Model, experts: list[Model], fam: Famil
         raise MergepipeError(f"{opts.source}: {op.name} cannot be budgeted (it needs every input tensor whole); "
                              f"plan it with --budget 100%")
     table, data, files = _candidates(op, targets, readable, experts, fam, resolver, opts.allow_nonfinite, own)
-    fixed, sidecars = _fixed_reads(models, experts, own, targets, copied, files), _sidecar_headers(fam, files)
-    # the budget caps the pages the OS reads (below 100%): each block's partly read pages and the headers count
-    state = _within_pages(lambda limit: choose(table, limit, opts.planner, opts.seed),
-                          lambda st: _pages(table, st, fixed, sidecars) if budget_bytes < total else 0,
-                          budget_bytes - sum(copied), budget_bytes)
+    state = choose(table, budget_bytes - sum(copied), opts.planner, opts.seed)
+    if budget_bytes < total:  # the budget caps the pages the OS reads: partly read pages and headers count
+        fixed, sidecars = _fixed_reads(models, experts, own, targets, copied, files), _sidecar_headers(fam, files)
+        state = _within_pages(lambda limit: choose(table, limit, opts.planner, opts.seed),
+                              lambda st: _pages(table, st, fixed, sidecars), state, budget_bytes - sum(copied),
+                              budget_bytes)
     whole = np.ones(len(targets), bool)
     np.logical_and.at(whole, table.t, state == EXACT)
     tid = {t.name: i for i, t in enumerate(targets)}
@@ -343,12 +344,12 @@ def select(op, resolver: Resolver, base: Model, experts: list[Model], fam: Famil
                      op.certificate(bound if np.isfinite(bound) else None, data))
 
 
-def _within_pages(plan, cost, limit: int, budget: int) -> np.ndarray:
+def _within_pages(plan, cost, state: np.ndarray, limit: int, budget: int) -> np.ndarray:
     """The plan for the largest byte limit found whose pages fit the budget (none, when the headers
     alone do not). Lowering the limit by the pages over it converges at once where blocks span many
     pages; where they are smaller than a page that undershoots, and bisection between the last limits
-    over and within wins the rest back."""
-    state, over_at = plan(limit), None
+    over and within wins the rest back. `state`: the plan at `limit`."""
+    over_at = None
     while (over := cost(state) - budget) > 0 and limit > 0:
         over_at, limit = limit, max(limit - over, 0)
         state = plan(limit)

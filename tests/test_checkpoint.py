@@ -9,7 +9,7 @@ from mergepipe.blocks import BLOCK_ELEMS, block, blocks, n_blocks, rows_per_bloc
 from mergepipe.checkpoint import Reader, open_model, read_header
 from mergepipe.errors import MergepipeError
 
-from bench.measure import resident_pages
+from bench.measure import evict, resident_pages
 
 
 def test_folder_sharded_and_single_file(family, tmp_path):
@@ -203,14 +203,9 @@ def test_a_header_read_reads_no_further_and_leaves_no_read_ahead_behind(tmp_path
     buffered header read would read ahead into the data and leave a read-ahead mark there, which a
     planned read then sets off (the extra cold reads of sidecars once seen at 20% budgets)."""
     import mmap
-    import os
     path = tmp_path / "big.safetensors"
     save_file({"w": torch.arange(2 ** 21, dtype=torch.float32)}, str(path))  # 8 MiB, a one-page header
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-    if resident_pages(path):
+    if not evict([path]):
         pytest.skip("this file system keeps the file's pages cached after POSIX_FADV_DONTNEED")
     header = read_header(path)
     page = mmap.PAGESIZE
