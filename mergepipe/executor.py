@@ -57,6 +57,11 @@ class LocalExecutor:
             else:
                 yield
         finally:
+            # whole-tensor kernels keep their buffers from file to file (fresh ones are fresh pages,
+            # faulted in again): dropped once the session's files are done
+            whole = sys.modules.get(f"{__package__}.operators.whole")  # loaded only where torch is
+            if whole is not None:
+                whole.SPARES.clear()
             if gc_was:
                 gc.enable()
 
@@ -91,5 +96,8 @@ def _keep_freed_memory() -> None:
         libc = ctypes.CDLL(None)
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
         libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: block buffers come from the heap
+        # M_ARENA_MAX: one heap for every thread. A thread's own arena unmaps a heap as soon as it is
+        # all free, so the compute threads' step temporaries were fresh pages at every step.
+        libc.mallopt(-8, 1)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass

@@ -202,10 +202,12 @@ class F32Block:
             self._dev = raw_view(self._raw, self._dtype, (-1,), dev)
         return self._dev[lo:hi].float()
 
-    def into(self, dst) -> None:
-        """The block's entries widened into float32 tensor `dst` (one pass, no temporary)."""
+    def into(self, dst, lo: int = 0) -> None:
+        """Entries [lo, lo + len(dst)) widened into float32 tensor `dst` (one pass, no temporary)."""
         from .tensors import raw_view
-        dst.copy_(raw_view(self._raw, self._dtype, (-1,), dst.device))
+        if self._dev is None or self._dev.device != dst.device:
+            self._dev = raw_view(self._raw, self._dtype, (-1,), dst.device)
+        dst.copy_(self._dev[lo:lo + dst.numel()])
 
 
 class FilledBlock(F32Block):
@@ -238,8 +240,8 @@ class FilledBlock(F32Block):
         sketch = torch.from_numpy(self._spec.decode_range(self._raw, *self._shape, lo, hi))
         return self._base.tensor(dev, lo, hi) + sketch.to(dev)
 
-    def into(self, dst) -> None:
-        dst.copy_(self.tensor(dst.device))
+    def into(self, dst, lo: int = 0) -> None:
+        dst.copy_(self.tensor(dst.device, lo, lo + dst.numel()))
 
 
 class BlockInputs:

@@ -242,9 +242,6 @@ def run_file(job: FileJob, ctx: WorkerContext) -> FileResult:
                 _finish(ks[current], outs[current], sink, slow, pool)
         finally:
             size = sink.close()
-            whole = sys.modules.get(f"{__package__}.operators.whole")  # loaded only where torch is
-            if whole is not None:  # whole-tensor kernels keep their buffers for the next tensor
-                whole.SPARES.clear()
     if size != job.end:
         raise RuntimeError(f"internal: {path} ends at {size} bytes, its layout at {job.end}")
     return FileResult(OutputFile(job.end - job.start, sink.file_hash.hexdigest() if job.whole else "",

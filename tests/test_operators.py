@@ -110,3 +110,28 @@ def test_whole_tensor_buffers_are_reused_but_never_the_one_being_written():
     assert len(spares.free) <= 3  # at most one tensor's worth is kept
     spares.clear()
     assert not spares.free and not spares.loans()
+
+
+@pytest.mark.parametrize("quantum", [0.0, 2.0 ** -12])  # 2^-12: bf16-like deltas, most magnitudes tied
+def test_ranking_top_is_the_sorted_keys_top(quantum):
+    """sparsify.Ranking picks, for every k, exactly the k largest magnitude_key entries (a full sort),
+    ties at the cut included; breadcrumbs' mask is the band of ascending ranks it asks for."""
+    from mergepipe.operators import positional as P
+    from mergepipe.operators import sparsify as S
+    g = torch.Generator().manual_seed(11)
+    d = torch.randn(20_011, generator=g) * 0.01
+    if quantum:
+        d = torch.round(d / quantum) * quantum
+    d[:50] = 0.0
+    ranked = torch.argsort(P.magnitude_key(d.abs(), 5), descending=True)
+    ranking = S.Ranking(d.abs(), 5)
+    for k in (0, 1, 7, 50, 6_003, 20_000, 20_011):
+        want = torch.zeros(d.numel())
+        want[ranked[:k]] = 1
+        assert torch.equal(ranking.top(k), want), k
+    mask = S.outliers_mask(d, 0.3, 0.05, 5)
+    n = d.numel()
+    target, top = int(0.3 * n), int(0.05 * n)
+    band = torch.zeros(n)
+    band[ranked[top:top + target]] = 1  # descending ranks [top, top + target)
+    assert torch.equal(mask, band) and int(mask.sum()) == target

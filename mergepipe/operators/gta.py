@@ -19,27 +19,29 @@ from ..errors import MergepipeError
 from . import Certificate, Operator, Param, register
 from . import positional as P
 from . import sparsify as S
-from .whole import SPARES, WholeTensor, each_step
+from .whole import SPARES, WholeTensor, each_step, shares
 
-CHUNK = 1 << 20  # elements per step after sparsification: bounds the consensus's temporaries
+CHUNK = 1 << 18  # elements per step after sparsification: the consensus's temporaries stay in cache
+
 
 
 @dataclass(frozen=True)
 class Rule:
     """A sparsification rule: its mergekit parameters beyond density, and how it applies."""
     extra: tuple[Param, ...]
-    apply: Callable  # (delta, expert params, key, rescale) -> sparsified delta
+    apply: Callable  # (delta, expert params, key, rescale) -> the delta, sparsified in place
     random: bool  # draws per entry: the seed parameter applies
 
 
-RANDOM = Rule((), lambda d, p, key, rescale: S.bernoulli(d, p["density"], key, rescale), True)
+RANDOM = Rule((), lambda d, p, key, rescale: S.bernoulli(d, p["density"], key, rescale, out=d), True)
 OUTLIERS = Rule((Param("gamma", float, per_expert=True, default=0.01, check=lambda v: 0 <= v <= 1,
                        expect="a fraction in [0, 1]"),),
-                lambda d, p, key, rescale: S.magnitude_outliers(d, p["density"], p["gamma"], key, rescale), False)
-MAGNITUDE = Rule((), lambda d, p, key, rescale: S.magnitude(d, p["density"], key, rescale), False)
+                lambda d, p, key, rescale: S.magnitude_outliers(d, p["density"], p["gamma"], key, rescale, out=d),
+                False)
+MAGNITUDE = Rule((), lambda d, p, key, rescale: S.magnitude(d, p["density"], key, rescale, out=d), False)
 DELLA = Rule((Param("epsilon", float, per_expert=True, default=0.15, check=lambda v: 0 <= v < 1,
                     expect="a fraction in [0, 1)"),),
-             lambda d, p, key, rescale: S.della_magprune(d, p["density"], p["epsilon"], key, rescale), True)
+             lambda d, p, key, rescale: S.della_magprune(d, p["density"], p["epsilon"], key, rescale, out=d), True)
 
 
 def _flag(name: str, default: bool) -> Param:
@@ -87,23 +89,35 @@ class GeneralizedTaskArithmetic(Operator):
         tp, shared = job.params, job.params.shared
         seed = shared.get("seed", 0)
         n = len(inputs)
-        deltas = SPARES.take(n * base.numel(), base.device).view(n, *base.shape)
-        for k in range(n):
-            x, inputs[k] = inputs[k], None
-            deltas[k] = self.rule.apply(x - base, tp.experts[k], P.stream_key(seed, job.name, k, self.stream),
-                                        shared["rescale"])
-            SPARES.release(x, keep=base)  # the output's buffer, below, may reuse it
-            del x
-        weights = torch.tensor(tp.weights(), dtype=deltas.dtype, device=deltas.device).view(-1, 1)
-        flat, b = deltas.view(n, -1), base.reshape(-1)
-        out = SPARES.take(b.numel(), b.device)
+        # each expert's buffer becomes its delta, and the base's the result; an expert read nowhere
+        # (the base itself) gets a buffer of its own, taken here (a loan belongs to the taking thread)
+        own = [not shares(x, base) for x in inputs]
+        deltas = [x if mine else SPARES.take(base.numel(), base.device).view(base.shape)
+                  for x, mine in zip(inputs, own)]
+        sources = list(inputs)
+        inputs.clear()
+
+        def sparsify(k: int) -> None:
+            torch.sub(sources[k], base, out=deltas[k])
+            self.rule.apply(deltas[k], tp.experts[k], P.stream_key(seed, job.name, k, self.stream), shared["rescale"])
+        # one expert per compute thread: each rule is single-threaded torch over its own delta, so the
+        # bits do not depend on which thread runs it
+        if pool is None or n < 2 or base.device.type != "cpu":
+            for k in range(n):
+                sparsify(k)
+        else:
+            for f in [pool.submit(sparsify, k) for k in range(n)]:
+                f.result()
+        del sources
+        weights = torch.tensor(tp.weights(), dtype=torch.float32, device=base.device).view(-1, 1)
+        flat, b = [d.reshape(-1) for d in deltas], base.reshape(-1)
 
         def mix(lo: int, hi: int) -> None:
-            d = flat[:, lo:hi]
+            d = torch.stack([x[lo:hi] for x in flat])
             d.mul_(weights)
-            out[lo:hi] = b[lo:hi] + self._mix(d, weights, shared)
+            torch.add(b[lo:hi], self._mix(d, weights, shared), out=b[lo:hi])
         each_step(pool, b.numel(), mix, CHUNK)
-        return out.view(base.shape)
+        return base
 
     def _mix(self, d: torch.Tensor, weights: torch.Tensor, shared: dict) -> torch.Tensor:
         """sum_k of the weighted deltas d [experts, m], with or without sign consensus, normalised

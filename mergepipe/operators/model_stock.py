@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import Param, register
-from .whole import SPARES, each_step
+from .whole import each_job, each_step
 from .whole_only import WholeInputs
 
 
@@ -25,26 +25,26 @@ def model_stock(w_0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool, po
 
 
 def _flat(w_0: torch.Tensor, ws: list[torch.Tensor], pool) -> torch.Tensor:
-    """model_stock over flat tensors with mergekit's bits: every elementwise pass split over the pool,
-    each norm and dot product one torch sum over the whole tensor, as mergekit's. The offsets are never
-    all held: one scratch tensor takes each offset for its norm, then each pair's product."""
+    """model_stock over flat tensors with mergekit's bits: each norm and dot product one torch sum over
+    the whole tensor, as mergekit's, several of them side by side on the compute threads, each over
+    its own scratch; the final elementwise pass split over the pool."""
     n = w_0.numel()
-    scratch = SPARES.take(n, w_0.device)
 
-    def into_scratch(f):
-        each_step(pool, n, lambda lo, hi: f(lo, hi, scratch[lo:hi]))
-        return scratch
+    def norm(w):
+        def job(s):
+            each_step(None, n, lambda lo, hi: torch.sub(w[lo:hi], w_0[lo:hi], out=s[lo:hi]))
+            return torch.norm(s, dim=-1)
+        return job
 
-    norms = [torch.norm(into_scratch(lambda lo, hi, o, w=w: torch.sub(w[lo:hi], w_0[lo:hi], out=o)), dim=-1)
-             for w in ws]
-    dots = {}
-    for i in range(len(ws)):
-        for j in range(i + 1, len(ws)):
-            def product(lo, hi, o, a=ws[i], b=ws[j]):
-                torch.mul(a[lo:hi] - w_0[lo:hi], b[lo:hi] - w_0[lo:hi], out=o)
-            dots[i, j] = into_scratch(product).sum(dim=-1)
-    t = _t(norms, dots, len(ws))
-    keep, out = 1 - t, scratch
+    def dot(a, b):
+        def job(s):
+            each_step(None, n, lambda lo, hi: torch.mul(a[lo:hi] - w_0[lo:hi], b[lo:hi] - w_0[lo:hi], out=s[lo:hi]))
+            return s.sum(dim=-1)
+        return job
+    pairs = [(i, j) for i in range(len(ws)) for j in range(i + 1, len(ws))]
+    sums, scratches = each_job(pool, [norm(w) for w in ws] + [dot(ws[i], ws[j]) for i, j in pairs], n, w_0.device)
+    t = _t(sums[:len(ws)], dict(zip(pairs, sums[len(ws):])), len(ws))
+    keep, out = 1 - t, scratches[0]
 
     def mix(lo: int, hi: int) -> None:  # t * (sum(ws) / count) + (1 - t) * w_0, sum from 0 as Python's
         r = out[lo:hi]

@@ -7,19 +7,20 @@ from __future__ import annotations
 import torch
 
 from . import Param, register
-from .whole import SPARES, each_step
+from .whole import SPARES, each_job, each_step, shares
 from .whole_only import WholeInputs, is_base
 
 
 def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, eps: float = 1e-8,
-            flatten: bool = False, pool=None) -> torch.Tensor:
+            flatten: bool = False, pool=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """mergekit's nuslerp; flattened, into `out` when given."""
     out_shape = v0.shape
 
     def normalize(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
         return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=eps)
 
     if flatten:
-        return _flat(t, v0.reshape(-1), v1.reshape(-1), eps, pool).reshape(out_shape)
+        return _flat(t, v0.reshape(-1), v1.reshape(-1), eps, pool, None if out is None else out.reshape(-1)).reshape(out_shape)
     if dim != -1:
         v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
     v0_u, v1_u = normalize(v0), normalize(v1)
@@ -34,12 +35,13 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, eps: fl
     return result.reshape(out_shape)
 
 
-def _flat(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float, pool) -> torch.Tensor:
-    """nuslerp over flat tensors, mergekit's operations with its elementwise passes split over the
-    pool; each norm and the dot product stay one torch sum over the whole tensor (its bits)."""
+def _flat(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float, pool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """nuslerp over flat tensors, into `out` when given (v0 or v1 included), mergekit's operations with
+    its elementwise passes split over the pool; each norm and the dot product stay one torch sum over
+    the whole tensor (its bits), the two norms side by side."""
     n = v0.numel()
-    c0 = torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
-    c1 = torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    (c0, c1), _ = each_job(pool, [lambda s: torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7),
+                                  lambda s: torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)], 0, v0.device)
     product = SPARES.take(n, v0.device)
     each_step(pool, n, lambda lo, hi: torch.mul(v0[lo:hi] / c0, v1[lo:hi] / c1, out=product[lo:hi]))
     cos_theta = torch.sum(product, dim=-1, keepdim=True).clamp(-1, 1)
@@ -48,7 +50,7 @@ def _flat(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float, pool) -> tor
     theta = torch.acos(torch.where(torch.tensor(colinear), 0, cos_theta))
     sin_theta = torch.sin(theta)
     s0, s1 = torch.sin((1 - t) * theta), torch.sin(t * theta)
-    out = SPARES.take(n, v0.device)
+    out = SPARES.take(n, v0.device) if out is None else out
 
     def mix(lo: int, hi: int) -> None:
         a, b = v0[lo:hi], v1[lo:hi]
@@ -75,16 +77,19 @@ class NuSlerp(WholeInputs):
         if is_base(job, 0):  # no base_model: the two models themselves
             return nuslerp(t, inputs[0], inputs[1], dim=dim, flatten=flatten, pool=pool)
         b, n = base.reshape(-1), base.numel()
-        deltas = [SPARES.take(n, b.device), SPARES.take(n, b.device)]
+        # each delta in its model's buffer (one of its own where the model is the base itself), and the
+        # result in the first delta's
+        deltas = [x.reshape(-1) if not shares(x, base) else SPARES.take(n, b.device) for x in inputs]
+        sources = [x.reshape(-1) for x in inputs]
+        inputs.clear()
 
         def diff(lo: int, hi: int) -> None:
-            for d, x in zip(deltas, inputs):
-                torch.sub(x.reshape(-1)[lo:hi], b[lo:hi], out=d[lo:hi])
+            for d, x in zip(deltas, sources):
+                torch.sub(x[lo:hi], b[lo:hi], out=d[lo:hi])
         each_step(pool, n, diff)
-        for x in inputs:
-            SPARES.release(x, keep=base)
-        inputs.clear()
-        out = nuslerp(t, *(d.view(base.shape) for d in deltas), dim=dim, flatten=flatten, pool=pool).reshape(-1)
+        del sources
+        out = nuslerp(t, *(d.view(base.shape) for d in deltas), dim=dim, flatten=flatten, pool=pool,
+                      out=deltas[0].view(base.shape) if flatten else None).reshape(-1)
         deltas.clear()
         each_step(pool, n, lambda lo, hi: torch.add(b[lo:hi], out[lo:hi], out=out[lo:hi]))
         return out.view(base.shape)

@@ -13,7 +13,7 @@ from .. import floats
 from ..errors import MergepipeError
 from . import Blockwise, Candidates, Certificate, Param, register
 from .ta import NP_CHUNK
-from .whole import SPARES, each_step
+from .whole import SPARES, each_step, scratch
 from .whole_only import WholeInputs
 
 CHUNK = 1024 * 1024  # mergekit's _CHUNK_ELEMENTS, over a batch of one tensor
@@ -21,8 +21,9 @@ DOT_THRESHOLD = 0.9995  # mergekit's: above it (in |cosine|) slerp interpolates 
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = DOT_THRESHOLD,
-          eps: float = 1e-8, pool=None) -> torch.Tensor:
-    """mergekit's slerp of one tensor. Its norms and dot product are sums of per-chunk sums, so each
+          eps: float = 1e-8, pool=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """mergekit's slerp of one tensor, into `out` when given (v0 or v1 themselves included: each chunk
+    is read before it is written). Its norms and dot product are sums of per-chunk sums, so each
     chunk's part runs on the pool (a thread each, single-threaded torch) with the same bits."""
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)
     tt = torch.tensor([t], dtype=torch.float32, device=v0.device).reshape(-1, 1)
@@ -39,17 +40,25 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = D
         lambda lo, hi: torch.linalg.vector_norm(b[:, lo:hi], dim=1, keepdim=True))), dim=0)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = torch.stack(per_chunk(lambda lo, hi: (a[:, lo:hi] / norm_a * (b[:, lo:hi] / norm_b)).sum(dim=1, keepdim=True)))
+    def dot_part(lo: int, hi: int) -> torch.Tensor:  # (a / norm_a * (b / norm_b)).sum(), in thread scratch
+        x, y = (scratch(i, hi - lo, a.device).view(1, -1) for i in (0, 1))
+        torch.div(a[:, lo:hi], norm_a, out=x)
+        torch.div(b[:, lo:hi], norm_b, out=y)
+        return x.mul_(y).sum(dim=1, keepdim=True)
+    dot = torch.stack(per_chunk(dot_part))
     dot = dot.sum(dim=0).clamp(-1, 1)
     linear = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    result = SPARES.take(n, a.device).view(1, n)
+    result = (SPARES.take(n, a.device) if out is None else out).view(1, n)
 
-    def blend(lo: int, hi: int) -> None:
-        result[:, lo:hi] = coef_a * a[:, lo:hi] + coef_b * b[:, lo:hi]
+    def blend(lo: int, hi: int) -> None:  # coef_a * a + coef_b * b
+        x, y = (scratch(i, hi - lo, a.device).view(1, -1) for i in (0, 1))
+        torch.mul(a[:, lo:hi], coef_a, out=x)
+        torch.mul(b[:, lo:hi], coef_b, out=y)
+        torch.add(x, y, out=result[:, lo:hi])
     per_chunk(blend)
     return result.reshape(v0.shape)
 
@@ -179,7 +188,7 @@ class Slerp(WholeInputs):
         return Blockwise(job.name, merge)
 
     def merge(self, job, base, inputs, pool):
-        return slerp(job.params.shared["t"], base, inputs[0], pool=pool)
+        return slerp(job.params.shared["t"], base, inputs[0], pool=pool, out=base)
 
 
 SLERP = register(Slerp())

@@ -7,6 +7,7 @@ Memory: (experts read + 1) float32 copies of the largest tensor, plus the merge'
 
 from __future__ import annotations
 
+import queue
 import threading
 from typing import Callable
 
@@ -36,6 +37,48 @@ def each_step(pool, n: int, fn: Callable[[int, int], object], step: int = STEP) 
     return [f.result() for f in [pool.submit(fn, lo, hi) for lo, hi in steps]]
 
 
+_LOCAL = threading.local()
+
+
+def scratch(i: int, n: int, dev: torch.device) -> torch.Tensor:
+    """The calling thread's i-th float32 scratch of n entries, kept for its next call: a torch
+    temporary of a few MiB is fresh pages each time, and faulting them in costs more than the pass
+    that fills them."""
+    if dev.type != "cpu":  # the caching allocator keeps a GPU's
+        return torch.empty(n, dtype=torch.float32, device=dev)
+    bufs = _LOCAL.__dict__.setdefault("bufs", {})
+    if i not in bufs or bufs[i].numel() < n:
+        bufs[i] = torch.empty(n, dtype=torch.float32)
+    return bufs[i][:n]
+
+
+def shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are views of one buffer (an input that is the base itself)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def each_job(pool, jobs: list[Callable[[torch.Tensor], torch.Tensor]], n: int, dev: torch.device) -> list:
+    """[job(scratch) for job in jobs], as many at once as the pool has threads, each job with a float32
+    scratch of n entries to itself: for whole-tensor sums, which must each stay one single-threaded
+    torch reduction (their bits), so that the compute threads run several of them side by side.
+    Returns the results and the scratch buffers (loans of the calling thread; None where n is 0)."""
+    width = 1 if pool is None or dev.type != "cpu" else max(1, min(len(jobs), pool._max_workers))
+    free = queue.SimpleQueue()
+    scratches = [SPARES.take(n, dev) if n else None for _ in range(width)]
+    for b in scratches:
+        free.put(b)
+
+    def run(job):
+        buf = free.get()
+        try:
+            return job(buf)
+        finally:
+            free.put(buf)
+    if width == 1:
+        return [run(job) for job in jobs], scratches
+    return [f.result() for f in [pool.submit(run, job) for job in jobs]], scratches
+
+
 class Spares:
     """Float32 buffers of whole tensors, kept from one tensor's merge for the next: a fresh buffer of a
     whole tensor is fresh pages, and faulting them in costs about as much as a pass of the merge. The
@@ -58,6 +101,7 @@ class Spares:
             buf = torch.empty(n, dtype=torch.float32, device=dev)
         if dev.type == "cpu":
             self.loans().append(buf)
+            self.local.taken = getattr(self.local, "taken", 0) + 1
         return buf[:n]
 
     def release(self, t: torch.Tensor, keep: torch.Tensor | None = None) -> None:
@@ -85,12 +129,16 @@ class Spares:
         loans = self.loans()
         back = [b for b in loans if b.untyped_storage().data_ptr() != ptr]
         with self.lock:
-            # the largest, as many as one tensor's merge takes: a smaller one a larger replaced goes
-            self.free = sorted(self.free + back, key=torch.Tensor.numel, reverse=True)[:len(loans)]
+            # the largest, as many as one tensor's merge took (those it released early included): a
+            # smaller one a larger replaced goes
+            keep = max(len(loans), getattr(self.local, "taken", 0))
+            self.free = sorted(self.free + back, key=torch.Tensor.numel, reverse=True)[:keep]
         loans.clear()
+        self.local.taken = 0
 
     def clear(self) -> None:
         self.loans().clear()
+        self.local.taken = 0
         with self.lock:
             self.free.clear()
 
@@ -135,13 +183,15 @@ class WholeTensor:
         merged = self.merge(job, base, inputs, pool).reshape(-1)
         del base, inputs
         self.last.check_finite(all(each_step(pool, merged.numel(), lambda lo, hi: all_finite(merged[lo:hi]))))
-        out = merged
-        if merged.dtype != torch_dtype(job.out_dtype):
-            out = torch.empty(merged.numel(), dtype=torch_dtype(job.out_dtype), device=merged.device)
-            each_step(pool, out.numel(), lambda lo, hi: out[lo:hi].copy_(merged[lo:hi]))
-        step = max(1, WRITE_ROWS_BYTES // out.element_size())
-        for s in range(0, out.numel(), step):
-            sink.write(to_bytes(out[s:s + step]))
-        SPARES.settle(out)
+        dtype = torch_dtype(job.out_dtype)
+        step = max(1, WRITE_ROWS_BYTES // dtype.itemsize)
+        for s in range(0, merged.numel(), step):
+            piece = merged[s:s + step]
+            if dtype != merged.dtype:  # converted a slice at a time: a slice's memory is reused, a whole tensor's faulted in
+                part = torch.empty(piece.numel(), dtype=dtype, device=piece.device)
+                each_step(pool, part.numel(), lambda lo, hi: part[lo:hi].copy_(piece[lo:hi]))
+                piece = part
+            sink.write(to_bytes(piece))
+        SPARES.settle(piece if merged.numel() else merged)
         sink.end(job.name)
         self.last = None
