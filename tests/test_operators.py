@@ -135,3 +135,12 @@ def test_ranking_top_is_the_sorted_keys_top(quantum):
     band = torch.zeros(n)
     band[ranked[top:top + target]] = 1  # descending ranks [top, top + target)
     assert torch.equal(mask, band) and int(mask.sum()) == target
+
+
+def test_uniform_draws_are_the_same_on_numpy_and_torch():
+    """The CPU's numpy splitmix64 and the torch one a GPU runs give the same draws, bit for bit."""
+    from mergepipe.operators import positional as P
+    for key in (5, -123456789012345, 2 ** 62):
+        for start, n in ((0, 1), (7, 100_003), (2 ** 33, 5_000)):
+            torch_draws = P._shr(P.mix(key, start, n, "cpu"), 40).to(torch.float32).mul_(P._U24)
+            assert torch.equal(P.uniform(key, start, n, "cpu"), torch_draws), (key, start, n)

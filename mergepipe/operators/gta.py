@@ -19,6 +19,7 @@ from ..errors import MergepipeError
 from . import Certificate, Operator, Param, register
 from . import positional as P
 from . import sparsify as S
+from .ties_stream import elect_and_mean
 from .whole import SPARES, WholeTensor, each_step, shares
 
 CHUNK = 1 << 18  # elements per step after sparsification: the consensus's temporaries stay in cache
@@ -109,35 +110,29 @@ class GeneralizedTaskArithmetic(Operator):
             for f in [pool.submit(sparsify, k) for k in range(n)]:
                 f.result()
         del sources
-        weights = torch.tensor(tp.weights(), dtype=torch.float32, device=base.device).view(-1, 1)
         flat, b = [d.reshape(-1) for d in deltas], base.reshape(-1)
-
-        def mix(lo: int, hi: int) -> None:
-            d = torch.stack([x[lo:hi] for x in flat])
-            d.mul_(weights)
-            torch.add(b[lo:hi], self._mix(d, weights, shared), out=b[lo:hi])
-        each_step(pool, b.numel(), mix, CHUNK)
+        mix = self._consensus if self.consensus else self._sum
+        each_step(pool, b.numel(), lambda lo, hi: mix(torch.stack([x[lo:hi] for x in flat]), b[lo:hi], tp.weights(),
+                                                      shared), CHUNK)
         return base
 
-    def _mix(self, d: torch.Tensor, weights: torch.Tensor, shared: dict) -> torch.Tensor:
-        """sum_k of the weighted deltas d [experts, m], with or without sign consensus, normalised
-        and scaled by lambda."""
-        if self.consensus:
-            sign = d.sign()
-            majority = (d.sum(dim=0) >= 0).to(d.dtype) * 2 - 1
-            mask = sign == majority
-            mixed = (d * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
-        else:
-            mixed = d.sum(dim=0)
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
+    @staticmethod
+    def _consensus(d: torch.Tensor, b: torch.Tensor, weights: list[float], shared: dict) -> None:
+        """b += the sign-consensus mean of the deltas d [experts, m] (TIES's, element for element)."""
+        b.copy_(elect_and_mean(d, weights, shared["lambda"], shared["normalize"], b))
+
+    @staticmethod
+    def _sum(d: torch.Tensor, b: torch.Tensor, weights: list[float], shared: dict) -> None:
+        """b += lambda * sum_k w_k d_k [/ sum_k w_k]."""
+        w = torch.tensor(weights, dtype=d.dtype, device=d.device).view(-1, 1)
+        mixed = d.mul_(w).sum(dim=0)
         if shared["normalize"]:
+            divisor = w.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
             mixed /= divisor
         if shared["lambda"] != 1:
             mixed *= shared["lambda"]
-        return mixed
+        torch.add(b, mixed, out=b)
 
 
 # (name, rule, sign consensus, normalize default, rescale default), as mergekit 0.1.5 registers them

@@ -8,6 +8,8 @@ import torch
 
 from . import Param, register
 from .whole import each_job, each_step
+
+STEP = 1 << 16  # entries per step of a job's own elementwise pass: its temporaries stay in cache
 from .whole_only import WholeInputs
 
 
@@ -32,13 +34,14 @@ def _flat(w_0: torch.Tensor, ws: list[torch.Tensor], pool) -> torch.Tensor:
 
     def norm(w):
         def job(s):
-            each_step(None, n, lambda lo, hi: torch.sub(w[lo:hi], w_0[lo:hi], out=s[lo:hi]))
+            each_step(None, n, lambda lo, hi: torch.sub(w[lo:hi], w_0[lo:hi], out=s[lo:hi]), STEP)
             return torch.norm(s, dim=-1)
         return job
 
     def dot(a, b):
         def job(s):
-            each_step(None, n, lambda lo, hi: torch.mul(a[lo:hi] - w_0[lo:hi], b[lo:hi] - w_0[lo:hi], out=s[lo:hi]))
+            each_step(None, n, lambda lo, hi: torch.mul(a[lo:hi] - w_0[lo:hi], b[lo:hi] - w_0[lo:hi], out=s[lo:hi]),
+                      STEP)
             return s.sum(dim=-1)
         return job
     pairs = [(i, j) for i in range(len(ws)) for j in range(i + 1, len(ws))]

@@ -7,6 +7,9 @@ arithmetic (torch has no uint64 shifts: a logical shift is an arithmetic one mas
 
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 import torch
 import xxhash
 
@@ -14,6 +17,7 @@ _C1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64's constants as signed int64
 _C2 = 0x94D049BB133111EB - (1 << 64)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _U24 = 2.0 ** -24
+LITTLE = sys.byteorder == "little"
 
 
 def stream_key(seed: int, tensor: str, expert: int, purpose: str) -> int:
@@ -77,8 +81,42 @@ def order(key: int, start: int, n: int, device) -> torch.Tensor:
 
 def uniform(key: int, start: int, n: int, device) -> torch.Tensor:
     """float32 uniforms in [0, 1) per position, in steps of 2^-24 (exact in float32)."""
-    return _stepped(n, torch.float32, device,
-                    lambda lo, hi: _shr(mix(key, start + lo, hi - lo, device), 40).to(torch.float32).mul_(_U24))
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(_uniform_numpy(key, start, n))
+    return _shr(mix(key, start, n, device), 40).to(torch.float32).mul_(_U24)
+
+
+_U64 = [np.uint64(c % (1 << 64)) for c in (_GOLDEN, _C1, _C2)]
+_SHIFTS = [np.uint64(s) for s in (30, 27, 31, 40)]
+
+
+def _uniform_numpy(key: int, start: int, n: int) -> np.ndarray:
+    """uniform's values on the CPU: the same splitmix64 in numpy's native uint64 (wrapping products,
+    logical shifts), a cache-sized step at a time, which torch's int64 kernels take several times
+    longer over (their 64-bit products are emulated)."""
+    golden, c1, c2 = _U64
+    s30, s27, s31, s40 = _SHIFTS
+    out = np.empty(n, np.float32)
+    step = min(STEP, n)
+    offsets = np.arange(step, dtype=np.uint64)
+    x, y = np.empty(step, np.uint64), np.empty(step, np.uint64)
+    k = np.uint64(key % (1 << 64))
+    for lo in range(0, n, step):
+        m = min(step, n - lo)
+        xv, yv = x[:m], y[:m]
+        np.add(offsets[:m], np.uint64(start + lo), out=xv)
+        np.multiply(xv, golden, out=xv)
+        np.add(xv, k, out=xv)
+        for shift, c in ((s30, c1), (s27, c2), (s31, None)):
+            np.right_shift(xv, shift, out=yv)
+            np.bitwise_xor(xv, yv, out=xv)
+            if c is not None:
+                np.multiply(xv, c, out=xv)
+        np.right_shift(xv, s40, out=xv)  # 24 bits: the low word of each value, exact as int32
+        o = out[lo:lo + m]
+        o[...] = xv.view(np.int32)[::2] if LITTLE else xv.view(np.int32)[1::2]
+        o *= np.float32(_U24)
+    return out
 
 
 def magnitude_key(a: torch.Tensor, key: int, start: int = 0) -> torch.Tensor:
@@ -90,3 +128,4 @@ def magnitude_key(a: torch.Tensor, key: int, start: int = 0) -> torch.Tensor:
         return (bits[lo:hi].to(torch.int64) << 32) | order_at(
             key, torch.arange(start + lo, start + hi, dtype=torch.int64, device=a.device))
     return _stepped(a.numel(), torch.int64, a.device, keys)
+

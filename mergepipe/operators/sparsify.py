@@ -12,8 +12,10 @@ sort: every per-entry value depends on the entry's position alone, so the steps 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import positional as P
@@ -183,14 +185,25 @@ def della_mask(rows: torch.Tensor, density: float, epsilon: float, key: int, sta
     density - epsilon to density + epsilon, then a draw per entry. `rows`: at least 2-D, whose first
     entry is entry `start` of its tensor."""
     # rank by (|delta|, tie order) along dim 1, as mergekit's argsort of an argsort does
-    sorted_idx = torch.argsort(P.magnitude_key(rows.abs(), key, start).reshape(rows.shape), dim=1)
-    pos = torch.arange(rows.shape[1], device=rows.device).view(1, -1, *([1] * (rows.dim() - 2)))
-    ranks = torch.empty_like(sorted_idx).scatter_(1, sorted_idx, pos.expand_as(sorted_idx).contiguous())
-    ranks = ranks.to(torch.float32) + 1
+    keys = P.magnitude_key(rows.abs(), key, start).reshape(rows.shape)
+    # the keys are distinct, so any sort gives the same order; numpy's sorts rows in well under torch's time
+    sorted_idx = (torch.from_numpy(np.argsort(keys.numpy(), axis=1)) if keys.device.type == "cpu"
+                  else torch.argsort(keys, dim=1))
+    # an entry's probability depends on its rank alone (each row's ranks are 1..m), so it is looked up
+    # in one row of probabilities by rank, made by the same float32 operations, and scattered
+    by_rank = _della_probs(rows.shape[1], density, epsilon, rows.device)
+    probs = torch.empty(rows.shape, dtype=torch.float32, device=rows.device).scatter_(
+        1, sorted_idx, by_rank.view(1, -1, *([1] * (rows.dim() - 2))).expand_as(sorted_idx).contiguous())
+    return (P.uniform(key, start, rows.numel(), rows.device).reshape(rows.shape) < probs).to(torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _della_probs(m: int, density: float, epsilon: float, device) -> torch.Tensor:
+    """The keep probability by rank 1..m, as mergekit computes it from a row's ranks."""
+    ranks = torch.arange(m, device=device).view(1, -1).to(torch.float32) + 1
     lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
-    probs = (density - epsilon) + rank_norm * 2 * epsilon
-    return (P.uniform(key, start, rows.numel(), rows.device).reshape(rows.shape) < probs).to(torch.float32)
+    return ((density - epsilon) + rank_norm * 2 * epsilon).view(-1)
 
 
 def della_magprune(delta: torch.Tensor, density: float, epsilon: float, key: int,
