@@ -8,7 +8,6 @@ comes in a WorkerContext.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

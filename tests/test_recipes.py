@@ -19,7 +19,6 @@ that names the file and says why, exit 2."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest

@@ -25,7 +25,6 @@ from .whole import SPARES, WholeTensor, each_step, shares
 CHUNK = 1 << 18  # elements per step after sparsification: the consensus's temporaries stay in cache
 
 
-
 @dataclass(frozen=True)
 class Rule:
     """A sparsification rule: its mergekit parameters beyond density, and how it applies."""
@@ -92,9 +91,7 @@ class GeneralizedTaskArithmetic(Operator):
         n = len(inputs)
         # each expert's buffer becomes its delta, and the base's the result; an expert read nowhere
         # (the base itself) gets a buffer of its own, taken here (a loan belongs to the taking thread)
-        own = [not shares(x, base) for x in inputs]
-        deltas = [x if mine else SPARES.take(base.numel(), base.device).view(base.shape)
-                  for x, mine in zip(inputs, own)]
+        deltas = [SPARES.take(base.numel(), base.device).view(base.shape) if shares(x, base) else x for x in inputs]
         sources = list(inputs)
         inputs.clear()
 
@@ -109,7 +106,7 @@ class GeneralizedTaskArithmetic(Operator):
         else:
             for f in [pool.submit(sparsify, k) for k in range(n)]:
                 f.result()
-        del sources
+        sources.clear()
         flat, b = [d.reshape(-1) for d in deltas], base.reshape(-1)
         mix = self._consensus if self.consensus else self._sum
         each_step(pool, b.numel(), lambda lo, hi: mix(torch.stack([x[lo:hi] for x in flat]), b[lo:hi], tp.weights(),

@@ -20,7 +20,8 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, eps: fl
         return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=eps)
 
     if flatten:
-        return _flat(t, v0.reshape(-1), v1.reshape(-1), eps, pool, None if out is None else out.reshape(-1)).reshape(out_shape)
+        flat_out = None if out is None else out.reshape(-1)
+        return _flat(t, v0.reshape(-1), v1.reshape(-1), eps, pool, flat_out).reshape(out_shape)
     if dim != -1:
         v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
     v0_u, v1_u = normalize(v0), normalize(v1)
@@ -35,7 +36,8 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, eps: fl
     return result.reshape(out_shape)
 
 
-def _flat(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float, pool, out: torch.Tensor | None = None) -> torch.Tensor:
+def _flat(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float, pool,
+          out: torch.Tensor | None = None) -> torch.Tensor:
     """nuslerp over flat tensors, into `out` when given (v0 or v1 included), mergekit's operations with
     its elementwise passes split over the pool; each norm and the dot product stay one torch sum over
     the whole tensor (its bits), the two norms side by side."""
@@ -87,7 +89,7 @@ class NuSlerp(WholeInputs):
             for d, x in zip(deltas, sources):
                 torch.sub(x[lo:hi], b[lo:hi], out=d[lo:hi])
         each_step(pool, n, diff)
-        del sources
+        sources.clear()
         out = nuslerp(t, *(d.view(base.shape) for d in deltas), dim=dim, flatten=flatten, pool=pool,
                       out=deltas[0].view(base.shape) if flatten else None).reshape(-1)
         deltas.clear()

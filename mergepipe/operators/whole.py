@@ -57,7 +57,7 @@ def shares(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-def each_job(pool, jobs: list[Callable[[torch.Tensor], torch.Tensor]], n: int, dev: torch.device) -> list:
+def each_job(pool, jobs: list[Callable], n: int, dev: torch.device) -> tuple[list, list]:
     """[job(scratch) for job in jobs], as many at once as the pool has threads, each job with a float32
     scratch of n entries to itself: for whole-tensor sums, which must each stay one single-threaded
     torch reduction (their bits), so that the compute threads run several of them side by side.
@@ -146,6 +146,12 @@ class Spares:
 SPARES = Spares()
 
 
+def _converted(x: torch.Tensor, dtype: torch.dtype, pool) -> torch.Tensor:
+    out = torch.empty(x.numel(), dtype=dtype, device=x.device)
+    each_step(pool, x.numel(), lambda lo, hi: out[lo:hi].copy_(x[lo:hi]))
+    return out
+
+
 class WholeTensor:
     journal_blocks = False  # computed from the whole tensor: no record inside it
     in_place = False
@@ -182,15 +188,14 @@ class WholeTensor:
         self.base = self.experts = None
         merged = self.merge(job, base, inputs, pool).reshape(-1)
         del base, inputs
-        self.last.check_finite(all(each_step(pool, merged.numel(), lambda lo, hi: all_finite(merged[lo:hi]))))
         dtype = torch_dtype(job.out_dtype)
         step = max(1, WRITE_ROWS_BYTES // dtype.itemsize)
         for s in range(0, merged.numel(), step):
             piece = merged[s:s + step]
-            if dtype != merged.dtype:  # converted a slice at a time: a slice's memory is reused, a whole tensor's faulted in
-                part = torch.empty(piece.numel(), dtype=dtype, device=piece.device)
-                each_step(pool, part.numel(), lambda lo, hi: part[lo:hi].copy_(piece[lo:hi]))
-                piece = part
+            if dtype != merged.dtype:  # a slice at a time: a slice's memory is reused, a whole tensor's faulted in
+                piece = _converted(piece, dtype, pool)
+            # checked as written: a NaN or Inf of the merge, or a value the output dtype overflows on
+            self.last.check_finite(all(each_step(pool, piece.numel(), lambda lo, hi: all_finite(piece[lo:hi]))))
             sink.write(to_bytes(piece))
         SPARES.settle(piece if merged.numel() else merged)
         sink.end(job.name)
