@@ -6,6 +6,7 @@ mergepipe are observed the same way and neither has to cooperate.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -180,17 +181,25 @@ def cached_bytes(paths: list[Path]) -> int | None:
         return None
 
 
-def resident_pages(path) -> set[int]:
-    """The indices of the file's pages that are in the page cache now (mincore over a read-only
-    shared mapping; mapping reads nothing)."""
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """libc with mmap, mincore and munmap typed (found once: find_library runs ldconfig)."""
     import ctypes
     import ctypes.util
-    import mmap
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
+def resident_pages(path) -> set[int]:
+    """The indices of the file's pages that are in the page cache now (mincore over a read-only
+    shared mapping; mapping reads nothing)."""
+    import ctypes
+    import mmap
+    libc = _libc()
     size, page = os.path.getsize(path), mmap.PAGESIZE
     if not size:
         return set()
