@@ -108,8 +108,8 @@ class GeneralizedTaskArithmetic(Operator):
                 f.result()
         sources.clear()
         flat, b = [d.reshape(-1) for d in deltas], base.reshape(-1)
-        mix = self._consensus if self.consensus else self._sum
-        each_step(pool, b.numel(), lambda lo, hi: mix(torch.stack([x[lo:hi] for x in flat]), b[lo:hi], tp.weights(),
+        mix, weights = (self._consensus if self.consensus else self._sum), tp.weights()
+        each_step(pool, b.numel(), lambda lo, hi: mix(torch.stack([x[lo:hi] for x in flat]), b[lo:hi], weights,
                                                       shared), CHUNK)
         return base
 

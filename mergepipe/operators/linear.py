@@ -48,14 +48,15 @@ class Linear(Operator):
             step = min(CHUNK if tdev.type == "cpu" else n, n)
             acc, x = (torch.empty(step, dtype=torch.float32, device=tdev) for _ in range(2))
             for s in range(0, n, step):
-                a, xv = acc[:min(step, n - s)], x[:min(step, n - s)]
+                m = min(step, n - s)
+                a, xv = acc[:m], x[:m]
                 a.zero_()
                 for src, coef in zip(inputs, coefs):
                     src.into(xv, s)
                     a.addcmul_(xv, coef)
                 if normalize:
                     a.div_(total)
-                out[s:s + len(a)] = a
+                out[s:s + m] = a
             block.check_finite(all_finite(out))
             return to_bytes(out)
         return Blockwise(job.name, merge)

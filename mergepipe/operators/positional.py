@@ -7,17 +7,16 @@ arithmetic (torch has no uint64 shifts: a logical shift is an arithmetic one mas
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 import xxhash
+
+from ..floats import LITTLE_ENDIAN
 
 _C1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64's constants as signed int64
 _C2 = 0x94D049BB133111EB - (1 << 64)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _U24 = 2.0 ** -24
-LITTLE = sys.byteorder == "little"
 
 
 def stream_key(seed: int, tensor: str, expert: int, purpose: str) -> int:
@@ -114,7 +113,7 @@ def _uniform_numpy(key: int, start: int, n: int) -> np.ndarray:
                 np.multiply(xv, c, out=xv)
         np.right_shift(xv, s40, out=xv)  # 24 bits: the low word of each value, exact as int32
         o = out[lo:lo + m]
-        o[...] = xv.view(np.int32)[::2] if LITTLE else xv.view(np.int32)[1::2]
+        o[...] = xv.view(np.int32)[::2] if LITTLE_ENDIAN else xv.view(np.int32)[1::2]
         o *= np.float32(_U24)
     return out
 

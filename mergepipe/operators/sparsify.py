@@ -38,6 +38,11 @@ def _out(delta: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return torch.empty_like(delta) if out is None else out
 
 
+def _kept(delta: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The delta itself, every entry kept (density 1), where the rule was asked to write it."""
+    return delta if out is None else out.copy_(delta)
+
+
 def _masked(delta: torch.Tensor, mask: Callable[[int, int], torch.Tensor], out: torch.Tensor | None,
             l1: bool = False, step: int = STEP) -> tuple[torch.Tensor, float, float]:
     """delta * mask(lo, hi) a step at a time into out; with l1 also sum |delta| and sum |masked|
@@ -58,10 +63,10 @@ def _rescale_l1(res: torch.Tensor, before: float, after: float, eps: float = 1e-
     """mergekit's L1 rescale, masked * (|delta|_1 / |masked|_1), from sums already taken."""
     if before < eps or after < eps:
         return res
-    factor = torch.tensor(before, dtype=torch.float32) / torch.tensor(after, dtype=torch.float32)
     flat = res.reshape(-1)
+    factor = (torch.tensor(before, dtype=torch.float32) / torch.tensor(after, dtype=torch.float32)).to(flat.device)
     for lo, hi in _steps(flat.numel(), flat.device):
-        flat[lo:hi].mul_(factor.to(flat.device))
+        flat[lo:hi].mul_(factor)
     return res
 
 
@@ -127,7 +132,7 @@ def magnitude_mask(delta: torch.Tensor, density: float, key: int) -> torch.Tenso
 def magnitude(delta: torch.Tensor, density: float, key: int, rescale: bool = False,
               out: torch.Tensor | None = None) -> torch.Tensor:
     if density >= 1:
-        return delta if out is None else out.copy_(delta)
+        return _kept(delta, out)
     if delta.numel() == 0:
         return torch.zeros_like(delta)
     ranking = Ranking(delta, key)
@@ -158,7 +163,7 @@ def outliers_mask(delta: torch.Tensor, density: float, gamma: float, key: int) -
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, key: int,
                        rescale: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     if density >= 1:
-        return delta if out is None else out.copy_(delta)
+        return _kept(delta, out)
     ranking, keep, drop = _band(delta, density, gamma, key)
     before = delta.abs().sum() if rescale else None
     res, _, _ = _masked(delta, lambda lo, hi: ranking.mask(keep, lo, hi) - ranking.mask(drop, lo, hi), out)
@@ -174,7 +179,7 @@ def bernoulli_mask(delta: torch.Tensor, density: float, key: int, start: int = 0
 def bernoulli(delta: torch.Tensor, density: float, key: int, rescale: bool = True,
               out: torch.Tensor | None = None) -> torch.Tensor:
     if density >= 1:
-        return delta if out is None else out.copy_(delta)
+        return _kept(delta, out)
     res, before, after = _masked(delta, lambda lo, hi: bernoulli_mask(delta, density, key, lo, hi - lo), out,
                                  l1=rescale)
     return _rescale_l1(res, before, after) if rescale else res
@@ -209,7 +214,7 @@ def _della_probs(m: int, density: float, epsilon: float, device) -> torch.Tensor
 def della_magprune(delta: torch.Tensor, density: float, epsilon: float, key: int,
                    rescale: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     if density >= 1:
-        return delta if out is None else out.copy_(delta)
+        return _kept(delta, out)
     if density <= 0:
         return torch.zeros_like(delta) if out is None else out.zero_()
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
