@@ -8,7 +8,10 @@ huggingface_hub resolves from its local cache (set HF_HUB_OFFLINE=1 to forbid th
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
+import mmap
 import os
 import struct
 import threading
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from .errors import MergepipeError
+from .errors import InputChangedError, MergepipeError
 
 # safetensors dtype names -> (torch dtype name, bytes per element); names, so that this module and
 # the CPU merge path never import torch
@@ -314,17 +317,26 @@ def check_family(base: Model, experts: list[Model]) -> None:
                 raise MergepipeError(f"{e.ref}: tensor {name!r} is {other.dtype}, expected a floating dtype as in the base")
 
 
-_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_POPULATE_READ = 22  # MADV_POPULATE_READ (Linux 5.14): map a range's pages now, reading any not cached
+_PAGE = mmap.ALLOCATIONGRANULARITY
 
 
 class Reader:
-    """Reads byte ranges with pread and counts the bytes read per file. Thread-safe."""
+    """Reads byte ranges and counts the bytes read per file. Thread-safe.
+
+    A range is mapped, not copied: a copy out of the page cache was the largest cost of a warm merge
+    after the arithmetic. Each range is its own private (copy-on-write) mapping, so a caller may write
+    to what it gets without touching the file, and the mapping goes when the last array over it does.
+    The kernel reads only the planned pages (MADV_RANDOM: no read-around past a range). A file
+    shortened after it was opened is refused when its range is mapped; check_unchanged() (before a
+    publish) refuses a file written to in place while the run read it."""
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._stats: dict[Path, tuple[int, int, int]] = {}
         self._lock = threading.Lock()
         self.bytes_read: dict[str, int] = {}
-        self._hints = False  # read-ahead hints, from the first read the page cache could not serve
+        self._hints = False  # read-ahead hints, from the first range the page cache could not serve
 
     def _fd(self, path: Path) -> int:
         with self._lock:
@@ -333,7 +345,8 @@ class Reader:
                 fd = os.open(path, os.O_RDONLY)
                 # The plan decides what is read: stop the kernel from reading ahead into skipped ranges.
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-                self._fds[path] = fd
+                st = os.fstat(fd)
+                self._fds[path], self._stats[path] = fd, (st.st_ino, st.st_size, st.st_mtime_ns)
             return fd
 
     def prefetch(self, path: Path, start: int, end: int) -> None:
@@ -345,33 +358,89 @@ class Reader:
 
     def read(self, path: Path, start: int, end: int) -> np.ndarray:
         n = end - start
-        buf = np.empty(n, dtype=np.uint8)
-        view = memoryview(buf)
         fd = self._fd(path)
-        got = 0
-        if not self._hints and n:
-            try:  # served from the page cache, or EAGAIN / short: then hint from now on
-                got = os.preadv(fd, [view], start, _NOWAIT)
-            except BlockingIOError:
-                got = 0
-            except OSError:  # RWF_NOWAIT unsupported here: always hint
-                got = 0
-            self._hints = got < n
+        if n <= 0:
+            return np.empty(0, dtype=np.uint8)
+        lo = start - start % _PAGE
+        try:
+            m = mmap.mmap(fd, end - lo, access=mmap.ACCESS_COPY, offset=lo)
+        except ValueError:  # the range ends past the end of the file
+            raise MergepipeError(f"{path}: truncated: expected {n} bytes at offset {start}") from None
+        except OSError:  # a file system that cannot map files
+            return self._pread(path, fd, start, n)
+        m.madvise(mmap.MADV_RANDOM)
+        if not self._hints:
+            self._hints = not _resident(m)
+        try:  # here, on the reader's thread, and so that a file cut short since it was opened is an error
+            m.madvise(_POPULATE_READ)
+        except OSError as e:
+            if e.errno == errno.EFAULT:
+                raise InputChangedError(f"{path}: changed while being read (shorter than recorded)") from None
+            if e.errno != errno.EINVAL:  # EINVAL: a kernel without MADV_POPULATE_READ, so faults map it
+                raise
+        self._count(path, n)
+        return np.frombuffer(m, dtype=np.uint8, count=n, offset=start - lo)
+
+    def _pread(self, path: Path, fd: int, start: int, n: int) -> np.ndarray:
+        buf = np.empty(n, dtype=np.uint8)
+        view, got = memoryview(buf), 0
         while got < n:
             k = os.preadv(fd, [view[got:]], start + got)
             if k == 0:
                 raise MergepipeError(f"{path}: truncated: expected {n} bytes at offset {start}")
             got += k
+        self._count(path, n)
+        return buf
+
+    def _count(self, path: Path, n: int) -> None:
         with self._lock:
             key = str(path)
             self.bytes_read[key] = self.bytes_read.get(key, 0) + n
-        return buf
+
+    def check_unchanged(self) -> None:
+        """Refuse to go on if a file read was replaced, resized or written since it was opened: what
+        was mapped may then be a mix of its old and new bytes."""
+        with self._lock:
+            items = list(self._stats.items())
+        for path, (ino, size, mtime) in items:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # removed: the mapped bytes are the ones opened
+            if (st.st_ino, st.st_size, st.st_mtime_ns) == (ino, size, mtime):
+                continue
+            if st.st_ino != ino:
+                continue  # replaced by a new file: the open one, read throughout, is unchanged
+            raise InputChangedError(f"{path}: written while the merge read it (size or modification time "
+                                    "changed); run it again on unchanging inputs")
 
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+
+
+def _resident(m: mmap.mmap) -> bool:
+    """Whether every page of a mapping is in the page cache (mincore; True where it is unavailable)."""
+    import ctypes
+    pages = (len(m) + _PAGE - 1) // _PAGE
+    vec = (ctypes.c_ubyte * pages)()
+    anchor = ctypes.c_char.from_buffer(m)
+    try:
+        if _libc().mincore(ctypes.addressof(anchor), len(m), vec) != 0:
+            return True
+    finally:
+        del anchor
+    return all(v & 1 for v in vec)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return libc
 
 
 # Per float dtype: the integer view and the exponent bits that, all set, mean NaN or Inf

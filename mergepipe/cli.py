@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -399,7 +400,21 @@ def _size(n: int) -> str:
 
 
 def main() -> None:
-    app()
+    """Run one command and leave. What a command writes is closed and published before it returns,
+    and tearing down the interpreter (torch, thread pools, freed memory) costs a visible share of a
+    short merge, so a finished command exits at once; Ray's driver is left to shut down its own way."""
+    try:
+        app()
+    except SystemExit as e:
+        if "ray" in sys.modules:
+            raise
+        code = e.code
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
 
 
 if __name__ == "__main__":

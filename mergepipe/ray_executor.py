@@ -114,7 +114,9 @@ def part_task(job: FileJob, records: list[Record], cfg: TaskConfig) -> Iterator[
     def work() -> None:
         try:
             with LocalExecutor().session():
-                q.put(("done", run_file(job, ctx)))
+                done = run_file(job, ctx)
+                reader.check_unchanged()
+                q.put(("done", done))
         except BaseException as e:  # noqa: BLE001 - raised again in the task, which reports it
             q.put(("error", e))
 

@@ -43,6 +43,43 @@ def test_reader_counts_bytes(family):
     r.close()
 
 
+def test_reader_maps_ranges_privately_and_refuses_files_that_change(tmp_path):
+    import os
+    import time
+    from mergepipe.errors import InputChangedError
+    p = tmp_path / "f.bin"
+    data = bytes(range(256)) * 64  # 16 KiB: ranges start off a page boundary too
+    p.write_bytes(data)
+    r = Reader()
+    raw = r.read(p, 5000, 9000)
+    assert raw.tobytes() == data[5000:9000] and r.bytes_read == {str(p): 4000}
+    raw[:] = 0  # a caller's writes stay in its copy
+    assert p.read_bytes() == data and r.read(p, 5000, 9000).tobytes() == data[5000:9000]
+    assert r.read(p, 100, 100).size == 0
+    with pytest.raises(MergepipeError, match="truncated"):
+        r.read(p, 16000, 17000)
+    r.check_unchanged()
+    # replaced by a new file (a rename): the open one is still what is read
+    q = tmp_path / "g.bin"
+    q.write_bytes(b"x" * len(data))
+    os.replace(q, p)
+    r.check_unchanged()
+    r.close()
+    # written in place while open: refused before anything is published
+    r = Reader()
+    r.read(p, 0, 10)
+    time.sleep(0.01)
+    with open(p, "r+b") as f:
+        f.write(b"y")
+    with pytest.raises(InputChangedError, match="written while the merge read it"):
+        r.check_unchanged()
+    # cut short after it was opened: the range is refused, not a crash
+    os.truncate(p, 4096)
+    with pytest.raises(MergepipeError, match="truncated|changed while being read"):
+        r.read(p, 0, 8192)
+    r.close()
+
+
 def _write_raw(path, header: dict, data: bytes = b"") -> None:
     js = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(js)) + js + data)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import Param, register
-from .whole import SPARES, each_job, each_step, shares
+from .whole import SPARES, JoinedTensor, each_job, each_step, scratch, shares
 from .whole_only import WholeInputs, is_base
 
 
@@ -38,27 +38,35 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, eps: fl
 
 def _flat(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float, pool,
           out: torch.Tensor | None = None) -> torch.Tensor:
-    """nuslerp over flat tensors, into `out` when given (v0 or v1 included), mergekit's operations with
-    its elementwise passes split over the pool; each norm and the dot product stay one torch sum over
-    the whole tensor (its bits), the two norms side by side."""
+    """nuslerp over flat tensors, into `out` when given (v0 or v1 included)."""
+    n = v0.numel()
+    mix = _flat_mix(t, v0, v1, eps, pool)
+    out = SPARES.take(n, v0.device) if out is None else out
+    each_step(pool, n, lambda lo, hi: mix(lo, hi, out[lo:hi]))
+    return out
+
+
+def _flat_mix(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float, pool):
+    """mergekit's flat nuslerp up to its coefficients; then mix(lo, hi, out), its result's entries
+    [lo, hi) into `out` (which may be v0's or v1's own). Each norm and the dot product stay one torch
+    sum over the whole tensor (its bits), the two norms side by side; the elementwise passes are split
+    over the pool."""
     n = v0.numel()
     (c0, c1), _ = each_job(pool, [lambda s: torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7),
                                   lambda s: torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)], 0, v0.device)
     product = SPARES.take(n, v0.device)
     each_step(pool, n, lambda lo, hi: torch.mul(v0[lo:hi] / c0, v1[lo:hi] / c1, out=product[lo:hi]))
     cos_theta = torch.sum(product, dim=-1, keepdim=True).clamp(-1, 1)
-    SPARES.release(product)  # the output below may reuse it
+    SPARES.release(product)  # the output may reuse it
     colinear = bool((1 - cos_theta.square()) <= eps ** 2)
     theta = torch.acos(torch.where(torch.tensor(colinear), 0, cos_theta))
     sin_theta = torch.sin(theta)
     s0, s1 = torch.sin((1 - t) * theta), torch.sin(t * theta)
-    out = SPARES.take(n, v0.device) if out is None else out
 
-    def mix(lo: int, hi: int) -> None:
+    def mix(lo: int, hi: int, out: torch.Tensor) -> None:
         a, b = v0[lo:hi], v1[lo:hi]
-        out[lo:hi] = (1 - t) * a + t * b if colinear else (s0 * a + s1 * b) / sin_theta
-    each_step(pool, n, mix)
-    return out
+        out[...] = (1 - t) * a + t * b if colinear else (s0 * a + s1 * b) / sin_theta
+    return mix
 
 
 class NuSlerp(WholeInputs):
@@ -71,10 +79,36 @@ class NuSlerp(WholeInputs):
     base_policy = "optional"
     experts_range = (2, 2)
 
-    def merge(self, job, base, inputs, pool):
-        shared, weights = job.params.shared, job.params.weights()
+    def _t(self, job) -> float:
+        weights = job.params.weights()
         total = sum(weights)
-        t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+        return 0.5 if abs(total) < 1e-6 else weights[1] / total
+
+    def kernel(self, job, dev: str, scratch):
+        # flattened with a base (the usual recipe) on the CPU: the base is never copied to float32; the
+        # deltas are made from the blocks as read, and the base is added back as the output is written
+        if dev == "cpu" and job.params.shared["nuslerp_flatten"] and not is_base(job, 0):
+            return JoinedTensor(job, 1 << 20, self._deltas_plan)
+        return super().kernel(job, dev, scratch)
+
+    def _deltas_plan(self, job, base, inputs, pool, early):
+        n, cpu = base.numel, torch.device("cpu")
+        deltas = [SPARES.take(n, cpu) for _ in inputs]
+
+        def diff(lo: int, hi: int) -> None:
+            b = base.into(scratch(0, hi - lo, cpu), lo)
+            for d, x in zip(deltas, inputs):
+                torch.sub(x.into(d[lo:hi], lo), b, out=d[lo:hi])
+        each_step(pool, n, diff)
+        mix = _flat_mix(self._t(job), deltas[0], deltas[1], 1e-8, pool)
+
+        def fill(lo: int, hi: int, out: torch.Tensor) -> None:
+            mix(lo, hi, out)
+            torch.add(base.into(scratch(0, hi - lo, cpu), lo), out, out=out)
+        return fill
+
+    def merge(self, job, base, inputs, pool):
+        shared, t = job.params.shared, self._t(job)
         dim, flatten = (0 if shared["nuslerp_row_wise"] else -1), shared["nuslerp_flatten"]
         if is_base(job, 0):  # no base_model: the two models themselves
             return nuslerp(t, inputs[0], inputs[1], dim=dim, flatten=flatten, pool=pool)

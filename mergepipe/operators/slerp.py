@@ -13,37 +13,57 @@ from .. import floats
 from ..errors import MergepipeError
 from . import Blockwise, Candidates, Certificate, Param, register
 from .ta import NP_CHUNK
-from .whole import SPARES, each_step, scratch
+from .whole import SPARES, JoinedTensor, each_step, scratch
 from .whole_only import WholeInputs
 
 CHUNK = 1024 * 1024  # mergekit's _CHUNK_ELEMENTS, over a batch of one tensor
+FILL_STEP = CHUNK  # the blend: a step of a chunk (smaller steps cost more in per-operation overhead than they gain in cache)
 DOT_THRESHOLD = 0.9995  # mergekit's: above it (in |cosine|) slerp interpolates linearly
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = DOT_THRESHOLD,
           eps: float = 1e-8, pool=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """mergekit's slerp of one tensor, into `out` when given (v0 or v1 themselves included: each chunk
-    is read before it is written). Its norms and dot product are sums of per-chunk sums, so each
-    chunk's part runs on the pool (a thread each, single-threaded torch) with the same bits."""
+    is read before it is written)."""
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)
-    tt = torch.tensor([t], dtype=torch.float32, device=v0.device).reshape(-1, 1)
-    if not a.shape[1]:
-        return ((1 - tt) * a + tt * b).reshape(v0.shape)
     n = a.shape[1]
+    if not n:
+        tt = torch.tensor([t], dtype=torch.float32, device=v0.device).reshape(-1, 1)
+        return ((1 - tt) * a + tt * b).reshape(v0.shape)
+    fill = _plan(t, lambda lo, hi, i: a[:, lo:hi], lambda lo, hi, i: b[:, lo:hi], n, v0.device, pool,
+                 dot_threshold, eps)
+    result = (SPARES.take(n, a.device) if out is None else out).view(1, n)
+    each_step(pool, n, lambda lo, hi: fill(lo, hi, result[:, lo:hi]), FILL_STEP)
+    return result.reshape(v0.shape)
+
+
+def _chunk_norms(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.linalg.vector_norm(a, dim=1, keepdim=True), torch.linalg.vector_norm(b, dim=1, keepdim=True))
+
+
+def _plan(t: float, chunk_a, chunk_b, n: int, dev: torch.device, pool, dot_threshold: float, eps: float,
+          norms: list | None = None):
+    """mergekit's steps up to its coefficients, then its blend as fill(lo, hi, out). Its norms and dot
+    product are sums of per-chunk sums, so each chunk's part runs on the pool (a thread each,
+    single-threaded torch) with the same bits. chunk_x(lo, hi, i): entries [lo, hi) of an input as a
+    [1, hi - lo] float32 tensor the caller may overwrite, through the thread's scratch i if it must
+    be copied. norms: each chunk's (norm of a, norm of b), where the caller has them."""
+    tt = torch.tensor([t], dtype=torch.float32, device=dev).reshape(-1, 1)
 
     def per_chunk(fn):
         return each_step(pool, n, fn, CHUNK)
 
-    norm_a = torch.linalg.vector_norm(torch.stack(per_chunk(
-        lambda lo, hi: torch.linalg.vector_norm(a[:, lo:hi], dim=1, keepdim=True))), dim=0)
-    norm_b = torch.linalg.vector_norm(torch.stack(per_chunk(
-        lambda lo, hi: torch.linalg.vector_norm(b[:, lo:hi], dim=1, keepdim=True))), dim=0)
+    if norms is None:
+        norms = per_chunk(lambda lo, hi: _chunk_norms(chunk_a(lo, hi, 0), chunk_b(lo, hi, 1)))
+    norm_a = torch.linalg.vector_norm(torch.stack([a for a, _ in norms]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack([b for _, b in norms]), dim=0)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
+
     def dot_part(lo: int, hi: int) -> torch.Tensor:  # (a / norm_a * (b / norm_b)).sum(), in thread scratch
-        x, y = (scratch(i, hi - lo, a.device).view(1, -1) for i in (0, 1))
-        torch.div(a[:, lo:hi], norm_a, out=x)
-        torch.div(b[:, lo:hi], norm_b, out=y)
+        x, y = (scratch(i, hi - lo, dev).view(1, -1) for i in (0, 1))
+        torch.div(chunk_a(lo, hi, 0), norm_a, out=x)
+        torch.div(chunk_b(lo, hi, 1), norm_b, out=y)
         return x.mul_(y).sum(dim=1, keepdim=True)
     dot = torch.stack(per_chunk(dot_part))
     dot = dot.sum(dim=0).clamp(-1, 1)
@@ -52,15 +72,30 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = D
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    result = (SPARES.take(n, a.device) if out is None else out).view(1, n)
 
-    def blend(lo: int, hi: int) -> None:  # coef_a * a + coef_b * b
-        x, y = (scratch(i, hi - lo, a.device).view(1, -1) for i in (0, 1))
-        torch.mul(a[:, lo:hi], coef_a, out=x)
-        torch.mul(b[:, lo:hi], coef_b, out=y)
-        torch.add(x, y, out=result[:, lo:hi])
-    per_chunk(blend)
-    return result.reshape(v0.shape)
+    def fill(lo: int, hi: int, out: torch.Tensor) -> None:  # coef_a * a + coef_b * b
+        x, y = (scratch(i, hi - lo, dev).view(1, -1) for i in (0, 1))
+        torch.mul(chunk_a(lo, hi, 0), coef_a, out=x)
+        torch.mul(chunk_b(lo, hi, 1), coef_b, out=y)
+        torch.add(x, y, out=out.view(1, -1))
+    return fill
+
+
+def _widened(x, lo: int, hi: int, i: int) -> torch.Tensor:
+    """Entries [lo, hi) of a Joined tensor as [1, hi - lo] float32, in the thread's scratch i."""
+    return x.into(scratch(i, hi - lo, torch.device("cpu")), lo).view(1, -1)
+
+
+def early_norms(lo: int, hi: int, base, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's norms, as whole.JoinedTensor's early pass: while the tensor streams in."""
+    return _chunk_norms(_widened(base, lo, hi, 0), _widened(inputs[0], lo, hi, 1))
+
+
+def joined(t: float, a, b, pool, norms: list, dot_threshold: float = DOT_THRESHOLD, eps: float = 1e-8):
+    """slerp over two Joined tensors (whole.JoinedTensor's plan), each chunk widened into scratch as
+    a pass needs it."""
+    return _plan(t, lambda lo, hi, i: _widened(a, lo, hi, i), lambda lo, hi, i: _widened(b, lo, hi, i),
+                 a.numel, torch.device("cpu"), pool, dot_threshold, eps, norms)
 
 
 # How far inside the linear regime the index's cosine must be for the tensors' own float32 cosine to
@@ -170,7 +205,11 @@ class Slerp(WholeInputs):
         # Read whole, a tensor the index puts in the linear regime streams too: mergekit's coefficients
         # there are (1 - t, t) in float32 whatever its norms and dot come to, so its bits are these.
         if job.data["whole"] and not abs(job.data.get("cos", 0.0)) > DOT_THRESHOLD + MARGIN:
-            return super().kernel(job, dev, scratch)
+            if dev != "cpu":
+                return super().kernel(job, dev, scratch)
+            t = job.params.shared["t"]
+            return JoinedTensor(job, FILL_STEP, lambda job, base, inputs, pool, norms: joined(
+                t, base, inputs[0], pool, norms), early_norms, CHUNK)
         tdev = torch.device(dev)
         a, b = (torch.tensor(c, dtype=torch.float32, device=tdev) for c in job.data["coef"])
         from ..tensors import all_finite, to_bytes, torch_dtype

@@ -7,6 +7,7 @@ Memory: (experts read + 1) float32 copies of the largest tensor, plus the merge'
 
 from __future__ import annotations
 
+import bisect
 import queue
 import threading
 from typing import Callable
@@ -150,6 +151,98 @@ def _converted(x: torch.Tensor, dtype: torch.dtype, pool) -> torch.Tensor:
     out = torch.empty(x.numel(), dtype=dtype, device=x.device)
     each_step(pool, x.numel(), lambda lo, hi: out[lo:hi].copy_(x[lo:hi]))
     return out
+
+
+class Joined:
+    """A whole tensor as its blocks' float32 views (the base's, an expert's or a sketch-filled one),
+    never assembled: a pass widens the step it needs. The blocks are the reader's mappings of the
+    stored bytes, so holding a tensor this way faults in no memory."""
+
+    def __init__(self, parts: list[tuple[int, object]]) -> None:  # (first entry, view), in order
+        self.starts, self.parts, self.numel = [], [], 0
+        for lo, view in parts:
+            self.add(lo, view)
+
+    def add(self, lo: int, view) -> None:
+        """The next block: its first entry (where the last one ended) and its view."""
+        self.starts.append(lo)
+        self.parts.append(view)
+        self.numel = lo + view.numel
+
+    def into(self, dst: torch.Tensor, lo: int) -> torch.Tensor:
+        """Entries [lo, lo + len(dst)) widened into float32 `dst`, which it returns."""
+        i = bisect.bisect_right(self.starts, lo) - 1
+        pos, n = 0, dst.numel()
+        while pos < n:
+            off = lo + pos - self.starts[i]
+            k = min(n - pos, self.parts[i].numel - off)
+            self.parts[i].into(dst[pos:pos + k], off)
+            pos, i = pos + k, i + 1
+        return dst
+
+
+# plan(job, base, inputs, pool, early) -> fill: the passes a method needs over its Joined inputs (its
+# sums), then fill(lo, hi, out), the merge's entries [lo, hi) into float32 `out`, on any thread;
+# early(lo, hi, base, inputs): a method's part of one chunk [lo, hi), computed as soon as the chunk
+# has streamed in (early: the list of them, in chunk order)
+Fill = Callable[[int, int, torch.Tensor], None]
+Plan = Callable[[object, Joined, list, object, list], Fill]
+Early = Callable[[int, int, Joined, list], object]
+
+
+class JoinedTensor:
+    """The kernel of a whole-tensor operator whose every pass can be cut in steps (slerp's chunked
+    sums), on the CPU: the blocks stay as read (Joined) and the result is computed, converted and
+    written one output slice at a time, so no float32 copy of the tensor is ever made. A first pass
+    over chunks of `chunk` entries (`early`) runs on this thread while the tensor streams in: the
+    cores are otherwise idle then, and each chunk is still in cache."""
+    journal_blocks = False
+    in_place = False
+
+    def __init__(self, job, step: int, plan: Plan, early: Early | None = None, chunk: int = 1 << 20) -> None:
+        self.job, self.step, self.plan, self.early, self.chunk = job, step, plan, early, chunk
+        self.base = Joined([])
+        self.inputs = [Joined([]) for _ in job.experts]
+        self.last, self.done = None, []
+
+    def compute(self, b: int, block):
+        return block
+
+    def take(self, b: int, block, sink) -> None:
+        self.last = block
+        read, first = dict(block.experts), block.first
+        for k, x in enumerate(self.inputs):
+            x.add(first, read.get(k, block.base))
+        self.base.add(first, block.base)
+        if self.early is not None:
+            self._early(self.base.numel == self.job.numel)
+
+    def _early(self, complete: bool) -> None:
+        n = self.base.numel
+        while (len(self.done) + 1) * self.chunk <= n or (complete and len(self.done) * self.chunk < n):
+            lo = len(self.done) * self.chunk
+            self.done.append(self.early(lo, min(lo + self.chunk, n), self.base, self.inputs))
+
+    def finish(self, sink, pool=None) -> None:
+        job, base, inputs, early = self.job, self.base, self.inputs, self.done
+        self.base, self.inputs, self.done = Joined([]), [], []
+        fill = self.plan(job, base, inputs, pool, early)
+        dtype, cpu, n = torch_dtype(job.out_dtype), torch.device("cpu"), base.numel
+        width = max(self.step, WRITE_ROWS_BYTES // dtype.itemsize // self.step * self.step)
+        for s in range(0, n, width):
+            piece = torch.empty(min(width, n - s), dtype=dtype)
+
+            def part(lo: int, hi: int) -> bool:
+                out = scratch(2, hi - lo, cpu)  # 0 and 1 are the fill's
+                fill(s + lo, s + hi, out)
+                piece[lo:hi].copy_(out)
+                return all_finite(piece[lo:hi])  # checked as written, in the output dtype
+            self.last.check_finite(all(each_step(pool, piece.numel(), part, self.step)))
+            sink.write(to_bytes(piece))
+        del fill
+        SPARES.settle(torch.empty(0))  # what the plan took (nothing of it is being written)
+        sink.end(job.name)
+        self.last = None
 
 
 class WholeTensor:
