@@ -212,8 +212,10 @@ def execute(manifest: Path = typer.Argument(...),
             as_json: bool = JSON, opts: RunOptions = None):
     """Stream the planned blocks, merge, and publish OUT with its completed manifest. A run that was
     killed or hit a disk error resumes from its journaled work when run again."""
+    from . import warm
     from .execute import execute as run
     from .manifest import load_manifest
+    warm.for_manifest(manifest)  # while torch loads
     m = load_manifest(manifest)
     total = m.plan.planned_expert_bytes + sum(f.size for f in m.base.files)
     with progress_bar("merge", total, as_json) as cb:

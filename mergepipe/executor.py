@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from . import warm
 from .journal import Journal
 from .manifest import JobRun
 from .sink import Resume
@@ -62,6 +63,7 @@ class LocalExecutor:
             whole = sys.modules.get(f"{__package__}.operators.whole")  # loaded only where torch is
             if whole is not None:
                 whole.SPARES.clear()
+            warm.clear()
             if gc_was:
                 gc.enable()
 

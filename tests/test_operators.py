@@ -144,3 +144,13 @@ def test_uniform_draws_are_the_same_on_numpy_and_torch():
         for start, n in ((0, 1), (7, 100_003), (2 ** 33, 5_000)):
             torch_draws = P._shr(P.mix(key, start, n, "cpu"), 40).to(torch.float32).mul_(P._U24)
             assert torch.equal(P.uniform(key, start, n, "cpu"), torch_draws), (key, start, n)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.123456789, 2 ** -24, 3 * 2 ** -24, 1e-9, 0.0, 0.9999999999])
+def test_dare_keeps_exactly_the_draws_below_its_density(p):
+    """DARE's CPU mask (one uint64 comparison per entry) keeps what `uniform < density` keeps in
+    float32, the GPU's form, entry for entry, at the edges of 24-bit draws too."""
+    from mergepipe.operators import positional as P
+    for start, n in ((0, 70_001), (123_456_789, 200_000)):
+        draws = P.uniform(77, start, n, "cpu")
+        assert torch.equal(torch.from_numpy(P.below(77, start, n, p)), (draws < p).to(torch.float32)), (p, start)

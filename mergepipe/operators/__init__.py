@@ -232,6 +232,13 @@ _LAZY: dict[str, str] = {
     **{n: "gta" for n in ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")},
 }
 _REGISTERED: dict[str, Operator] = {}
+# Per method whose CPU merge assembles whole float32 tensors: how many buffers of the largest tensor
+# it takes beyond one per expert (warm.for_manifest faults them in while torch loads, so this must
+# stay torch-free; test_warm checks it against what each merge takes)
+WHOLE_BUFFERS: dict[str, int] = {
+    "nuslerp": 1, "model_stock": 3,
+    **{n: 1 for n in ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")},
+}
 
 
 def register(op: Operator) -> Operator:

@@ -7,6 +7,8 @@ arithmetic (torch has no uint64 shifts: a logical shift is an arithmetic one mas
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import xxhash
@@ -93,9 +95,36 @@ def _uniform_numpy(key: int, start: int, n: int) -> np.ndarray:
     """uniform's values on the CPU: the same splitmix64 in numpy's native uint64 (wrapping products,
     logical shifts), a cache-sized step at a time, which torch's int64 kernels take several times
     longer over (their 64-bit products are emulated)."""
-    golden, c1, c2 = _U64
-    s30, s27, s31, s40 = _SHIFTS
     out = np.empty(n, np.float32)
+    s40 = _SHIFTS[3]
+    for lo, xv in _mixed_numpy(key, start, n):
+        np.right_shift(xv, s40, out=xv)  # 24 bits: the low word of each value, exact as int32
+        o = out[lo:lo + len(xv)]
+        o[...] = xv.view(np.int32)[::2] if LITTLE_ENDIAN else xv.view(np.int32)[1::2]
+        o *= np.float32(_U24)
+    return out
+
+
+def below(key: int, start: int, n: int, p: float) -> np.ndarray:
+    """float32 1.0 where uniform(key, start, n) < p (compared in float32, as torch compares a float32
+    tensor with a number), else 0.0, on the CPU. A uniform is k * 2^-24 for the top 24 bits k of the
+    hash, so the test is hash < ceil(p * 2^24) * 2^40, one comparison of the uint64s."""
+    cut = math.ceil(float(np.float32(p)) * (1 << 24))
+    out = np.empty(n, np.float32)
+    if cut <= 0 or cut >= 1 << 24:
+        out[...] = 0.0 if cut <= 0 else 1.0
+        return out
+    limit = np.uint64(cut << 40)
+    for lo, xv in _mixed_numpy(key, start, n):
+        np.less(xv, limit, out=out[lo:lo + len(xv)], casting="unsafe")
+    return out
+
+
+def _mixed_numpy(key: int, start: int, n: int):
+    """(lo, the splitmix64 of positions start + lo ... as uint64) per step of [0, n); each step's
+    array is reused by the next."""
+    golden, c1, c2 = _U64
+    s30, s27, s31, _ = _SHIFTS
     step = min(STEP, n)
     offsets = np.arange(step, dtype=np.uint64)
     x, y = np.empty(step, np.uint64), np.empty(step, np.uint64)
@@ -111,11 +140,7 @@ def _uniform_numpy(key: int, start: int, n: int) -> np.ndarray:
             np.bitwise_xor(xv, yv, out=xv)
             if c is not None:
                 np.multiply(xv, c, out=xv)
-        np.right_shift(xv, s40, out=xv)  # 24 bits: the low word of each value, exact as int32
-        o = out[lo:lo + m]
-        o[...] = xv.view(np.int32)[::2] if LITTLE_ENDIAN else xv.view(np.int32)[1::2]
-        o *= np.float32(_U24)
-    return out
+        yield lo, xv
 
 
 def magnitude_key(a: torch.Tensor, key: int, start: int = 0) -> torch.Tensor:

@@ -172,7 +172,11 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, key: i
 
 def bernoulli_mask(delta: torch.Tensor, density: float, key: int, start: int = 0, n: int | None = None) -> torch.Tensor:
     """DARE: 1.0 where the entry's own uniform draw is below `density` (entries [start, start + n))."""
-    mask = (P.uniform(key, start, delta.numel() if n is None else n, delta.device) < density).to(torch.float32)
+    count = delta.numel() if n is None else n
+    if delta.device.type == "cpu":
+        mask = torch.from_numpy(P.below(key, start, count, density))
+    else:
+        mask = (P.uniform(key, start, count, delta.device) < density).to(torch.float32)
     return mask.reshape_as(delta) if n is None else mask
 
 

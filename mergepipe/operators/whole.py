@@ -12,8 +12,10 @@ import queue
 import threading
 from typing import Callable
 
+import numpy as np
 import torch
 
+from .. import warm
 from ..tensors import all_finite, to_bytes, torch_dtype
 
 WRITE_ROWS_BYTES = 16 << 20  # output written in slices of about this size
@@ -98,6 +100,9 @@ class Spares:
             fits = [i for i, b in enumerate(self.free) if b.numel() >= n and b.device == dev]
             if fits:
                 buf = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+        if buf is None and dev.type == "cpu":
+            warmed = warm.take(4 * n)  # faulted in while torch loaded, where one fits
+            buf = None if warmed is None else torch.from_numpy(warmed[:warmed.nbytes // 4 * 4].view(np.float32))
         if buf is None:
             buf = torch.empty(n, dtype=torch.float32, device=dev)
         if dev.type == "cpu":
