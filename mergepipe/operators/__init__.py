@@ -236,7 +236,7 @@ _REGISTERED: dict[str, Operator] = {}
 # it takes beyond one per expert (warm.for_manifest faults them in while torch loads, so this must
 # stay torch-free; test_warm checks it against what each merge takes)
 WHOLE_BUFFERS: dict[str, int] = {
-    "nuslerp": 1, "model_stock": 3,
+    "nuslerp": 1, "model_stock": 2,
     **{n: 1 for n in ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")},
 }
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from . import Param, register
-from .whole import each_job, each_step
+from .whole import SPARES, JoinedTensor, each_job, each_step, scratch
+from .whole_only import WholeInputs
 
 STEP = 1 << 16  # entries per step of a job's own elementwise pass: its temporaries stay in cache
-from .whole_only import WholeInputs
 
 
 def model_stock(w_0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool, pool=None) -> torch.Tensor:
@@ -47,17 +47,56 @@ def _flat(w_0: torch.Tensor, ws: list[torch.Tensor], pool) -> torch.Tensor:
     pairs = [(i, j) for i in range(len(ws)) for j in range(i + 1, len(ws))]
     sums, scratches = each_job(pool, [norm(w) for w in ws] + [dot(ws[i], ws[j]) for i, j in pairs], n, w_0.device)
     t = _t(sums[:len(ws)], dict(zip(pairs, sums[len(ws):])), len(ws))
-    keep, out = 1 - t, scratches[0]
-
-    def mix(lo: int, hi: int) -> None:  # t * (sum(ws) / count) + (1 - t) * w_0, sum from 0 as Python's
-        r = out[lo:hi]
-        torch.add(ws[0][lo:hi], 0, out=r)
-        for w in ws[1:]:
-            r.add_(w[lo:hi])
-        r.div_(len(ws)).mul_(t)
-        r.add_(keep * w_0[lo:hi])
-    each_step(pool, n, mix)
+    out = scratches[0]
+    mix = _mix(t, len(ws))
+    each_step(pool, n, lambda lo, hi: mix([w[lo:hi] for w in ws], w_0[lo:hi], out[lo:hi]))
     return out
+
+
+def _mix(t: torch.Tensor, count: int):
+    """mix(ws, w_0, out): t * (sum(ws) / count) + (1 - t) * w_0 into out, the sum from 0 as Python's."""
+    keep = 1 - t
+
+    def mix(ws: list, w_0: torch.Tensor, r: torch.Tensor) -> None:
+        torch.add(ws[0], 0, out=r)
+        for w in ws[1:]:
+            r.add_(w)
+        r.div_(count).mul_(t)
+        r.add_(keep * w_0)
+    return mix
+
+
+def joined(base, inputs: list, pool):
+    """Flat model_stock over Joined tensors (whole.JoinedTensor's plan), with mergekit's bits: each
+    model's offset from the base made once, from the blocks as read, into a buffer its norm sums
+    directly; each dot product over a scratch; the blend widens the blocks again, a step at a time,
+    so that neither the base nor any model is ever copied whole to float32."""
+    n, cpu = base.numel, torch.device("cpu")
+    offsets = [SPARES.take(n, cpu) for _ in inputs]
+
+    def diff(lo: int, hi: int) -> None:
+        b = base.into(scratch(0, hi - lo, cpu), lo)
+        for d, x in zip(offsets, inputs):
+            torch.sub(x.into(d[lo:hi], lo), b, out=d[lo:hi])
+    each_step(pool, n, diff)
+
+    def norm(d):
+        return lambda s: torch.norm(d, dim=-1)
+
+    def dot(a, b):
+        def job(s):
+            each_step(None, n, lambda lo, hi: torch.mul(a[lo:hi], b[lo:hi], out=s[lo:hi]), STEP)
+            return s.sum(dim=-1)
+        return job
+    pairs = [(i, j) for i in range(len(inputs)) for j in range(i + 1, len(inputs))]
+    sums, _ = each_job(pool, [norm(d) for d in offsets] + [dot(offsets[i], offsets[j]) for i, j in pairs], n, cpu)
+    offsets.clear()
+    mix = _mix(_t(sums[:len(inputs)], dict(zip(pairs, sums[len(inputs):])), len(inputs)), len(inputs))
+
+    def fill(lo: int, hi: int, out: torch.Tensor) -> None:
+        ws = [x.into(scratch(3 + k, hi - lo, cpu), lo) for k, x in enumerate(inputs)]
+        mix(ws, base.into(scratch(0, hi - lo, cpu), lo), out)
+    return fill
 
 
 def _t(norms: list[torch.Tensor], dots: dict, count: int) -> torch.Tensor:
@@ -74,6 +113,11 @@ class ModelStock(WholeInputs):
     name = "model_stock"
     params = (Param("filter_wise", bool, per_expert=False, default=False, expect="true or false"),)
     experts_range = (2, None)
+
+    def kernel(self, job, dev: str, scratch):
+        if dev == "cpu" and not job.params.shared["filter_wise"]:
+            return JoinedTensor(job, 1 << 20, lambda job, base, inputs, pool, early: joined(base, inputs, pool))
+        return super().kernel(job, dev, scratch)
 
     def merge(self, job, base, inputs, pool):
         return model_stock(base, inputs, job.params.shared["filter_wise"], pool)
