@@ -99,7 +99,7 @@ def execute(m: Manifest, out: str | Path, options: RunOptions | None = None, **f
         reader = Reader()
         try:
             done = _merge_and_stages(run, staging, reader)
-            reader.check_unchanged()
+            reader.check_unchanged(own=staging.folder)
             write_card(done, staging.folder, out)
             done.save(staging.folder / MANIFEST_NAME)
             publish(staging, out)

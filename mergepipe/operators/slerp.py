@@ -30,7 +30,7 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = D
     if not n:
         tt = torch.tensor([t], dtype=torch.float32, device=v0.device).reshape(-1, 1)
         return ((1 - tt) * a + tt * b).reshape(v0.shape)
-    fill = _plan(t, lambda lo, hi, i: a[:, lo:hi], lambda lo, hi, i: b[:, lo:hi], n, v0.device, pool,
+    fill = _plan(t, (lambda lo, hi, i: a[:, lo:hi], lambda lo, hi, i: b[:, lo:hi]), n, v0.device, pool,
                  dot_threshold, eps)
     result = (SPARES.take(n, a.device) if out is None else out).view(1, n)
     each_step(pool, n, lambda lo, hi: fill(lo, hi, result[:, lo:hi]), FILL_STEP)
@@ -41,14 +41,16 @@ def _chunk_norms(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return (torch.linalg.vector_norm(a, dim=1, keepdim=True), torch.linalg.vector_norm(b, dim=1, keepdim=True))
 
 
-def _plan(t: float, chunk_a, chunk_b, n: int, dev: torch.device, pool, dot_threshold: float, eps: float,
+def _plan(t: float, chunks: tuple, n: int, dev: torch.device, pool, dot_threshold: float, eps: float,
           norms: list | None = None):
     """mergekit's steps up to its coefficients, then its blend as fill(lo, hi, out). Its norms and dot
     product are sums of per-chunk sums, so each chunk's part runs on the pool (a thread each,
-    single-threaded torch) with the same bits. chunk_x(lo, hi, i): entries [lo, hi) of an input as a
+    single-threaded torch) with the same bits. chunks: (chunk_a, chunk_b), where chunk_x(lo, hi, i)
+    gives entries [lo, hi) of an input as a
     [1, hi - lo] float32 tensor the caller may overwrite, through the thread's scratch i if it must
     be copied. norms: each chunk's (norm of a, norm of b), where the caller has them."""
     tt = torch.tensor([t], dtype=torch.float32, device=dev).reshape(-1, 1)
+    chunk_a, chunk_b = chunks
 
     def per_chunk(fn):
         return each_step(pool, n, fn, CHUNK)
@@ -94,7 +96,7 @@ def early_norms(lo: int, hi: int, base, inputs) -> tuple[torch.Tensor, torch.Ten
 def joined(t: float, a, b, pool, norms: list, dot_threshold: float = DOT_THRESHOLD, eps: float = 1e-8):
     """slerp over two Joined tensors (whole.JoinedTensor's plan), each chunk widened into scratch as
     a pass needs it."""
-    return _plan(t, lambda lo, hi, i: _widened(a, lo, hi, i), lambda lo, hi, i: _widened(b, lo, hi, i),
+    return _plan(t, (lambda lo, hi, i: _widened(a, lo, hi, i), lambda lo, hi, i: _widened(b, lo, hi, i)),
                  a.numel, torch.device("cpu"), pool, dot_threshold, eps, norms)
 
 
