@@ -293,6 +293,16 @@ def test_random_methods_rescale_as_mergekit_and_replay(method, wide_family, work
     assert m1.execution.root_hash != done.execution.root_hash
 
 
+def test_a_whole_tensor_merge_takes_an_expert_read_only_from_its_sketch():
+    """Under a budget, an expert none of whose blocks of a tensor are read exactly, but some filled
+    from its sketch, enters that tensor's whole-tensor merge as base + sketch, not as the base."""
+    from types import SimpleNamespace
+    from mergepipe.operators.whole import WholeTensor
+    job = SimpleNamespace(exact=(frozenset({0}), frozenset(), frozenset()), sketched=(frozenset(), frozenset({1}), frozenset()))
+    assert WholeTensor(job, torch.device("cpu"), None).active == [0, 1]
+    assert WholeTensor(SimpleNamespace(exact=job.exact, sketched=()), torch.device("cpu"), None).active == [0]
+
+
 @pytest.mark.parametrize("rule", ["bernoulli", "della"])
 def test_random_rules_keep_the_requested_fraction(rule, wide_family, one_thread):
     """Per (expert, tensor) of at least 2^16 entries, and over the family, the kept share is within

@@ -146,6 +146,23 @@ def test_uniform_draws_are_the_same_on_numpy_and_torch():
             assert torch.equal(P.uniform(key, start, n, "cpu"), torch_draws), (key, start, n)
 
 
+@pytest.mark.parametrize("start", [0, 5, 2 ** 32 - 700, 3 * 2 ** 32 + 11])
+def test_della_row_order_is_the_argsort_of_its_keys(start):
+    """DELLA's CPU row order (a sort of the keys, each key's position recovered from its tie order)
+    is torch's argsort of magnitude_key, ties at equal magnitudes included, across 2^32 boundaries."""
+    from mergepipe.operators import positional as P
+    from mergepipe.operators.sparsify import _row_order_numpy
+    g = torch.Generator().manual_seed(1)
+    rows = (torch.randint(-6, 7, (37, 320), generator=g).float() * 2 ** -9)  # a few levels: many ties
+    rows[3, :100] = -0.0
+    key = 0xDEADBEEF12345
+    want = torch.argsort(P.magnitude_key(rows.abs(), key, start).reshape(rows.shape), dim=1)
+    assert torch.equal(_row_order_numpy(rows, key, start), want)
+    pos = np.arange(start, start + 1000, dtype=np.int64)
+    assert np.array_equal(P.position_of(key, P.order_numpy(key, pos)), (pos & 0xFFFFFFFF).astype(np.uint32))
+    assert np.array_equal(P.order_numpy(key, pos), P.order_at(key, torch.from_numpy(pos)).numpy())
+
+
 @pytest.mark.parametrize("p", [0.3, 0.5, 0.123456789, 2 ** -24, 3 * 2 ** -24, 1e-9, 0.0, 0.9999999999])
 def test_dare_keeps_exactly_the_draws_below_its_density(p):
     """DARE's CPU mask (one uint64 comparison per entry) keeps what `uniform < density` keeps in

@@ -60,6 +60,36 @@ def order_at(key: int, positions: torch.Tensor) -> torch.Tensor:
     return x
 
 
+_F1, _F2 = np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
+_F1_INV, _F2_INV = np.uint32(pow(0x85EBCA6B, -1, 1 << 32)), np.uint32(pow(0xC2B2AE35, -1, 1 << 32))
+
+
+def order_numpy(key: int, positions: np.ndarray) -> np.ndarray:
+    """order_at in numpy's native uint32, whose products wrap mod 2^32 (torch's int64 ones are
+    emulated on the CPU): the same tie order, as uint32."""
+    x = positions.astype(np.uint32)  # positions mod 2^32
+    x += np.uint32(key & _M32)
+    x ^= x >> np.uint32(16)
+    x *= _F1
+    x ^= x >> np.uint32(13)
+    x *= _F2
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def position_of(key: int, order: np.ndarray) -> np.ndarray:
+    """The inverse of order_numpy: each tie order's position mod 2^32 (uint32; fmix32 is a bijection),
+    so a sort of keys that end in the tie order says where each key came from."""
+    x = order.astype(np.uint32)
+    x ^= x >> np.uint32(16)
+    x *= _F2_INV
+    x ^= (x >> np.uint32(13)) ^ (x >> np.uint32(26))
+    x *= _F1_INV
+    x ^= x >> np.uint32(16)
+    x -= np.uint32(key & _M32)
+    return x
+
+
 # Positions per step: a hash makes a dozen int64 passes, which stay in cache at this size (whole
 # tensors took four times as long). Each value depends on its position alone, so steps change no bit.
 STEP = 1 << 16

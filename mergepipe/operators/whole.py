@@ -256,7 +256,8 @@ class WholeTensor:
 
     def __init__(self, job, dev: torch.device, merge: Merge) -> None:
         self.job, self.dev, self.merge = job, dev, merge
-        self.active = [k for k, sel in enumerate(job.exact) if sel]
+        # the experts read here, exactly or from a sketch (the others are the base itself)
+        self.active = [k for k, sel in enumerate(job.exact) if sel or (job.sketched and job.sketched[k])]
         self.base = self.experts = self.last = None
 
     def compute(self, b: int, block):
