@@ -46,7 +46,6 @@ def start(nbytes: int, count: int) -> None:
 def take(nbytes: int) -> np.ndarray | None:
     """A faulted-in buffer of at least `nbytes` (uint8), or None. Waits for the warming to finish:
     what it has left to fault would cost the caller the same."""
-    global _THREAD
     if _THREAD is None:
         return None
     _THREAD.join()

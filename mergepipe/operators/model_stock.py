@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import Param, register
-from .whole import SPARES, JoinedTensor, each_job, each_step, scratch
+from .whole import JoinedTensor, deltas, each_job, each_step, scratch
 from .whole_only import WholeInputs
 
 STEP = 1 << 16  # entries per step of a job's own elementwise pass: its temporaries stay in cache
@@ -72,13 +72,7 @@ def joined(base, inputs: list, pool):
     directly; each dot product over a scratch; the blend widens the blocks again, a step at a time,
     so that neither the base nor any model is ever copied whole to float32."""
     n, cpu = base.numel, torch.device("cpu")
-    offsets = [SPARES.take(n, cpu) for _ in inputs]
-
-    def diff(lo: int, hi: int) -> None:
-        b = base.into(scratch(0, hi - lo, cpu), lo)
-        for d, x in zip(offsets, inputs):
-            torch.sub(x.into(d[lo:hi], lo), b, out=d[lo:hi])
-    each_step(pool, n, diff)
+    offsets = deltas(base, inputs, pool)
 
     def norm(d):
         return lambda s: torch.norm(d, dim=-1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import Param, register
-from .whole import SPARES, JoinedTensor, each_job, each_step, scratch, shares
+from .whole import SPARES, JoinedTensor, deltas, each_job, each_step, scratch, shares
 from .whole_only import WholeInputs, is_base
 
 
@@ -92,15 +92,9 @@ class NuSlerp(WholeInputs):
         return super().kernel(job, dev, scratch)
 
     def _deltas_plan(self, job, base, inputs, pool, early):
-        n, cpu = base.numel, torch.device("cpu")
-        deltas = [SPARES.take(n, cpu) for _ in inputs]
-
-        def diff(lo: int, hi: int) -> None:
-            b = base.into(scratch(0, hi - lo, cpu), lo)
-            for d, x in zip(deltas, inputs):
-                torch.sub(x.into(d[lo:hi], lo), b, out=d[lo:hi])
-        each_step(pool, n, diff)
-        mix = _flat_mix(self._t(job), deltas[0], deltas[1], 1e-8, pool)
+        cpu = torch.device("cpu")
+        d0, d1 = deltas(base, inputs, pool)
+        mix = _flat_mix(self._t(job), d0, d1, 1e-8, pool)
 
         def fill(lo: int, hi: int, out: torch.Tensor) -> None:
             mix(lo, hi, out)
@@ -115,18 +109,18 @@ class NuSlerp(WholeInputs):
         b, n = base.reshape(-1), base.numel()
         # each delta in its model's buffer (one of its own where the model is the base itself), and the
         # result in the first delta's
-        deltas = [x.reshape(-1) if not shares(x, base) else SPARES.take(n, b.device) for x in inputs]
+        diffs = [x.reshape(-1) if not shares(x, base) else SPARES.take(n, b.device) for x in inputs]
         sources = [x.reshape(-1) for x in inputs]
         inputs.clear()
 
         def diff(lo: int, hi: int) -> None:
-            for d, x in zip(deltas, sources):
+            for d, x in zip(diffs, sources):
                 torch.sub(x[lo:hi], b[lo:hi], out=d[lo:hi])
         each_step(pool, n, diff)
         sources.clear()
-        out = nuslerp(t, *(d.view(base.shape) for d in deltas), dim=dim, flatten=flatten, pool=pool,
-                      out=deltas[0].view(base.shape) if flatten else None).reshape(-1)
-        deltas.clear()
+        out = nuslerp(t, *(d.view(base.shape) for d in diffs), dim=dim, flatten=flatten, pool=pool,
+                      out=diffs[0].view(base.shape) if flatten else None).reshape(-1)
+        diffs.clear()
         each_step(pool, n, lambda lo, hi: torch.add(b[lo:hi], out[lo:hi], out=out[lo:hi]))
         return out.view(base.shape)
 

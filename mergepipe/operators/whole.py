@@ -186,6 +186,20 @@ class Joined:
         return dst
 
 
+def deltas(base: Joined, inputs: list[Joined], pool) -> list[torch.Tensor]:
+    """Each input less the base, in float32 buffers from Spares (on loan to this thread), made a
+    step at a time over the pool from the blocks as read."""
+    n, cpu = base.numel, torch.device("cpu")
+    out = [SPARES.take(n, cpu) for _ in inputs]
+
+    def diff(lo: int, hi: int) -> None:
+        b = base.into(scratch(0, hi - lo, cpu), lo)
+        for d, x in zip(out, inputs):
+            torch.sub(x.into(d[lo:hi], lo), b, out=d[lo:hi])
+    each_step(pool, n, diff)
+    return out
+
+
 # plan(job, base, inputs, pool, early) -> fill: the passes a method needs over its Joined inputs (its
 # sums), then fill(lo, hi, out), the merge's entries [lo, hi) into float32 `out`, on any thread;
 # early(lo, hi, base, inputs): a method's part of one chunk [lo, hi), computed as soon as the chunk
@@ -244,7 +258,6 @@ class JoinedTensor:
                 return all_finite(piece[lo:hi])  # checked as written, in the output dtype
             self.last.check_finite(all(each_step(pool, piece.numel(), part, self.step)))
             sink.write(to_bytes(piece))
-        del fill
         SPARES.settle(torch.empty(0))  # what the plan took (nothing of it is being written)
         sink.end(job.name)
         self.last = None
