@@ -21,12 +21,43 @@ _THREAD: threading.Thread | None = None
 
 def start(nbytes: int, count: int) -> None:
     """Fault in `count` buffers of `nbytes` each on a background thread."""
+    _launch(lambda: (nbytes, count))
+
+
+def for_manifest(path: str | Path) -> None:
+    """Start warming what the manifest's merge will allocate first: for a whole-tensor method, a
+    float32 buffer of its largest tensor per input and its extras (operators.WHOLE_BUFFERS). The
+    manifest and the base's headers are read on the warming thread too, so nothing is added to the
+    start-up; any problem with them is left to the load that follows."""
+    _launch(lambda: _sizes(Path(path)))
+
+
+def _sizes(path: Path) -> tuple[int, int]:
+    from .checkpoint import open_model
+    from .operators import WHOLE_BUFFERS
+    try:
+        doc = json.loads(path.read_text())
+        extra = WHOLE_BUFFERS.get(doc["operator"]["name"])
+        if extra is None:
+            return 0, 0
+        names = set(doc["plan"]["tensors"])
+        model = open_model(doc["base"]["ref"])
+        numel = max((t.numel for n, t in model.tensors.items() if n in names and t.is_float), default=0)
+        return 4 * numel, len(doc["experts"]) + extra
+    except Exception:  # noqa: BLE001 - an optimisation only: load_manifest reports what is wrong
+        return 0, 0
+
+
+def _launch(sizes) -> None:
     global _THREAD
-    if nbytes <= 0 or count <= 0 or _THREAD is not None:
+    if _THREAD is not None:
         return
 
     def run() -> None:
         import ctypes
+        nbytes, count = sizes()
+        if nbytes <= 0:
+            return
         libc = ctypes.CDLL(None, use_errno=True)  # a foreign call runs without the GIL: torch's import goes on
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
@@ -62,21 +93,3 @@ def clear() -> None:
         _READY.clear()
     _THREAD = None
 
-
-def for_manifest(path: str | Path) -> None:
-    """Start warming what the manifest's merge will allocate first: for a whole-tensor method, a
-    float32 buffer of its largest tensor per input and its extras (operators.WHOLE_BUFFERS). Any
-    problem with the manifest is left to the load that follows."""
-    from .checkpoint import open_model
-    from .operators import WHOLE_BUFFERS
-    try:
-        doc = json.loads(Path(path).read_text())
-        extra = WHOLE_BUFFERS.get(doc["operator"]["name"])
-        if extra is None:
-            return
-        names = set(doc["plan"]["tensors"])
-        model = open_model(doc["base"]["ref"])
-        numel = max((t.numel for n, t in model.tensors.items() if n in names and t.is_float), default=0)
-        start(4 * numel, len(doc["experts"]) + extra)
-    except Exception:  # noqa: BLE001 - an optimisation only: load_manifest reports what is wrong
-        return

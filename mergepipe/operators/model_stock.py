@@ -110,7 +110,7 @@ class ModelStock(WholeInputs):
 
     def kernel(self, job, dev: str, scratch):
         if dev == "cpu" and not job.params.shared["filter_wise"]:
-            return JoinedTensor(job, 1 << 20, lambda job, base, inputs, pool, early: joined(base, inputs, pool))
+            return JoinedTensor(job, lambda job, base, inputs, pool: joined(base, inputs, pool))
         return super().kernel(job, dev, scratch)
 
     def merge(self, job, base, inputs, pool):

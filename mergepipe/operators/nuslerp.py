@@ -88,10 +88,10 @@ class NuSlerp(WholeInputs):
         # flattened with a base (the usual recipe) on the CPU: the base is never copied to float32; the
         # deltas are made from the blocks as read, and the base is added back as the output is written
         if dev == "cpu" and job.params.shared["nuslerp_flatten"] and not is_base(job, 0):
-            return JoinedTensor(job, 1 << 20, self._deltas_plan)
+            return JoinedTensor(job, self._deltas_plan)
         return super().kernel(job, dev, scratch)
 
-    def _deltas_plan(self, job, base, inputs, pool, early):
+    def _deltas_plan(self, job, base, inputs, pool):
         cpu = torch.device("cpu")
         d0, d1 = deltas(base, inputs, pool)
         mix = _flat_mix(self._t(job), d0, d1, 1e-8, pool)

@@ -17,7 +17,6 @@ from .whole import SPARES, JoinedTensor, each_step, scratch
 from .whole_only import WholeInputs
 
 CHUNK = 1024 * 1024  # mergekit's _CHUNK_ELEMENTS, over a batch of one tensor
-FILL_STEP = CHUNK  # the blend: a step of a chunk (smaller steps cost more in per-operation overhead than they gain in cache)
 DOT_THRESHOLD = 0.9995  # mergekit's: above it (in |cosine|) slerp interpolates linearly
 
 
@@ -33,32 +32,27 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = D
     fill = _plan(t, (lambda lo, hi, i: a[:, lo:hi], lambda lo, hi, i: b[:, lo:hi]), n, v0.device, pool,
                  dot_threshold, eps)
     result = (SPARES.take(n, a.device) if out is None else out).view(1, n)
-    each_step(pool, n, lambda lo, hi: fill(lo, hi, result[:, lo:hi]), FILL_STEP)
+    each_step(pool, n, lambda lo, hi: fill(lo, hi, result[:, lo:hi]), CHUNK)
     return result.reshape(v0.shape)
 
 
-def _chunk_norms(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.linalg.vector_norm(a, dim=1, keepdim=True), torch.linalg.vector_norm(b, dim=1, keepdim=True))
-
-
-def _plan(t: float, chunks: tuple, n: int, dev: torch.device, pool, dot_threshold: float, eps: float,
-          norms: list | None = None):
+def _plan(t: float, chunks: tuple, n: int, dev: torch.device, pool, dot_threshold: float, eps: float):
     """mergekit's steps up to its coefficients, then its blend as fill(lo, hi, out). Its norms and dot
     product are sums of per-chunk sums, so each chunk's part runs on the pool (a thread each,
     single-threaded torch) with the same bits. chunks: (chunk_a, chunk_b), where chunk_x(lo, hi, i)
     gives entries [lo, hi) of an input as a
     [1, hi - lo] float32 tensor the caller may overwrite, through the thread's scratch i if it must
-    be copied. norms: each chunk's (norm of a, norm of b), where the caller has them."""
+    be copied."""
     tt = torch.tensor([t], dtype=torch.float32, device=dev).reshape(-1, 1)
     chunk_a, chunk_b = chunks
 
     def per_chunk(fn):
         return each_step(pool, n, fn, CHUNK)
 
-    if norms is None:
-        norms = per_chunk(lambda lo, hi: _chunk_norms(chunk_a(lo, hi, 0), chunk_b(lo, hi, 1)))
-    norm_a = torch.linalg.vector_norm(torch.stack([a for a, _ in norms]), dim=0)
-    norm_b = torch.linalg.vector_norm(torch.stack([b for _, b in norms]), dim=0)
+    norm_a = torch.linalg.vector_norm(torch.stack(per_chunk(
+        lambda lo, hi: torch.linalg.vector_norm(chunk_a(lo, hi, 0), dim=1, keepdim=True))), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack(per_chunk(
+        lambda lo, hi: torch.linalg.vector_norm(chunk_b(lo, hi, 0), dim=1, keepdim=True))), dim=0)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
 
@@ -88,16 +82,11 @@ def _widened(x, lo: int, hi: int, i: int) -> torch.Tensor:
     return x.into(scratch(i, hi - lo, torch.device("cpu")), lo).view(1, -1)
 
 
-def early_norms(lo: int, hi: int, base, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk's norms, as whole.JoinedTensor's early pass: while the tensor streams in."""
-    return _chunk_norms(_widened(base, lo, hi, 0), _widened(inputs[0], lo, hi, 1))
-
-
-def joined(t: float, a, b, pool, norms: list, dot_threshold: float = DOT_THRESHOLD, eps: float = 1e-8):
+def joined(t: float, a, b, pool, dot_threshold: float = DOT_THRESHOLD, eps: float = 1e-8):
     """slerp over two Joined tensors (whole.JoinedTensor's plan), each chunk widened into scratch as
     a pass needs it."""
     return _plan(t, (lambda lo, hi, i: _widened(a, lo, hi, i), lambda lo, hi, i: _widened(b, lo, hi, i)),
-                 a.numel, torch.device("cpu"), pool, dot_threshold, eps, norms)
+                 a.numel, torch.device("cpu"), pool, dot_threshold, eps)
 
 
 # How far inside the linear regime the index's cosine must be for the tensors' own float32 cosine to
@@ -210,8 +199,7 @@ class Slerp(WholeInputs):
             if dev != "cpu":
                 return super().kernel(job, dev, scratch)
             t = job.params.shared["t"]
-            return JoinedTensor(job, FILL_STEP, lambda job, base, inputs, pool, norms: joined(
-                t, base, inputs[0], pool, norms), early_norms, CHUNK)
+            return JoinedTensor(job, lambda job, base, inputs, pool: joined(t, base, inputs[0], pool), CHUNK)
         tdev = torch.device(dev)
         a, b = (torch.tensor(c, dtype=torch.float32, device=tdev) for c in job.data["coef"])
         from ..tensors import all_finite, to_bytes, torch_dtype

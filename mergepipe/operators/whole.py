@@ -1,7 +1,8 @@
 """The kernel of an operator that needs whole tensors (slerp's norms, a sparsifier's ranks, an L1
 rescale): the base and each read expert tensor are assembled in float32 from their hash-checked
 blocks as they stream, merged once the last block is in (its elementwise passes spread over the
-compute pool), and written; their buffers go to the next tensor (Spares). A block the plan does not
+compute pool), and written; their buffers go to the next tensor (Spares). Joined / JoinedTensor hold
+a tensor as its blocks were read instead, for methods whose passes can each be cut in steps. A block the plan does not
 read for an expert takes the base's rows (a zero delta); an expert read nowhere is the base itself.
 Memory: (experts read + 1) float32 copies of the largest tensor, plus the merge's buffers."""
 
@@ -200,29 +201,24 @@ def deltas(base: Joined, inputs: list[Joined], pool) -> list[torch.Tensor]:
     return out
 
 
-# plan(job, base, inputs, pool, early) -> fill: the passes a method needs over its Joined inputs (its
-# sums), then fill(lo, hi, out), the merge's entries [lo, hi) into float32 `out`, on any thread;
-# early(lo, hi, base, inputs): a method's part of one chunk [lo, hi), computed as soon as the chunk
-# has streamed in (early: the list of them, in chunk order)
+# plan(job, base, inputs, pool) -> fill: the passes a method needs over its Joined inputs (its sums),
+# then fill(lo, hi, out), the merge's entries [lo, hi) into float32 `out`, on any thread
 Fill = Callable[[int, int, torch.Tensor], None]
-Plan = Callable[[object, Joined, list, object, list], Fill]
-Early = Callable[[int, int, Joined, list], object]
+Plan = Callable[[object, Joined, list, object], Fill]
 
 
 class JoinedTensor:
     """The kernel of a whole-tensor operator whose every pass can be cut in steps (slerp's chunked
     sums), on the CPU: the blocks stay as read (Joined) and the result is computed, converted and
-    written one output slice at a time, so no float32 copy of the tensor is ever made. A first pass
-    over chunks of `chunk` entries (`early`) runs on this thread while the tensor streams in: the
-    cores are otherwise idle then, and each chunk is still in cache."""
+    written one output slice at a time, so no float32 copy of the tensor is ever made."""
     journal_blocks = False
     in_place = False
 
-    def __init__(self, job, step: int, plan: Plan, early: Early | None = None, chunk: int = 1 << 20) -> None:
-        self.job, self.step, self.plan, self.early, self.chunk = job, step, plan, early, chunk
+    def __init__(self, job, plan: Plan, step: int = STEP) -> None:
+        self.job, self.plan, self.step = job, plan, step
         self.base = Joined([])
         self.inputs = [Joined([]) for _ in job.experts]
-        self.last, self.done = None, []
+        self.last = None
 
     def compute(self, b: int, block):
         return block
@@ -233,19 +229,11 @@ class JoinedTensor:
         for k, x in enumerate(self.inputs):
             x.add(first, read.get(k, block.base))
         self.base.add(first, block.base)
-        if self.early is not None:
-            self._early(self.base.numel == self.job.numel)
-
-    def _early(self, complete: bool) -> None:
-        n = self.base.numel
-        while (len(self.done) + 1) * self.chunk <= n or (complete and len(self.done) * self.chunk < n):
-            lo = len(self.done) * self.chunk
-            self.done.append(self.early(lo, min(lo + self.chunk, n), self.base, self.inputs))
 
     def finish(self, sink, pool=None) -> None:
-        job, base, inputs, early = self.job, self.base, self.inputs, self.done
-        self.base, self.inputs, self.done = Joined([]), [], []
-        fill = self.plan(job, base, inputs, pool, early)
+        job, base, inputs = self.job, self.base, self.inputs
+        self.base, self.inputs = Joined([]), []
+        fill = self.plan(job, base, inputs, pool)
         dtype, cpu, n = torch_dtype(job.out_dtype), torch.device("cpu"), base.numel
         width = max(self.step, WRITE_ROWS_BYTES // dtype.itemsize // self.step * self.step)
         for s in range(0, n, width):
