@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -32,7 +33,7 @@ from .executor import LocalExecutor, Ran, RunEnv
 from .journal import Record
 from .manifest import JobRun, OutputFile
 from .options import RunOptions
-from .sink import Resume, hash_file, recover
+from .sink import FileHasher, Resume, chunks, recover
 from .worker import SLOW_ENV, FileJob, FileResult, WorkerContext, cuts, kernels, run_file, split
 
 SCRATCH = ".mergepipe-scratch"  # as execute.SCRATCH, which removes it before publishing
@@ -42,6 +43,7 @@ PART_BYTES = 128 << 20
 ATTEMPTS = 4  # per part: a part whose worker died this many times fails the run
 CPUS_PER_TASK = 1  # and as many compute threads
 STOP_WAIT_S = 120  # a failed run waits this long for its running parts to stop
+READ_BACK_THREADS = 4  # files the driver reads back at once
 INSTALL = "--executor ray needs Ray, which is not installed: pip install 'mergepipe[ray]' (or pip install 'ray>=2.40')"
 
 
@@ -75,9 +77,49 @@ class TaskConfig:
     stop: str  # a file the driver creates when the run fails: its tasks end where they are
 
 
-def read_back(path: str, layout) -> tuple[int, str, dict[str, str]]:
-    """The body of a read-back task: an output file's size and hashes, from the bytes on disk."""
-    return (os.path.getsize(path), *hash_file(Path(path), layout))
+class _ReadBack:
+    """The driver's check of what the parts wrote: each output file hashed from the shared file system
+    in file order, a part as soon as it and every part before it in its file are done, while later
+    parts run. Files are read on up to READ_BACK_THREADS threads at once (one at a time each: a
+    file's hash is one stream), so one stream's latency does not bind the driver. Only the bytes of
+    finished parts are read, and when the last part ends only its own range is left to read."""
+
+    def __init__(self, staging: Path, jobs: list[FileJob]) -> None:
+        self._staging = staging
+        self._parts: dict[str, list[FileJob]] = collections.defaultdict(list)
+        for job in sorted(jobs, key=lambda j: (j.layout.name, j.start)):
+            self._parts[job.layout.name].append(job)
+        self._hashers = {name: FileHasher(parts[0].layout) for name, parts in self._parts.items()}
+        self._locks = {name: threading.Lock() for name in self._parts}
+        self._finished: set = set()
+        self._pool = ThreadPoolExecutor(READ_BACK_THREADS, thread_name_prefix="mergepipe-read-back")
+        self._reads: list = []
+        self.files: dict[str, OutputFile] = {}
+
+    def done(self, key: tuple[str, int]) -> None:
+        self._finished.add(key)
+        self._reads.append(self._pool.submit(self._advance, key[0]))
+
+    def _advance(self, name: str) -> None:
+        with self._locks[name]:
+            parts, h, path = self._parts[name], self._hashers[name], self._staging / name
+            while parts and parts[0].key in self._finished:
+                part = parts.pop(0)
+                for chunk in chunks(path, part.start, part.end):
+                    h.feed(chunk)
+                if not parts:
+                    self.files[name] = OutputFile(os.path.getsize(path), *h.digests())
+
+    def stop(self) -> None:
+        """Let the reads queued so far end."""
+        self._pool.shutdown(wait=True)
+
+    def close(self) -> dict[str, OutputFile]:
+        """The files read back whole, once the reads queued so far are done."""
+        self.stop()
+        for read in self._reads:
+            read.result()
+        return self.files
 
 
 class _Relay:
@@ -166,8 +208,8 @@ class RayExecutor:
                 raise MergepipeError(f"--path-map {entry!r}: expected DRIVER_PATH=WORKER_PATH, both absolute")
         self.opts = opts
         self._ray = _ray()
-        # per output file, its size and hashes read back from the shared file system once all its parts
-        # were done: what the driver checks against the workers' reports
+        # per output file, its size and hashes read back from the shared file system as its parts
+        # finished: what the driver checks against the workers' reports
         self.read_back: dict[str, OutputFile] = {}
 
     def parts(self, jobs: list[FileJob]) -> list[FileJob]:
@@ -225,16 +267,12 @@ class RayExecutor:
             running[task.options(**opts).remote(mapped[key], state[key].records, cfg)] = key
 
         done: dict[tuple[str, int], Ran] = {}
-        left = collections.Counter(job.layout.name for job in jobs)
-        hashing: dict = {}  # read-back tasks of the files whose parts are all done
+        back = _ReadBack(env.staging, jobs)
         try:
-            while todo or running or hashing:
+            while todo or running:
                 while todo and len(running) < window:
                     submit(todo.popleft())
-                gen = ray.wait([*running, *hashing], num_returns=1)[0][0]
-                if gen in hashing:
-                    self.read_back[hashing.pop(gen)] = OutputFile(*ray.get(gen))
-                    continue
+                gen = ray.wait(list(running), num_returns=1)[0][0]
                 key = running[gen]
                 try:
                     item = ray.get(next(gen))
@@ -250,9 +288,8 @@ class RayExecutor:
                     continue
                 if self._take(state[key], item, env):
                     done[key] = _ran(state[key], item[1], hosts)
-                    left[key[0]] -= 1
-                    if not left[key[0]]:
-                        hashing[self._read_back(state[key].job, staging, strategies.get(key))] = key[0]
+                    back.done(key)
+            self.read_back = back.close()
         except ray.exceptions.RayTaskError as e:
             raise self._failed(running, stop, _cause(e), env) from None
         except ray.exceptions.TaskUnschedulableError:
@@ -261,14 +298,9 @@ class RayExecutor:
                 f"left the cluster; the work done so far is kept in {env.staging} for a rerun to resume"), env) from None
         except BaseException as e:
             raise self._failed(running, stop, e, env) from None
+        finally:
+            back.stop()
         return done
-
-    def _read_back(self, job: FileJob, staging: str, strategy):
-        """A task that hashes one finished output file as the shared file system holds it (on a node
-        that sees the staging folder; idempotent, so Ray's own retries fit)."""
-        # a CPU like a part: it then runs in the workers the parts warmed up, not in a new process
-        opts = {"num_cpus": CPUS_PER_TASK, "max_retries": 3, **({"scheduling_strategy": strategy} if strategy else {})}
-        return self._ray.remote(read_back).options(**opts).remote(str(Path(staging) / job.layout.name), job.layout)
 
     def _failed(self, running: dict, stop: Path, error: BaseException, env: RunEnv) -> BaseException:
         """Stop the running parts and wait for them to end, journaling what they still report (a rerun

@@ -48,8 +48,9 @@ class DirectFile:
     name bytes still staged, which a killed run loses, and resuming then re-verifies and redoes them.
     Falls back to the page cache where the file system refuses O_DIRECT."""
 
-    def __init__(self, path: Path, prefix: int) -> None:
+    def __init__(self, path: Path, prefix: int, keep_tail: bool = False) -> None:
         self.name = str(path)
+        self._keep_tail = keep_tail  # the interior of a part: the file's later bytes are other parts'
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
         self._spare = [mmap.mmap(-1, STAGE) for _ in range(STAGED - 1)]  # page-aligned
         self._buf = mmap.mmap(-1, STAGE)
@@ -57,7 +58,8 @@ class DirectFile:
         self._pos = prefix - prefix % ALIGN  # file offset of the buffer's first byte
         self._fill = prefix - self._pos
         try:
-            os.ftruncate(self._fd, prefix)
+            if not keep_tail:
+                os.ftruncate(self._fd, prefix)
             if self._fill:  # the partial block before prefix is staged again, to be rewritten whole
                 with open(path, "rb") as f:
                     f.seek(self._pos)
@@ -121,7 +123,8 @@ class DirectFile:
         try:
             if write:
                 self.sync()
-                os.ftruncate(self._fd, self._pos + self._fill)  # drop the padding of the last block
+                if not self._keep_tail:
+                    os.ftruncate(self._fd, self._pos + self._fill)  # drop the padding of the last block
         finally:
             for done, _ in self._inflight:  # after a failure: let the writes end before the fd does
                 done.exception()
@@ -133,6 +136,59 @@ class DirectFile:
 
     def __exit__(self, exc_type, *_) -> None:
         self.close(write=exc_type is None)  # after a failure, what is staged is not worth a write
+
+
+class PartFile:
+    """Bytes [start, end) of an output file that other parts write beside it. The pages wholly inside
+    the range go direct (DirectFile, for the reasons given there); the partial pages at its two edges,
+    which the neighbouring parts share, through the page cache, since a direct write rounds to whole
+    pages and would overwrite a neighbour's bytes."""
+
+    def __init__(self, path: Path, prefix: int, start: int, end: int) -> None:
+        self.name = str(path)
+        self._lo = min(-(-start // ALIGN) * ALIGN, end)  # the pages in [lo, hi) are this part's alone
+        self._hi = max(end - end % ALIGN, self._lo)
+        self._pos = prefix
+        self._edges = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._direct = None
+        try:
+            if self._lo < self._hi and self._pos < self._hi:
+                self._direct = DirectFile(path, max(prefix, self._lo), keep_tail=True)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # no O_DIRECT here: the whole part through the page cache
+                self.close(write=False)
+                raise
+            self._lo = self._hi = end
+
+    def write(self, view: memoryview) -> int:
+        if self._direct is not None and self._lo <= self._pos < self._hi:
+            n = self._direct.write(view[:self._hi - self._pos])
+        else:
+            n = os.pwrite(self._edges, view[:self._lo - self._pos] if self._pos < self._lo else view, self._pos)
+        self._pos += n
+        return n
+
+    def sync(self) -> None:
+        if self._direct is not None:
+            self._direct.sync()
+
+    def fileno(self) -> int:
+        return self._edges
+
+    def close(self, write: bool = True) -> None:
+        try:
+            if self._direct is not None:
+                self._direct.close(write)
+        finally:
+            if self._edges >= 0:
+                os.close(self._edges)
+                self._edges = -1
+
+    def __enter__(self) -> "PartFile":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.close(write=exc_type is None)
 
 
 _IO_POOL: list[ThreadPoolExecutor] = []
@@ -168,12 +224,13 @@ def _io_pool() -> ThreadPoolExecutor:
     return _IO_POOL[0]
 
 
-def open_output(path: Path, prefix: int, direct: bool, keep_tail: bool = False):
+def open_output(path: Path, prefix: int, direct: bool, part: tuple[int, int] | None = None):
     """The output file cut to `prefix` and positioned there: direct (see DirectFile) for files written
-    strictly front to back, the page cache for those patched in place (TIES). With `keep_tail` the
-    file is not cut: a part of a file, whose later bytes other parts write (through the page cache:
-    a direct write rounds to whole pages, which parts share)."""
-    if keep_tail:
+    strictly front to back, the page cache for those patched in place (TIES). A `part` [start, end)
+    of a file is not cut, since other parts write its later bytes (see PartFile)."""
+    if part is not None:
+        if direct:
+            return PartFile(path, prefix, *part)
         f = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b", buffering=0)
         f.seek(prefix)
         return f
@@ -426,25 +483,70 @@ def _hash_range(f, start: int, n: int, *hashes) -> int:
     return got
 
 
+def chunks(path: Path, start: int = 0, end: int | None = None):
+    """The file's bytes [start, end) (to its end by default), CHUNK at a time, read O_DIRECT where the
+    file system allows: a read through the page cache costs the kernel fresh pages for a file it does
+    not hold (an output written direct), as a write does (see DirectFile). Each chunk is valid until
+    the next."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        fd = os.open(path, os.O_RDONLY)
+    buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT needs
+    view, pos = memoryview(buf), start - start % ALIGN  # direct reads start on a block
+    try:
+        while end is None or pos < end:
+            try:
+                got = os.preadv(fd, [view], pos)
+            except OSError as e:  # a file system that takes O_DIRECT at open and refuses it here
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+                if e.errno != errno.EINVAL or not flags & os.O_DIRECT:
+                    raise
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                continue
+            if not got:
+                return
+            lo, hi = max(start - pos, 0), got if end is None else min(got, end - pos)
+            if hi > lo:
+                yield view[lo:hi]
+            pos += got
+    finally:
+        os.close(fd)  # the buffer goes with the last chunk the caller holds
+
+
+class FileHasher:
+    """The hashes a Sink computes while writing, fed the file's bytes in order: the file's xxh3_128
+    and, given its layout, each tensor's xxh3_64 (each chunk feeds the tensors it overlaps)."""
+
+    def __init__(self, ofile: OutFile | None = None) -> None:
+        self.file = xxhash.xxh3_128()
+        self._ofile = ofile
+        self._spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in ofile.tensors) if ofile else []
+        self._tensors = {name: xxhash.xxh3_64() for *_, name in self._spans}
+        self.pos, self._i = 0, 0
+
+    def feed(self, chunk: memoryview) -> None:
+        end = self.pos + len(chunk)
+        self.file.update(chunk)
+        while self._i < len(self._spans) and self._spans[self._i][0] <= end:
+            lo, hi, name = self._spans[self._i]
+            self._tensors[name].update(chunk[max(lo, self.pos) - self.pos:max(min(hi, end), self.pos) - self.pos])
+            if hi > end:
+                break
+            self._i += 1
+        self.pos = end
+
+    def digests(self) -> tuple[str, dict[str, str]]:
+        ofile = self._ofile
+        return self.file.hexdigest(), {t.name: self._tensors[t.name].hexdigest() for t in ofile.tensors} if ofile else {}
+
+
 def hash_file(path: Path, ofile: OutFile | None = None) -> tuple[str, dict[str, str]]:
-    """The hashes a Sink computes while writing, from the bytes on disk: the file's xxh3_128 and,
-    given its layout, each tensor's xxh3_64. Used by verify and after a stage rewrites tensors in
-    place, so that every root hash comes from one definition. One pass over the file: each chunk also
-    feeds the tensors it overlaps."""
-    fh = xxhash.xxh3_128()
-    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in ofile.tensors) if ofile else []
-    th = {name: xxhash.xxh3_64() for *_, name in spans}
-    buf = bytearray(CHUNK)
-    pos, i = 0, 0
-    with open(path, "rb") as f:
-        while got := f.readinto(buf):
-            chunk, end = memoryview(buf)[:got], pos + got
-            fh.update(chunk)
-            while i < len(spans) and spans[i][0] <= end:
-                lo, hi, name = spans[i]
-                th[name].update(chunk[max(lo, pos) - pos:max(min(hi, end), pos) - pos])
-                if hi > end:
-                    break
-                i += 1
-            pos = end
-    return fh.hexdigest(), {t.name: th[t.name].hexdigest() for t in ofile.tensors} if ofile else {}
+    """A Sink's hashes (see FileHasher) from the bytes on disk. Used by verify and after a stage
+    rewrites tensors in place, so that every root hash comes from one definition."""
+    h = FileHasher(ofile)
+    for chunk in chunks(path):
+        h.feed(chunk)
+    return h.digests()

@@ -208,8 +208,8 @@ def run_file(job: FileJob, ctx: WorkerContext) -> FileResult:
     slow = float(os.environ.get(SLOW_ENV) or 0) / 1000
     read, outs = ctx.reads, job.out_tensors
     # truncated to the resumed prefix: drops whatever the previous run wrote past its last good record
-    with open_output(path, ctx.resume.prefix, direct=job.whole and not any(k.in_place for k in ks),
-                     keep_tail=not job.whole) as f:
+    with open_output(path, ctx.resume.prefix, direct=not any(k.in_place for k in ks),
+                     part=None if job.whole else (job.start, job.end)) as f:
         sink = Sink(f, job.layout.name, ctx.journal, ctx.resume)
         try:
             if job.first == 0 and not ctx.resume.prefix:

@@ -138,6 +138,53 @@ def test_direct_output_resumes_at_an_unaligned_prefix_and_matches_page_cache(tmp
     assert direct.read_bytes() == buffered.read_bytes() == data.tobytes()
 
 
+def test_parts_of_one_file_write_their_own_pages_direct_and_share_the_edge_pages(tmp_path, monkeypatch):
+    """Parts cut at unaligned offsets, written at once from threads: each writes O_DIRECT only whole
+    pages inside its own range (a direct write of a shared page would overwrite the neighbour's
+    bytes), and a part resumed mid-range, in its interior or in its first page, ends the same."""
+    import fcntl
+    import threading
+    monkeypatch.setattr(S, "STAGE", 64 << 10)  # several staged buffers per part
+    data = np.random.default_rng(1).integers(0, 256, 1_000_003, dtype=np.uint8)
+    cuts = [0, 5, 4096 + 17, 300_001, 300_001 + 2000, 700_000, data.nbytes]  # one part inside a page
+    path, direct = tmp_path / "out", []
+    real = os.pwrite
+
+    def pwrite(fd, buf, off):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            direct.append((off, off + len(buf)))
+        return real(fd, buf, off)
+    monkeypatch.setattr(S.os, "pwrite", pwrite)
+
+    def write(lo, hi, prefix, stop=None):
+        with S.open_output(path, prefix, direct=True, part=(lo, hi)) as f:
+            view = memoryview(data)[prefix:stop or hi]
+            while view:
+                view = view[f.write(view[:7777]):]  # writes of odd sizes, as blocks come
+            if stop is not None:
+                f.sync()
+    threads = [threading.Thread(target=write, args=(lo, hi, lo)) for lo, hi in zip(cuts, cuts[1:])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert path.read_bytes() == data.tobytes()
+    ranges = list(zip(cuts, cuts[1:]))
+    for a, b in direct:
+        assert a % S.ALIGN == 0 and b % S.ALIGN == 0
+        lo, hi = next((lo, hi) for lo, hi in ranges if lo <= a < hi)
+        assert lo <= a and b <= hi, (a, b, lo, hi)  # inside the part that wrote it
+    assert sum(b - a for a, b in direct) > data.nbytes // 2
+    # resumes: a part cut short after a sync, at an unaligned prefix in its interior and in its first page
+    for lo, hi, cut in ((300_001 + 2000, 700_000, 500_123), (4096 + 17, 300_001, 4096 + 17 + 3)):
+        path.write_bytes(data.tobytes())
+        with open(path, "r+b") as f:  # what the dead attempt had not written yet
+            f.seek(cut)
+            f.write(bytes(hi - cut))
+        write(lo, hi, cut)
+        assert path.read_bytes() == data.tobytes()
+
+
 def test_direct_output_falls_back_where_o_direct_is_refused(tmp_path, monkeypatch):
     data = np.arange(S.STAGE + 777, dtype=np.uint8)
     calls = []
@@ -197,7 +244,7 @@ def test_a_page_cache_output_starts_its_writeback_at_each_durable_record(tmp_pat
     chunk = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8)
 
     def write(path) -> int | None:
-        f = S.open_output(path, 0, direct=False, keep_tail=True)
+        f = S.open_output(path, 0, direct=False, part=(0, 16 << 20))
         sink = S.Sink(f, path.name, Journal(tmp_path / f"{path.name}.journal", "plan", []))
         sink.begin("t", 0)
         for _ in range(16):
