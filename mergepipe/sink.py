@@ -36,6 +36,30 @@ STAGE = 8 << 20
 STAGED = 4  # staging buffers per direct output file: one filling, up to three on their way to disk
 
 
+_FREE: dict[int, list[mmap.mmap]] = {}  # buffers a closed file or an ended read left, by size
+_FREE_LOCK = threading.Lock()
+_FREE_KEEP = 8  # per size: as many as the files and reads of a run use at once
+
+
+def _buffer(size: int) -> mmap.mmap:
+    """A page-aligned buffer (as O_DIRECT needs), one that a closed file or an ended read left where
+    there is one: its pages are already faulted in, and on these VMs a fresh page costs more than
+    the copy into it."""
+    with _FREE_LOCK:
+        free = _FREE.get(size)
+        if free:
+            return free.pop()
+    return mmap.mmap(-1, size)
+
+
+def _release(bufs) -> None:
+    with _FREE_LOCK:
+        for buf in bufs:
+            free = _FREE.setdefault(len(buf), [])
+            if len(free) < _FREE_KEEP:
+                free.append(buf)
+
+
 class DirectFile:
     """An output file written front to back with O_DIRECT, through aligned staging buffers.
 
@@ -52,8 +76,8 @@ class DirectFile:
         self.name = str(path)
         self._keep_tail = keep_tail  # the interior of a part: the file's later bytes are other parts'
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
-        self._spare = [mmap.mmap(-1, STAGE) for _ in range(STAGED - 1)]  # page-aligned
-        self._buf = mmap.mmap(-1, STAGE)
+        self._spare = [_buffer(STAGE) for _ in range(STAGED - 1)]
+        self._buf = _buffer(STAGE)
         self._inflight: collections.deque = collections.deque()  # (future, buffer), oldest first
         self._pos = prefix - prefix % ALIGN  # file offset of the buffer's first byte
         self._fill = prefix - self._pos
@@ -130,6 +154,8 @@ class DirectFile:
                 done.exception()
             os.close(self._fd)
             self._fd = -1
+            _release([self._buf, *self._spare, *(buf for _, buf in self._inflight)])
+            self._inflight.clear()
 
     def __enter__(self) -> "DirectFile":
         return self
@@ -487,14 +513,14 @@ def chunks(path: Path, start: int = 0, end: int | None = None):
     """The file's bytes [start, end) (to its end by default), CHUNK at a time, read O_DIRECT where the
     file system allows: a read through the page cache costs the kernel fresh pages for a file it does
     not hold (an output written direct), as a write does (see DirectFile). Each chunk is valid until
-    the next."""
+    the next, and the last until the reading ends."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
         fd = os.open(path, os.O_RDONLY)
-    buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT needs
+    buf = _buffer(CHUNK)
     view, pos = memoryview(buf), start - start % ALIGN  # direct reads start on a block
     try:
         while end is None or pos < end:
@@ -513,7 +539,8 @@ def chunks(path: Path, start: int = 0, end: int | None = None):
                 yield view[lo:hi]
             pos += got
     finally:
-        os.close(fd)  # the buffer goes with the last chunk the caller holds
+        os.close(fd)
+        _release([buf])
 
 
 class FileHasher:
