@@ -105,7 +105,7 @@ class _ReadBack:
             parts, h, path = self._parts[name], self._hashers[name], self._staging / name
             while parts and parts[0].key in self._finished:
                 part = parts.pop(0)
-                for chunk in chunks(path, part.start, part.end):
+                for chunk in chunks(path, part.start, part.end, direct=True):  # written direct: not cached
                     h.feed(chunk)
                 if not parts:
                     self.files[name] = OutputFile(os.path.getsize(path), *h.digests())

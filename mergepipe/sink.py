@@ -509,16 +509,20 @@ def _hash_range(f, start: int, n: int, *hashes) -> int:
     return got
 
 
-def chunks(path: Path, start: int = 0, end: int | None = None):
-    """The file's bytes [start, end) (to its end by default), CHUNK at a time, read O_DIRECT where the
-    file system allows: a read through the page cache costs the kernel fresh pages for a file it does
-    not hold (an output written direct), as a write does (see DirectFile). Each chunk is valid until
+def chunks(path: Path, start: int = 0, end: int | None = None, direct: bool = False):
+    """The file's bytes [start, end) (to its end by default), CHUNK at a time. `direct` reads O_DIRECT
+    where the file system allows, for a file the page cache does not hold (an output just written
+    direct): a read through the page cache would cost the kernel fresh pages for it, as a write does
+    (see DirectFile), where a file it holds is read fastest through it. Each chunk is valid until
     the next, and the last until the reading ends."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError as e:
-        if e.errno != errno.EINVAL:
-            raise
+    fd = -1
+    if direct:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    if fd < 0:
         fd = os.open(path, os.O_RDONLY)
     buf = _buffer(CHUNK)
     view, pos = memoryview(buf), start - start % ALIGN  # direct reads start on a block
@@ -566,8 +570,8 @@ class FileHasher:
         self.pos = end
 
     def digests(self) -> tuple[str, dict[str, str]]:
-        ofile = self._ofile
-        return self.file.hexdigest(), {t.name: self._tensors[t.name].hexdigest() for t in ofile.tensors} if ofile else {}
+        tensors = self._ofile.tensors if self._ofile else ()
+        return self.file.hexdigest(), {t.name: self._tensors[t.name].hexdigest() for t in tensors}
 
 
 def hash_file(path: Path, ofile: OutFile | None = None) -> tuple[str, dict[str, str]]:

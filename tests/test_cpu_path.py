@@ -185,6 +185,17 @@ def test_parts_of_one_file_write_their_own_pages_direct_and_share_the_edge_pages
         assert path.read_bytes() == data.tobytes()
 
 
+def test_a_file_read_in_ranges_direct_or_through_the_page_cache_gives_its_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "CHUNK", 1 << 16)
+    data = np.random.default_rng(2).integers(0, 256, 300_001, dtype=np.uint8).tobytes()
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    for direct in (False, True):
+        for lo, hi in ((0, None), (0, 4096), (17, 65_536 * 2 + 5), (4095, 300_001), (299_999, 300_001), (5, 5)):
+            got = b"".join(bytes(c) for c in S.chunks(path, lo, hi, direct=direct))
+            assert got == data[lo:hi], (direct, lo, hi)
+
+
 def test_direct_output_falls_back_where_o_direct_is_refused(tmp_path, monkeypatch):
     data = np.arange(S.STAGE + 777, dtype=np.uint8)
     calls = []
