@@ -132,8 +132,40 @@ class _Relay:
         self.q.put(("record", rec, sync))
 
 
-def part_task(job: FileJob, records: list[Record], cfg: TaskConfig) -> Iterator[tuple]:
-    """The body of one Ray task (a generator: each item reaches the driver as it is yielded)."""
+def owner_path(staging: Path, key: tuple[str, int]) -> Path:
+    """The file that names the attempt owning part `key`: the driver writes it before each attempt."""
+    return staging / SCRATCH / "owners" / f"{key[0].replace('/', '_')}-{key[1]}"
+
+
+def claim(path: Path) -> str:
+    """Make a new attempt the part's owner (atomically, by rename); returns its token."""
+    token = uuid.uuid4().hex
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{token}")
+    tmp.write_text(token)
+    os.replace(tmp, path)
+    return token
+
+
+def fence(path: str, token: str):
+    """The worker's fence (see Sink): raises Stopped once `path` no longer names this attempt, that
+    is once the driver has given the part to another attempt, or the run has ended (publishing
+    removes the owners with the scratch folder). A worker its driver can no longer reach (a network
+    partition, not a death) then writes nothing more, save a write already past the check."""
+    def check() -> None:
+        try:
+            with open(path) as f:
+                held = f.read()
+        except FileNotFoundError:
+            held = None
+        if held != token:
+            raise Stopped(f"{path}: another attempt owns this part now")
+    return check
+
+
+def part_task(job: FileJob, records: list[Record], cfg: TaskConfig, owner: tuple[str, str]) -> Iterator[tuple]:
+    """The body of one Ray task (a generator: each item reaches the driver as it is yielded); `owner`:
+    the path of its part's owner file as the worker sees it, and this attempt's token."""
     import ray
     if cfg.slow_ms is None:
         os.environ.pop(SLOW_ENV, None)
@@ -151,7 +183,7 @@ def part_task(job: FileJob, records: list[Record], cfg: TaskConfig) -> Iterator[
     scratch = staging / SCRATCH / f"{job.layout.name.replace('/', '_')}-{job.first}"
     scratch.mkdir(parents=True, exist_ok=True)
     ctx = WorkerContext(staging, _Relay(q), resume, reader, cfg.device, cfg.allow_nonfinite,
-                        _stopper(cfg.stop, progress), cfg.threads, scratch=scratch)
+                        _stopper(cfg.stop, progress), cfg.threads, scratch=scratch, fence=fence(*owner))
 
     def work() -> None:
         try:
@@ -264,7 +296,9 @@ class RayExecutor:
         def submit(key) -> None:
             state[key].attempts += 1
             opts = {**base, "scheduling_strategy": strategies[key]} if strategies.get(key) else base
-            running[task.options(**opts).remote(mapped[key], state[key].records, cfg)] = key
+            path = owner_path(env.staging, key)
+            owner = (self.opts.worker_path(path), claim(path))  # an earlier attempt still writing stops
+            running[task.options(**opts).remote(mapped[key], state[key].records, cfg, owner)] = key
 
         done: dict[tuple[str, int], Ran] = {}
         back = _ReadBack(env.staging, jobs)
@@ -371,7 +405,7 @@ def _reachable(address: str | None) -> None:
 
 
 class Stopped(Exception):
-    """A task ended early: its run failed elsewhere."""
+    """A task ended early: its run failed elsewhere, or another attempt owns its part now."""
 
 
 def _stopper(path: str, progress: list):

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import xxhash
@@ -358,9 +359,13 @@ class Sink:
     tensor can also be written unhashed, patched in place, and hashed afterwards by reading it back:
     what streaming TIES needs for its deferred entries."""
 
-    def __init__(self, f, name: str, journal: Journal | None = None, resume: Resume | None = None) -> None:
+    def __init__(self, f, name: str, journal: Journal | None = None, resume: Resume | None = None,
+                 fence: Callable[[], None] | None = None) -> None:
         resume = resume or Resume()
         self.f = f
+        # raises once this writer may no longer write the file (another attempt owns its range): asked
+        # before every write and sync, so that a writer cut off from its driver stops at the next one
+        self._fence = fence or (lambda: None)
         self._sync = getattr(f, "sync", None)  # a DirectFile's; None for the page cache
         self._synced, self._synced_at = resume.prefix, time.monotonic()
         self.name = name
@@ -393,6 +398,7 @@ class Sink:
     def _handle(self, kind: str, payload, tensor_hash, record_hash) -> None:
         if kind == "data":
             data, hashed = payload
+            self._fence()
             self._put(memoryview(data))
             if hashed:
                 tensor_hash.update(data)
@@ -408,6 +414,7 @@ class Sink:
             durable = payload.end - self._synced >= GROUP_BYTES or now - self._synced_at >= SYNC_SECONDS
             if durable:
                 if self._sync is not None:
+                    self._fence()  # a sync writes a padded partial block: never past the fence
                     self._sync()
                 else:
                     start_writeback(self.f.fileno(), self._synced, payload.end)
@@ -461,6 +468,7 @@ class Sink:
         self._q.join()
         self._check()
         if self._sync is not None:  # the writer thread is idle now
+            self._fence()
             self._sync()
 
     def pread(self, offset: int, n: int) -> np.ndarray:
@@ -473,6 +481,7 @@ class Sink:
 
     def pwrite(self, offset: int, data: np.ndarray) -> None:
         self.flush()
+        self._fence()
         try:
             os.pwrite(self.f.fileno(), memoryview(data), self._start + offset)
         except OSError as e:

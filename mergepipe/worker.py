@@ -84,6 +84,7 @@ class WorkerContext:
     threads: int | None = None  # compute threads (None: blocks.compute_pool's default)
     reads: dict[tuple[int, str], int] = field(default_factory=dict)  # counted as the job reads
     scratch: Path | None = None  # where its kernels may spill (None: the staging folder)
+    fence: Callable[[], None] | None = None  # raises once another attempt owns the job (see Sink)
 
 
 def split(job: FileJob, part_bytes: int) -> list[FileJob]:
@@ -210,7 +211,7 @@ def run_file(job: FileJob, ctx: WorkerContext) -> FileResult:
     # truncated to the resumed prefix: drops whatever the previous run wrote past its last good record
     with open_output(path, ctx.resume.prefix, direct=not any(k.in_place for k in ks),
                      part=None if job.whole else (job.start, job.end)) as f:
-        sink = Sink(f, job.layout.name, ctx.journal, ctx.resume)
+        sink = Sink(f, job.layout.name, ctx.journal, ctx.resume, ctx.fence)
         try:
             if job.first == 0 and not ctx.resume.prefix:
                 sink.write(np.frombuffer(job.layout.header, np.uint8))

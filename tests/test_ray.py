@@ -340,6 +340,45 @@ def test_the_driver_refuses_a_part_the_disk_does_not_hold(family, workdir):
         E._outputs(run, parts, results, staging, {})
 
 
+def test_an_attempt_whose_part_went_to_another_stops_writing(cluster, family, workdir, monkeypatch):
+    """The fence against a worker its driver can no longer reach (a partition: alive, still writing).
+    Once the driver gives the part to a new attempt (a new owner token), the old attempt stops at its
+    next write and writes nothing more; the new one resumes from what the old one journaled, and the
+    file ends as the local executor writes it."""
+    from mergepipe import execute as E
+    from mergepipe import sink as S
+    m = _plan(family, workdir, "task_arithmetic", "100%")
+    want = (execute(m, workdir / "local").execution, workdir / "local")
+    run = E._prepare(m, RunOptions())
+    job = max(run.jobs, key=lambda j: len(j.tensors))
+    staging = workdir / "staging"
+    staging.mkdir()
+    monkeypatch.setattr(S, "SYNC_SECONDS", 0.05)
+    monkeypatch.setenv(SLOW_ENV, "30")  # part_task sets it from its config; restored after the test
+    cfg = RX.TaskConfig(str(staging), "cpu", False, 1, "30", str(staging / "stop"))
+    owner = RX.owner_path(staging, job.key)
+    old = RX.part_task(job, [], cfg, (str(owner), RX.claim(owner)))
+    journaled = []
+    for item in old:  # until a durable record: its bytes are on disk, so a new attempt can take them over
+        if item[0] == "records":
+            journaled += [rec for rec, _ in item[1]]
+            if any(sync for _, sync in item[1]):
+                break
+    new_token = RX.claim(owner)  # the driver retries the part elsewhere
+    with pytest.raises(RX.Stopped, match="another attempt owns this part"):
+        for item in old:
+            journaled += [rec for rec, _ in item[1]] if item[0] == "records" else []
+    out = staging / job.layout.name
+    stopped_at = out.read_bytes()
+    assert len(stopped_at) < job.end  # it stopped early, where the fence said so
+    time.sleep(0.3)
+    assert out.read_bytes() == stopped_at  # and wrote nothing after
+    items = list(RX.part_task(job, journaled, cfg, (str(owner), new_token)))
+    assert items[0][0] == "start" and items[0][4] > 0  # the new attempt took over the journaled prefix
+    assert items[-1][0] == "done"
+    assert out.read_bytes() == (want[1] / job.layout.name).read_bytes()
+
+
 def _execute_in_thread(m, out):
     """Execute on Ray in a background thread: (the thread, a dict that gets the run's error, if any)."""
     box: dict = {}
