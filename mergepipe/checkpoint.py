@@ -8,8 +8,8 @@ huggingface_hub resolves from its local cache (set HF_HUB_OFFLINE=1 to forbid th
 
 from __future__ import annotations
 
+import ctypes
 import errno
-import functools
 import json
 import mmap
 import os
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from . import libc
 from .errors import InputChangedError, MergepipeError
 
 # safetensors dtype names -> (torch dtype name, bytes per element); names, so that this module and
@@ -426,24 +427,14 @@ class Reader:
 
 def _resident(m: mmap.mmap) -> bool:
     """Whether every page of a mapping is in the page cache (mincore; True where it is unavailable)."""
-    import ctypes
-    pages = (len(m) + _PAGE - 1) // _PAGE
-    vec = (ctypes.c_ubyte * pages)()
-    anchor = ctypes.c_char.from_buffer(m)
-    try:
-        if _libc().mincore(ctypes.addressof(anchor), len(m), vec) != 0:
+    mincore = libc.function("mincore")
+    if mincore is None:
+        return True
+    vec = bytearray((len(m) + _PAGE - 1) // _PAGE)
+    with libc.address(m) as addr:
+        if mincore(addr, len(m), (ctypes.c_ubyte * len(vec)).from_buffer(vec)) != 0:
             return True
-    finally:
-        del anchor
     return all(v & 1 for v in vec)
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    return libc
 
 
 # Per float dtype: the integer view and the exponent bits that, all set, mean NaN or Inf

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import warm
+from . import libc, warm
 from .journal import Journal
 from .manifest import JobRun
 from .sink import Resume
@@ -93,13 +93,11 @@ def _keep_freed_memory() -> None:
     the process: a library caller keeps that memory mapped, and reuses it). Every block allocates and
     frees a few MiB on several threads; returned and faulted in again, those pages cost a quarter of
     a task-arithmetic run on this project's VMs."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: block buffers come from the heap
-        # M_ARENA_MAX: one heap for every thread. A thread's own arena unmaps a heap as soon as it is
-        # all free, so the compute threads' step temporaries were fresh pages at every step.
-        libc.mallopt(-8, 1)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
+    mallopt = libc.function("mallopt")
+    if mallopt is None:  # not glibc: nothing to tune
+        return
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: block buffers come from the heap
+    # M_ARENA_MAX: one heap for every thread. A thread's own arena unmaps a heap as soon as it is
+    # all free, so the compute threads' step temporaries were fresh pages at every step.
+    mallopt(-8, 1)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
-import functools
 import mmap
 import os
 import queue
@@ -21,6 +20,7 @@ from typing import Callable
 import numpy as np
 import xxhash
 
+from . import libc
 from .errors import IOFailure
 from .journal import Journal, Record
 from .publish import OutFile
@@ -221,18 +221,6 @@ class PartFile:
 _IO_POOL: list[ThreadPoolExecutor] = []
 
 
-@functools.lru_cache(maxsize=1)
-def _sync_file_range():
-    """libc's sync_file_range (Linux), or None."""
-    import ctypes
-    try:
-        f = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    f.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    return f
-
-
 SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -240,7 +228,7 @@ def start_writeback(fd: int, start: int, end: int) -> None:
     """Start writing [start, end) of a page-cache file to its device, without waiting: the publish's
     fsync then finds little left to write, where it would otherwise write the whole file while the
     run waits. A no-op where the system has no sync_file_range."""
-    f = _sync_file_range()
+    f = libc.function("sync_file_range")  # Linux only
     if f is not None and end > start:
         f(fd, start, end - start, SYNC_FILE_RANGE_WRITE)  # advisory: an error here only costs the overlap
 

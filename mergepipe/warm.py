@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import libc
+
 _POPULATE_WRITE = 23  # MADV_POPULATE_WRITE (Linux 5.14): fault a range in, writable, in one call
 _READY: list[np.ndarray] = []
 _LOCK = threading.Lock()
@@ -54,20 +56,18 @@ def _launch(sizes) -> None:
         return
 
     def run() -> None:
-        import ctypes
         nbytes, count = sizes()
         if nbytes <= 0:
             return
-        libc = ctypes.CDLL(None, use_errno=True)  # a foreign call runs without the GIL: torch's import goes on
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+        # foreign calls run without the GIL: torch's import goes on meanwhile
+        madvise, memset = libc.function("madvise"), libc.function("memset")
+        if memset is None:  # no C library to call: nothing is warmed
+            return
         for _ in range(count):
             m = mmap.mmap(-1, nbytes)
-            anchor = ctypes.c_char.from_buffer(m)
-            addr = ctypes.addressof(anchor)
-            if libc.madvise(addr, nbytes, _POPULATE_WRITE) != 0:  # a kernel without it: touch every byte
-                libc.memset(addr, 0, nbytes)
-            del anchor
+            with libc.address(m) as addr:
+                if madvise is None or madvise(addr, nbytes, _POPULATE_WRITE) != 0:  # no such advice: touch every byte
+                    memset(addr, 0, nbytes)
             with _LOCK:
                 _READY.append(np.frombuffer(m, np.uint8))
     _THREAD = threading.Thread(target=run, daemon=True, name="mergepipe-warm")
