@@ -430,9 +430,9 @@ def _resident(m: mmap.mmap) -> bool:
     mincore = libc.function("mincore")
     if mincore is None:
         return True
-    vec = bytearray((len(m) + _PAGE - 1) // _PAGE)
+    vec = (ctypes.c_ubyte * ((len(m) + _PAGE - 1) // _PAGE))()
     with libc.address(m) as addr:
-        if mincore(addr, len(m), (ctypes.c_ubyte * len(vec)).from_buffer(vec)) != 0:
+        if mincore(addr, len(m), vec) != 0:
             return True
     return all(v & 1 for v in vec)
 

@@ -132,9 +132,14 @@ class _Relay:
         self.q.put(("record", rec, sync))
 
 
+def _part_name(key: tuple[str, int]) -> str:
+    """Part `key` (file, first tensor) as one file name in the scratch folder."""
+    return f"{key[0].replace('/', '_')}-{key[1]}"
+
+
 def owner_path(staging: Path, key: tuple[str, int]) -> Path:
     """The file that names the attempt owning part `key`: the driver writes it before each attempt."""
-    return staging / SCRATCH / "owners" / f"{key[0].replace('/', '_')}-{key[1]}"
+    return staging / SCRATCH / "owners" / _part_name(key)
 
 
 def claim(path: Path) -> str:
@@ -180,7 +185,7 @@ def part_task(job: FileJob, records: list[Record], cfg: TaskConfig, owner: tuple
     q: queue.Queue = queue.Queue()
     progress = [0]
     reader = Reader()
-    scratch = staging / SCRATCH / f"{job.layout.name.replace('/', '_')}-{job.first}"
+    scratch = staging / SCRATCH / _part_name(job.key)
     scratch.mkdir(parents=True, exist_ok=True)
     ctx = WorkerContext(staging, _Relay(q), resume, reader, cfg.device, cfg.allow_nonfinite,
                         _stopper(cfg.stop, progress), cfg.threads, scratch=scratch, fence=fence(*owner))

@@ -61,6 +61,15 @@ def _release(bufs) -> None:
                 free.append(buf)
 
 
+def _drop_direct(fd: int, e: OSError) -> None:
+    """After an I/O error on fd: where it was O_DIRECT refused (EINVAL), go on through the page cache;
+    any other error is raised."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if e.errno != errno.EINVAL or not flags & os.O_DIRECT:
+        raise e
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+
+
 class DirectFile:
     """An output file written front to back with O_DIRECT, through aligned staging buffers.
 
@@ -129,11 +138,7 @@ class DirectFile:
                 try:
                     k = os.pwrite(self._fd, view, off)
                 except OSError as e:
-                    flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-                    if e.errno != errno.EINVAL or not flags & os.O_DIRECT:
-                        raise
-                    # the file system refuses O_DIRECT writes: continue through the page cache
-                    fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                    _drop_direct(self._fd, e)  # the file system refuses O_DIRECT writes: the page cache
                     continue
                 view, off = view[k:], off + k
         finally:
@@ -528,10 +533,7 @@ def chunks(path: Path, start: int = 0, end: int | None = None, direct: bool = Fa
             try:
                 got = os.preadv(fd, [view], pos)
             except OSError as e:  # a file system that takes O_DIRECT at open and refuses it here
-                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-                if e.errno != errno.EINVAL or not flags & os.O_DIRECT:
-                    raise
-                fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                _drop_direct(fd, e)
                 continue
             if not got:
                 return
